@@ -1,0 +1,5 @@
+//! moerun: run Mixture-of-Experts GGUF models larger than device memory.
+//!
+//! See `ARCHITECTURE.md` for the code map.
+
+pub mod gguf;
