@@ -2,4 +2,9 @@
 //!
 //! See `ARCHITECTURE.md` for the code map.
 
+pub mod arch;
+pub mod backend;
+pub mod engine;
 pub mod gguf;
+pub mod layers;
+pub mod model;

@@ -1,0 +1,129 @@
+//! Hyper-parameters read from GGUF metadata with the family's key prefix.
+
+use super::{ArchError, ArchSpec, RouterConfig};
+use crate::gguf::GgufFile;
+
+/// The numbers that shape a model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HParams {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    /// Dense FFN width (also the fallback for expert width).
+    pub n_ff: usize,
+    pub n_ff_exp: usize,
+    pub n_ff_shexp: usize,
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub rms_eps: f32,
+    pub rope_freq_base: f32,
+    pub rope_freq_scale: f32,
+    /// Attention logit scale (1/sqrt(head_dim) unless the model says otherwise).
+    pub attn_scale: f32,
+    pub router: RouterConfig,
+}
+
+impl HParams {
+    pub fn read(file: &GgufFile, spec: &ArchSpec) -> Result<HParams, ArchError> {
+        let path = file.path().display().to_string();
+        let a = spec.name;
+        let key = |k: &str| format!("{a}.{k}");
+        let req = |k: &str| -> Result<usize, ArchError> {
+            let full = key(k);
+            file.get_u64(&full)?
+                .map(|v| v as usize)
+                .ok_or_else(|| ArchError::MissingKey { path: path.clone(), key: full })
+        };
+        let opt = |k: &str| -> Result<Option<usize>, ArchError> { Ok(file.get_u64(&key(k))?.map(|v| v as usize)) };
+        let optf = |k: &str| -> Result<Option<f32>, ArchError> { Ok(file.get_f32(&key(k))?) };
+        let bad = |k: &str, reason: String| ArchError::BadValue { path: path.clone(), key: key(k), reason };
+
+        let n_layer = req("block_count")?;
+        let n_embd = req("embedding_length")?;
+        let n_head = req("attention.head_count")?;
+        let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(bad("attention.head_count_kv", format!("{n_head_kv} does not divide {n_head} heads")));
+        }
+        let head_dim = opt("attention.key_length")?.unwrap_or(n_embd / n_head);
+        let v_dim = opt("attention.value_length")?.unwrap_or(head_dim);
+        if v_dim != head_dim {
+            return Err(bad("attention.value_length", format!("{v_dim} differs from key_length {head_dim}")));
+        }
+        let n_rot = opt("rope.dimension_count")?.unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            return Err(bad("rope.dimension_count", format!("{n_rot} with head size {head_dim}")));
+        }
+        let n_ff = opt("feed_forward_length")?.unwrap_or(0);
+        let n_expert = opt("expert_count")?.unwrap_or(0);
+        let n_expert_used = opt("expert_used_count")?.unwrap_or(0);
+        if n_expert > 0 && (n_expert_used == 0 || n_expert_used > n_expert) {
+            return Err(bad("expert_used_count", format!("{n_expert_used} of {n_expert} experts")));
+        }
+        let n_ff_exp = opt("expert_feed_forward_length")?
+            .unwrap_or(if n_expert_used > 0 && spec.name != "llama" && spec.name != "olmoe" { n_ff / n_expert_used } else { n_ff });
+        let n_ff_shexp = opt("expert_shared_feed_forward_length")?.unwrap_or(n_ff);
+        let rms_eps = optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
+        let rope_freq_base = optf("rope.freq_base")?.unwrap_or(10000.0);
+        let ropescale = match optf("rope.scaling.factor")? {
+            Some(v) => v,
+            None => optf("rope.scale_linear")?.unwrap_or(0.0),
+        };
+        let rope_freq_scale = if ropescale == 0.0 { 1.0 } else { 1.0 / ropescale };
+        let attn_scale = match optf("attention.scale")? {
+            Some(s) if s != 0.0 => s,
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let mut router = spec.router;
+        if let Some(norm) = file.get_bool(&key("expert_weights_norm"))? {
+            router.renormalize = norm;
+        }
+        if let Some(s) = optf("expert_weights_scale")? {
+            if s != 0.0 {
+                router.scale = s;
+            }
+        }
+        let n_vocab = match opt("vocab_size")? {
+            Some(v) => v,
+            None => file
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .unwrap_or(0),
+        };
+        let n_ctx_train = opt("context_length")?.unwrap_or(4096);
+        Ok(HParams {
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot,
+            n_ff,
+            n_ff_exp,
+            n_ff_shexp,
+            n_expert,
+            n_expert_used,
+            n_vocab,
+            n_ctx_train,
+            rms_eps,
+            rope_freq_base,
+            rope_freq_scale,
+            attn_scale,
+            router,
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}

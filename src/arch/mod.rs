@@ -1,0 +1,122 @@
+//! Architecture knowledge as data: one `ArchSpec` per model family (hyper-parameter keys, tensor
+//! names, router config, norms, shared experts). Never calls a backend; adding a family is one
+//! entry in `SPECS`.
+
+mod hparams;
+mod tensors;
+
+pub use hparams::HParams;
+pub use tensors::{tn, tn_expert, TensorKind};
+
+use crate::backend::cpu::ops::RopeStyle;
+
+/// How router logits become expert probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Gating {
+    Softmax,
+    Sigmoid,
+}
+
+/// Routing is data, not code: every MoE family runs the same top-k loop with its own config.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RouterConfig {
+    pub gating: Gating,
+    /// Divide the selected experts' weights by their sum (Mixtral, Qwen3-MoE).
+    pub renormalize: bool,
+    /// Multiply the final weights by this (1.0 = none).
+    pub scale: f32,
+}
+
+/// Where q/k RMS norms apply, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum QkNorm {
+    None,
+    /// One weight of `head_dim`, applied to every head (Qwen3).
+    PerHead,
+    /// One weight over the whole projection (OLMoE).
+    Full,
+}
+
+/// One model family.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ArchSpec {
+    /// `general.architecture` value.
+    pub name: &'static str,
+    pub rope: RopeStyle,
+    pub qk_norm: QkNorm,
+    /// q/k/v projections carry biases (Qwen2).
+    pub attn_bias: bool,
+    /// Default router config; `{arch}.expert_weights_norm` / `_scale` override it.
+    pub router: RouterConfig,
+    /// Has a shared expert with a sigmoid gate (Qwen2-MoE).
+    pub shared_expert: bool,
+    /// `output.weight` may be absent and tied to the token embedding.
+    pub tied_output_allowed: bool,
+}
+
+const SOFTMAX_RENORM: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: true, scale: 1.0 };
+const SOFTMAX_PLAIN: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: false, scale: 1.0 };
+
+/// Every family moerun runs.
+pub static SPECS: &[ArchSpec] = &[
+    ArchSpec {
+        name: "llama",
+        rope: RopeStyle::Normal,
+        qk_norm: QkNorm::None,
+        attn_bias: false,
+        router: SOFTMAX_RENORM,
+        shared_expert: false,
+        tied_output_allowed: true,
+    },
+    ArchSpec {
+        name: "qwen2moe",
+        rope: RopeStyle::Neox,
+        qk_norm: QkNorm::None,
+        attn_bias: true,
+        router: SOFTMAX_PLAIN,
+        shared_expert: true,
+        tied_output_allowed: true,
+    },
+    ArchSpec {
+        name: "qwen3moe",
+        rope: RopeStyle::Neox,
+        qk_norm: QkNorm::PerHead,
+        attn_bias: false,
+        router: SOFTMAX_RENORM,
+        shared_expert: false,
+        tied_output_allowed: true,
+    },
+    ArchSpec {
+        name: "olmoe",
+        rope: RopeStyle::Neox,
+        qk_norm: QkNorm::Full,
+        attn_bias: false,
+        router: SOFTMAX_PLAIN,
+        shared_expert: false,
+        tied_output_allowed: false,
+    },
+];
+
+/// The spec for a `general.architecture` value.
+pub fn spec(name: &str) -> Option<&'static ArchSpec> {
+    SPECS.iter().find(|s| s.name == name)
+}
+
+/// Errors from reading a model's architecture.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    #[error("{path}: unknown architecture '{arch}' (moerun runs: {known})")]
+    UnknownArch { path: String, arch: String, known: String },
+    #[error("{path}: missing metadata key '{key}'")]
+    MissingKey { path: String, key: String },
+    #[error("{path}: metadata '{key}' has a bad value: {reason}")]
+    BadValue { path: String, key: String, reason: String },
+    #[error("{path}: missing tensor '{tensor}'")]
+    MissingTensor { path: String, tensor: String },
+    #[error("{path}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
+    BadTensorShape { path: String, tensor: String, found: Vec<u64>, expected: Vec<u64> },
+    #[error("{path}: tensor '{tensor}' has type {ty}, which the CPU backend cannot {op}")]
+    UnsupportedType { path: String, tensor: String, ty: &'static str, op: &'static str },
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+}

@@ -1,0 +1,235 @@
+//! Matrix × activation products over quantized weights with ggml's `vec_dot` kernels.
+//! Weights are borrowed views (of the mmap or of a cache slot); nothing here copies a weight.
+
+use std::cell::UnsafeCell;
+
+use super::ggml::{kernels, Kernels};
+use super::pool::ThreadPool;
+use crate::gguf::GgmlType;
+
+/// A row-major weight matrix view: `rows` rows of `cols` elements of `ty` (ggml's `[cols, rows]`).
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+    pub row_bytes: usize,
+    k: &'static Kernels,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view over `data`, which must hold exactly `rows` rows of `cols` elements of `ty`.
+    /// Returns `None` if the sizes disagree or ggml has no matmul kernel for `ty`.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Option<MatRef<'a>> {
+        let row_bytes = ty.row_bytes(cols as u64)? as usize;
+        if data.len() != row_bytes.checked_mul(rows)? {
+            return None;
+        }
+        let k = kernels(ty)?;
+        Some(MatRef { ty, rows, cols, data, row_bytes, k })
+    }
+
+    pub fn kernels(&self) -> &'static Kernels {
+        self.k
+    }
+
+    #[inline]
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Dequantize row `r` into `out` (`cols` long).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.k.dequantize(self.row(r), out);
+    }
+}
+
+/// Activations of `n_tok` tokens converted once to a weight type's `vec_dot_type`.
+pub struct QActs {
+    pub ty: GgmlType,
+    pub n_tok: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    pub data: Vec<u8>,
+}
+
+impl QActs {
+    pub fn new() -> QActs {
+        QActs { ty: GgmlType::F32, n_tok: 0, cols: 0, row_bytes: 0, data: Vec::new() }
+    }
+
+    /// Convert `x` (`n_tok` rows of `cols` floats) for multiplication with weights using `k`.
+    pub fn quantize(&mut self, k: &Kernels, x: &[f32], cols: usize) {
+        let n_tok = x.len() / cols;
+        self.ty = k.vec_dot_type;
+        self.n_tok = n_tok;
+        self.cols = cols;
+        self.row_bytes = k.act_row_bytes(cols);
+        self.data.resize(self.row_bytes * n_tok, 0);
+        for (t, xs) in x.chunks_exact(cols).enumerate() {
+            k.quantize_act(xs, &mut self.data[t * self.row_bytes..(t + 1) * self.row_bytes]);
+        }
+    }
+
+    #[inline]
+    pub fn row(&self, t: usize) -> &[u8] {
+        &self.data[t * self.row_bytes..(t + 1) * self.row_bytes]
+    }
+}
+
+impl Default for QActs {
+    fn default() -> Self {
+        QActs::new()
+    }
+}
+
+/// An output buffer that threads fill at disjoint indices.
+pub struct SharedOut<'a> {
+    cells: &'a [UnsafeCell<f32>],
+}
+
+// SAFETY: every user writes disjoint indices (each (token, row) pair belongs to one chunk, and a
+// chunk is handed to exactly one thread), and the buffer is read only after the pool joins.
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'a> SharedOut<'a> {
+    pub fn new(out: &'a mut [f32]) -> SharedOut<'a> {
+        let len = out.len();
+        let ptr = out.as_mut_ptr() as *const UnsafeCell<f32>;
+        // SAFETY: UnsafeCell<f32> has the same layout as f32, and we hold the unique borrow.
+        SharedOut { cells: unsafe { std::slice::from_raw_parts(ptr, len) } }
+    }
+
+    #[inline]
+    pub fn set(&self, i: usize, v: f32) {
+        // SAFETY: see the Sync impl: no other thread touches index `i` during the job.
+        unsafe { *self.cells[i].get() = v }
+    }
+}
+
+/// One product in a batch: `out[t * out_stride + out_offset + r] = w.row(r) · act.row(t)`.
+pub struct MatJob<'a> {
+    pub w: MatRef<'a>,
+    pub act: &'a QActs,
+    /// Only these tokens of `act` (all if `None`).
+    pub tokens: Option<&'a [usize]>,
+    pub out: &'a SharedOut<'a>,
+    pub out_stride: usize,
+    pub out_offset: usize,
+}
+
+/// Rows handed out per chunk; small enough to balance, large enough to amortize the atomic.
+const ROW_CHUNK: usize = 16;
+
+/// Run all products as one parallel job over the concatenated rows.
+pub fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0usize;
+    for j in jobs {
+        debug_assert_eq!(j.act.ty, j.w.k.vec_dot_type);
+        debug_assert_eq!(j.act.cols, j.w.cols);
+        starts.push(total);
+        total += j.w.rows.div_ceil(ROW_CHUNK);
+    }
+    starts.push(total);
+    pool.for_chunks(total, 1, &|range| {
+        for c in range {
+            let ji = starts.partition_point(|&s| s <= c) - 1;
+            let j = &jobs[ji];
+            let r0 = (c - starts[ji]) * ROW_CHUNK;
+            let r1 = (r0 + ROW_CHUNK).min(j.w.rows);
+            run_rows(j, r0..r1);
+        }
+    });
+}
+
+#[inline]
+fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
+    let k = j.w.k;
+    let n = j.w.cols;
+    match j.tokens {
+        None => {
+            for r in rows {
+                let wr = j.w.row(r);
+                for t in 0..j.act.n_tok {
+                    j.out.set(t * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t)));
+                }
+            }
+        }
+        Some(toks) => {
+            for r in rows {
+                let wr = j.w.row(r);
+                for (i, &t) in toks.iter().enumerate() {
+                    j.out.set(i * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t)));
+                }
+            }
+        }
+    }
+}
+
+/// `out[t][r] = w.row(r) · x[t]` for every token `t` of `x` (`n_tok × cols`, row-major).
+pub fn matmul(pool: &ThreadPool, w: MatRef<'_>, x: &[f32], acts: &mut QActs, out: &mut [f32]) {
+    acts.quantize(w.k, x, w.cols);
+    let n_tok = acts.n_tok;
+    assert_eq!(out.len(), n_tok * w.rows);
+    let shared = SharedOut::new(out);
+    matmul_batch(pool, &[MatJob { w, act: acts, tokens: None, out: &shared, out_stride: w.rows, out_offset: 0 }]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let n_tok = x.len() / cols;
+        let mut out = vec![0f32; n_tok * rows];
+        for t in 0..n_tok {
+            for r in 0..rows {
+                out[t * rows + r] = (0..cols).map(|c| w[r * cols + c] * x[t * cols + c]).sum();
+            }
+        }
+        out
+    }
+
+    fn quantize_weights(ty: GgmlType, w: &[f32], cols: usize) -> Vec<u8> {
+        let k = kernels(ty).expect("kernels");
+        let rb = ty.row_bytes(cols as u64).expect("row bytes") as usize;
+        let mut out = vec![0u8; rb * (w.len() / cols)];
+        for (i, row) in w.chunks_exact(cols).enumerate() {
+            k.quantize_row(row, &mut out[i * rb..(i + 1) * rb]);
+        }
+        out
+    }
+
+    /// Every type's mat-mul agrees with a scalar f32 product within the type's error bound.
+    #[test]
+    fn matmul_matches_f32_reference() {
+        let (rows, cols, n_tok) = (37, 512, 3);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5).collect();
+        let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0)).collect();
+        let want = reference(&w, &x, rows, cols);
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        let pool = ThreadPool::new(2);
+        for (ty, tol) in [
+            (GgmlType::F32, 1e-5),
+            (GgmlType::F16, 2e-3),
+            (GgmlType::Q8_0, 1e-2),
+            (GgmlType::Q4_0, 8e-2),
+            (GgmlType::Q4_K, 8e-2),
+            (GgmlType::Q6_K, 3e-2),
+            (GgmlType::Q2_K, 3e-1),
+        ] {
+            let data = if ty == GgmlType::F32 {
+                w.iter().flat_map(|v| v.to_ne_bytes()).collect()
+            } else {
+                quantize_weights(ty, &w, cols)
+            };
+            let m = MatRef::new(ty, rows, cols, &data).expect("matref");
+            let mut out = vec![0f32; n_tok * rows];
+            matmul(&pool, m, &x, &mut QActs::new(), &mut out);
+            let err = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            assert!(err < tol, "{ty:?}: normalized error {err} ≥ {tol}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Element-wise and small reduction ops on f32 rows, computed the way ggml's CPU backend computes
+//! them (f64 accumulation where ggml uses `ggml_float`, iterative RoPE angles), so our numbers
+//! track llama.cpp's closely.
+
+/// `out = x / sqrt(mean(x²) + eps) * w` (ggml's `rms_norm` followed by `mul`).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = (v * scale) * g;
+    }
+}
+
+/// In-place RMS norm with a weight (used for per-head q/k norms).
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = (*v * scale) * g;
+    }
+}
+
+/// In-place softmax (ggml's `soft_max` with scale 1 and no mask).
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`.
+pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// How RoPE pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): llama.
+    Normal,
+    /// Halves (i, i + d/2): GPT-NeoX, Qwen, OLMoE.
+    Neox,
+}
+
+/// Rotary embedding parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub n_dims: usize,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+}
+
+impl Rope {
+    /// cos/sin for every pair at position `pos` (`cache` is `n_dims` long: cos, sin interleaved).
+    pub fn angles(&self, pos: usize, cache: &mut [f32]) {
+        let theta_scale = self.freq_base.powf(-2.0 / self.n_dims as f32);
+        let mut theta = pos as f32;
+        for i in (0..self.n_dims).step_by(2) {
+            let t = self.freq_scale * theta;
+            cache[i] = t.cos();
+            cache[i + 1] = t.sin();
+            theta *= theta_scale;
+        }
+    }
+
+    /// Rotate one head vector in place with precomputed `angles`.
+    pub fn apply(&self, head: &mut [f32], angles: &[f32]) {
+        let n = self.n_dims;
+        match self.style {
+            RopeStyle::Normal => {
+                for i in (0..n).step_by(2) {
+                    let (c, s) = (angles[i], angles[i + 1]);
+                    let (x0, x1) = (head[i], head[i + 1]);
+                    head[i] = x0 * c - x1 * s;
+                    head[i + 1] = x0 * s + x1 * c;
+                }
+            }
+            RopeStyle::Neox => {
+                let half = n / 2;
+                for i in (0..n).step_by(2) {
+                    let ic = i / 2;
+                    let (c, s) = (angles[i], angles[i + 1]);
+                    let (x0, x1) = (head[ic], head[ic + half]);
+                    head[ic] = x0 * c - x1 * s;
+                    head[ic + half] = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+}
+
+/// Dot product of f16-rounded `q` with an f16 row, accumulated like ggml's `vec_dot_f16`.
+#[inline]
+pub fn dot_f16(q: &[u16], k: &[u16]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = q.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            let i = c * 8 + l;
+            acc[l] += super::ggml::f16_to_f32(q[i]) * super::ggml::f16_to_f32(k[i]);
+        }
+    }
+    let mut s = acc.iter().map(|&v| v as f64).sum::<f64>();
+    for i in chunks * 8..q.len() {
+        s += (super::ggml::f16_to_f32(q[i]) * super::ggml::f16_to_f32(k[i])) as f64;
+    }
+    s as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x = vec![1.0, 3.0, -2.0, 0.5];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[0] && x[0] > x[3] && x[3] > x[2]);
+    }
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 2.0, 0.5, 1.0];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &w, 1e-6, &mut out);
+        let rms = ((1.0 + 4.0 + 9.0 + 0.25) / 4.0f32 + 1e-6).sqrt();
+        for i in 0..4 {
+            assert!((out[i] - x[i] / rms * w[i]).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_position_zero_is_identity() {
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let rope = Rope { style, n_dims: 8, freq_base: 10000.0, freq_scale: 1.0 };
+            let mut ang = vec![0f32; 8];
+            rope.angles(0, &mut ang);
+            let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+            let mut h = orig.clone();
+            rope.apply(&mut h, &ang);
+            assert_eq!(h, orig);
+            rope.angles(17, &mut ang);
+            rope.apply(&mut h, &ang);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = h.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+        }
+    }
+}

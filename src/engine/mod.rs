@@ -1,0 +1,250 @@
+//! Sessions, prefill and decode, the KV cache and sampling. Knows nothing of HTTP or terminals;
+//! front doors drive it through `Engine` and `Session`.
+
+pub mod kv;
+pub mod sampler;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::cpu::ThreadPool;
+use crate::layers::{ExpertWeights, Forward, Logits, MappedExperts, RouteObserver, Scratch};
+use crate::model::Model;
+pub use kv::{KvCache, KvType};
+pub use sampler::{argmax, Sampler, SamplerConfig};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub threads: usize,
+    /// Context length (0 = the model's, capped at `DEFAULT_MAX_CTX`).
+    pub n_ctx: usize,
+    pub kv_type: KvType,
+    /// Prompt tokens per forward pass during prefill.
+    pub n_batch: usize,
+}
+
+/// The default context cap when the model's own is larger (keeps the KV cache modest).
+pub const DEFAULT_MAX_CTX: usize = 4096;
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { threads: default_threads(), n_ctx: 0, kv_type: KvType::F16, n_batch: 512 }
+    }
+}
+
+/// Physical cores available to us (what llama.cpp defaults to, roughly).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the context is full: {used} + {new} tokens exceed the context length {n_ctx}")]
+    ContextFull { used: usize, new: usize, n_ctx: usize },
+    #[error("token id {id} is outside the vocabulary ({n_vocab} tokens)")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("nothing to evaluate: the prompt is empty")]
+    EmptyInput,
+}
+
+/// One conversation's state: its KV cache and the tokens in it.
+pub struct Session {
+    pub kv: KvCache,
+    pub tokens: Vec<u32>,
+}
+
+impl Session {
+    pub fn n_past(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Forget everything after the first `n` tokens (the KV rows past `n` become unused).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+}
+
+pub struct Engine {
+    model: Arc<Model>,
+    pool: ThreadPool,
+    scratch: Scratch,
+    cfg: EngineConfig,
+    n_ctx: usize,
+}
+
+/// Timing of one `generate` call.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    pub prefill_s: f64,
+    pub generated_tokens: usize,
+    pub decode_s: f64,
+}
+
+impl Timings {
+    pub fn prefill_tok_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_s)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        // The first generated token comes from the prefill logits; decode steps are the rest.
+        rate(self.generated_tokens.saturating_sub(1), self.decode_s)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An end-of-generation token.
+    Eog,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller asked to stop (stop string, cancel).
+    Stopped,
+    /// The context filled up.
+    ContextFull,
+}
+
+/// What the token callback tells the generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+pub struct GenerateOptions<'a> {
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Token ids that end generation (EOS/EOT); the stop token is not emitted.
+    pub is_eog: &'a dyn Fn(u32) -> bool,
+}
+
+pub struct Generation {
+    pub ids: Vec<u32>,
+    /// Logits after the last prompt token.
+    pub first_logits: Vec<f32>,
+    pub stop: StopReason,
+    pub timings: Timings,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, cfg: EngineConfig) -> Engine {
+        let n_ctx = match cfg.n_ctx {
+            0 => model.hp.n_ctx_train.min(DEFAULT_MAX_CTX),
+            n => n,
+        };
+        let pool = ThreadPool::new(cfg.threads);
+        Engine { model, pool, scratch: Scratch::default(), cfg, n_ctx }
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    pub fn new_session(&self) -> Session {
+        let hp = &self.model.hp;
+        Session {
+            kv: KvCache::new(self.cfg.kv_type, hp.n_layer, self.n_ctx, hp.n_head_kv, hp.head_dim),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Evaluate `tokens` after what `sess` holds; returns the requested logits.
+    pub fn eval(&mut self, sess: &mut Session, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
+        let model = Arc::clone(&self.model);
+        self.eval_with(sess, tokens, want, &MappedExperts(&model), &mut ())
+    }
+
+    /// `eval` with an explicit expert source and routing observer.
+    pub fn eval_with(
+        &mut self,
+        sess: &mut Session,
+        tokens: &[u32],
+        want: Logits,
+        experts: &dyn ExpertWeights,
+        obs: &mut dyn RouteObserver,
+    ) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let n_vocab = self.model.hp.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= n_vocab) {
+            return Err(EngineError::BadToken { id, n_vocab });
+        }
+        if sess.n_past() + tokens.len() > self.n_ctx {
+            return Err(EngineError::ContextFull { used: sess.n_past(), new: tokens.len(), n_ctx: self.n_ctx });
+        }
+        let fwd = Forward { model: &self.model, pool: &self.pool, experts };
+        let mut out = Vec::new();
+        let batch = self.cfg.n_batch.max(1);
+        let n_chunks = tokens.len().div_ceil(batch);
+        for (i, chunk) in tokens.chunks(batch).enumerate() {
+            let last = i + 1 == n_chunks;
+            let w = if want == Logits::All { Logits::All } else { Logits::Last };
+            let logits = fwd.run(chunk, sess.n_past(), &mut sess.kv, &mut self.scratch, w, obs);
+            sess.tokens.extend_from_slice(chunk);
+            if want == Logits::All || last {
+                out.extend(logits);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prefill `prompt`, then sample up to `max_tokens`, calling `on_token` for each.
+    pub fn generate(
+        &mut self,
+        sess: &mut Session,
+        prompt: &[u32],
+        opts: &GenerateOptions<'_>,
+        on_token: &mut dyn FnMut(u32) -> Flow,
+    ) -> Result<Generation, EngineError> {
+        let mut sampler = Sampler::new(opts.sampler.clone());
+        let mut timings = Timings { prompt_tokens: prompt.len(), ..Default::default() };
+        let t0 = Instant::now();
+        let mut logits = self.eval(sess, prompt, Logits::Last)?;
+        timings.prefill_s = t0.elapsed().as_secs_f64();
+        let first_logits = logits.clone();
+        let mut ids = Vec::new();
+        let t1 = Instant::now();
+        let stop = loop {
+            if ids.len() >= opts.max_tokens {
+                break StopReason::Length;
+            }
+            let id = sampler.sample(&logits, &sess.tokens);
+            if (opts.is_eog)(id) {
+                break StopReason::Eog;
+            }
+            ids.push(id);
+            if on_token(id) == Flow::Stop {
+                break StopReason::Stopped;
+            }
+            if ids.len() >= opts.max_tokens {
+                break StopReason::Length;
+            }
+            if sess.n_past() + 1 > self.n_ctx {
+                break StopReason::ContextFull;
+            }
+            logits = self.eval(sess, &[id], Logits::Last)?;
+        };
+        timings.decode_s = t1.elapsed().as_secs_f64();
+        timings.generated_tokens = ids.len();
+        Ok(Generation { ids, first_logits, stop, timings })
+    }
+}

@@ -1,0 +1,408 @@
+//! The transformer layers, written once for every architecture: attention (GQA, optional q/k
+//! norm and biases, RoPE), the router (`RouterConfig` data), the SwiGLU expert FFN and the
+//! weighted combine. Never copies a routing loop per family.
+
+use crate::arch::{Gating, QkNorm, RouterConfig};
+use crate::backend::cpu::ops::{self, Rope};
+use crate::backend::cpu::{kernels, matmul_batch, MatJob, MatRef, QActs, SharedOut, ThreadPool};
+use crate::engine::kv::KvCache;
+use crate::gguf::GgmlType;
+use crate::model::{ExpertDesc, Ffn, Layer, Model};
+
+/// One token's routing decision in one layer: experts by rank and their final weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Softmax/sigmoid over router logits, top-k, optional renormalization and scale.
+pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
+    match cfg.gating {
+        Gating::Softmax => ops::softmax(logits),
+        Gating::Sigmoid => logits.iter_mut().for_each(|v| *v = ops::sigmoid(*v)),
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    // Descending by probability; ties keep the lower index first.
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    let mut weights: Vec<f32> = idx.iter().map(|&e| logits[e as usize]).collect();
+    if cfg.renormalize {
+        // llama.cpp clamps the sum to the smallest normal f16 before dividing.
+        let sum = weights.iter().sum::<f32>().max(6.103_515_6e-5);
+        weights.iter_mut().for_each(|w| *w /= sum);
+    }
+    if cfg.scale != 1.0 {
+        weights.iter_mut().for_each(|w| *w *= cfg.scale);
+    }
+    Route { experts: idx, weights }
+}
+
+/// Where expert weights come from: the file mapping, or the expert cache.
+pub trait ExpertWeights {
+    /// The bytes of expert `e` of layer `l`: (gate, up, down).
+    fn expert(&self, l: usize, e: usize) -> [&[u8]; 3];
+}
+
+/// Experts read straight from the mapping (all resident).
+pub struct MappedExperts<'a>(pub &'a Model);
+
+impl ExpertWeights for MappedExperts<'_> {
+    fn expert(&self, l: usize, e: usize) -> [&[u8]; 3] {
+        let ex = &self.0.experts(l).expect("expert() on a dense layer")[e];
+        [self.0.bytes_of(&ex.gate), self.0.bytes_of(&ex.up), self.0.bytes_of(&ex.down)]
+    }
+}
+
+/// Reusable buffers of one forward pass.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    logits_r: Vec<f32>,
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+    moe: Vec<f32>,
+    acts: QActs,
+    set: ActSet,
+    angles: Vec<f32>,
+}
+
+/// What the caller wants back from a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last token only.
+    Last,
+    /// Logits of every token of the batch.
+    All,
+}
+
+/// Observes routing decisions (statistics, traces, the expert cache).
+pub trait RouteObserver {
+    fn route(&mut self, layer: usize, token: usize, route: &Route);
+}
+
+impl RouteObserver for () {
+    fn route(&mut self, _: usize, _: usize, _: &Route) {}
+}
+
+/// Everything a forward pass borrows.
+pub struct Forward<'a> {
+    pub model: &'a Model,
+    pub pool: &'a ThreadPool,
+    pub experts: &'a dyn ExpertWeights,
+}
+
+impl Forward<'_> {
+    /// Run `tokens` at positions `pos0..` through the model, appending to `kv`; returns logits
+    /// `[n_out × n_vocab]`.
+    pub fn run(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+        want: Logits,
+        obs: &mut dyn RouteObserver,
+    ) -> Vec<f32> {
+        let m = self.model;
+        let hp = &m.hp;
+        let (n, d) = (tokens.len(), hp.n_embd);
+        // [n, d] embeddings
+        s.x.resize(n * d, 0.0);
+        let embd = m.mat(&m.tok_embd);
+        for (t, &id) in tokens.iter().enumerate() {
+            embd.dequantize_row(id as usize, &mut s.x[t * d..(t + 1) * d]);
+        }
+        for (l, layer) in m.layers.iter().enumerate() {
+            self.attention(l, layer, pos0, n, kv, s);
+            self.ffn(l, layer, n, s, obs);
+        }
+        // Final norm and head over the requested rows.
+        let rows: Vec<usize> = match want {
+            Logits::Last => vec![n - 1],
+            Logits::All => (0..n).collect(),
+        };
+        s.h.resize(rows.len() * d, 0.0);
+        for (i, &t) in rows.iter().enumerate() {
+            ops::rms_norm(&s.x[t * d..(t + 1) * d], &m.output_norm, hp.rms_eps, &mut s.h[i * d..(i + 1) * d]);
+        }
+        let head = m.mat(&m.output);
+        let mut logits = vec![0f32; rows.len() * head.rows];
+        crate::backend::cpu::matmul(self.pool, head, &s.h, &mut s.acts, &mut logits);
+        logits
+    }
+
+    fn attention(&self, l: usize, layer: &Layer, pos0: usize, n: usize, kv: &mut KvCache, s: &mut Scratch) {
+        let m = self.model;
+        let hp = &m.hp;
+        let (d, qd, kvd, hd) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.head_dim);
+        s.h.resize(n * d, 0.0);
+        for t in 0..n {
+            ops::rms_norm(&s.x[t * d..(t + 1) * d], &layer.attn_norm, hp.rms_eps, &mut s.h[t * d..(t + 1) * d]);
+        }
+        // [n, q + 2·kv]: q, k and v side by side, computed in one parallel job.
+        let width = qd + 2 * kvd;
+        s.qkv.resize(n * width, 0.0);
+        let (wq, wk, wv) = (m.mat(&layer.wq), m.mat(&layer.wk), m.mat(&layer.wv));
+        s.set.prepare(&[wq, wk, wv], &s.h, d);
+        {
+            let out = SharedOut::new(&mut s.qkv);
+            let set = &s.set;
+            let jobs: Vec<MatJob> = [wq, wk, wv]
+                .iter()
+                .zip([0, qd, qd + kvd])
+                .map(|(&w, off)| MatJob {
+                    w,
+                    act: set.get(&w),
+                    tokens: None,
+                    out: &out,
+                    out_stride: width,
+                    out_offset: off,
+                })
+                .collect();
+            matmul_batch(self.pool, &jobs);
+        }
+        let rope = Rope {
+            style: m.spec.rope,
+            n_dims: hp.n_rot,
+            freq_base: hp.rope_freq_base,
+            freq_scale: hp.rope_freq_scale,
+        };
+        s.angles.resize(hp.n_rot, 0.0);
+        for t in 0..n {
+            let row = &mut s.qkv[t * width..(t + 1) * width];
+            let (q, rest) = row.split_at_mut(qd);
+            let (k, v) = rest.split_at_mut(kvd);
+            for (b, x) in [(&layer.bq, &mut *q), (&layer.bk, &mut *k), (&layer.bv, &mut *v)] {
+                if let Some(b) = b {
+                    x.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+                }
+            }
+            match (m.spec.qk_norm, &layer.q_norm, &layer.k_norm) {
+                (QkNorm::PerHead, Some(qn), Some(kn)) => {
+                    q.chunks_exact_mut(hd).for_each(|h| ops::rms_norm_inplace(h, qn, hp.rms_eps));
+                    k.chunks_exact_mut(hd).for_each(|h| ops::rms_norm_inplace(h, kn, hp.rms_eps));
+                }
+                (QkNorm::Full, Some(qn), Some(kn)) => {
+                    ops::rms_norm_inplace(q, qn, hp.rms_eps);
+                    ops::rms_norm_inplace(k, kn, hp.rms_eps);
+                }
+                _ => {}
+            }
+            rope.angles(pos0 + t, &mut s.angles);
+            q.chunks_exact_mut(hd).for_each(|h| rope.apply(&mut h[..], &s.angles));
+            k.chunks_exact_mut(hd).for_each(|h| rope.apply(&mut h[..], &s.angles));
+            kv.store(l, pos0 + t, k, v);
+        }
+        // Attention per (token, head), in parallel.
+        s.attn.resize(n * qd, 0.0);
+        {
+            let out = SharedOut::new(&mut s.attn);
+            let group = hp.n_head / hp.n_head_kv;
+            let qkv = &s.qkv;
+            let kvr = &*kv;
+            let kq = kernels(kvr.ty().ggml()).expect("ggml has kv-type kernels");
+            self.pool.for_chunks(n * hp.n_head, 1, &|r| {
+                let mut qc = vec![0u8; kq.act_row_bytes(hd)];
+                let mut acc = vec![0f32; hd];
+                let mut acc16 = vec![0u16; hd];
+                for th in r {
+                    let (t, h) = (th / hp.n_head, th % hp.n_head);
+                    let q = &qkv[t * width + h * hd..t * width + (h + 1) * hd];
+                    kq.quantize_act(q, &mut qc);
+                    kvr.attend(l, h / group, pos0 + t + 1, &qc, hp.attn_scale, &mut acc, &mut acc16);
+                    for (i, &a) in acc.iter().enumerate() {
+                        out.set(t * qd + h * hd + i, a);
+                    }
+                }
+            });
+        }
+        s.o.resize(n * d, 0.0);
+        crate::backend::cpu::matmul(self.pool, m.mat(&layer.wo), &s.attn, &mut s.acts, &mut s.o);
+        s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
+    }
+
+    fn ffn(&self, l: usize, layer: &Layer, n: usize, s: &mut Scratch, obs: &mut dyn RouteObserver) {
+        let m = self.model;
+        let hp = &m.hp;
+        let d = hp.n_embd;
+        s.h.resize(n * d, 0.0);
+        for t in 0..n {
+            ops::rms_norm(&s.x[t * d..(t + 1) * d], &layer.ffn_norm, hp.rms_eps, &mut s.h[t * d..(t + 1) * d]);
+        }
+        s.moe.resize(n * d, 0.0);
+        match &layer.ffn {
+            Ffn::Dense(e) => {
+                let mats = [m.bytes_of(&e.gate), m.bytes_of(&e.up), m.bytes_of(&e.down)];
+                let assign: Vec<(usize, usize, f32)> = (0..n).map(|t| (t, 0, 1.0)).collect();
+                self.experts_ffn(&[(*e, mats)], &assign, n, s);
+            }
+            Ffn::Moe { router, experts, shared } => {
+                let k = hp.n_expert_used;
+                s.logits_r.resize(n * hp.n_expert, 0.0);
+                crate::backend::cpu::matmul(self.pool, m.mat(router), &s.h, &mut s.acts, &mut s.logits_r);
+                // (token, slot in `used`, weight) in token-major, rank order.
+                let mut used: Vec<usize> = Vec::new();
+                let mut assign = Vec::with_capacity(n * k);
+                for t in 0..n {
+                    let r = route(&mut s.logits_r[t * hp.n_expert..(t + 1) * hp.n_expert], k, &hp.router);
+                    obs.route(l, t, &r);
+                    for (&e, &w) in r.experts.iter().zip(&r.weights) {
+                        let slot = match used.iter().position(|&u| u == e as usize) {
+                            Some(p) => p,
+                            None => {
+                                used.push(e as usize);
+                                used.len() - 1
+                            }
+                        };
+                        assign.push((t, slot, w));
+                    }
+                }
+                let mats: Vec<(ExpertDesc, [&[u8]; 3])> =
+                    used.iter().map(|&e| (experts[e], self.experts.expert(l, e))).collect();
+                self.experts_ffn(&mats, &assign, n, s);
+                if let Some(sh) = shared {
+                    self.shared_expert(sh, n, s);
+                }
+            }
+        }
+        s.x.iter_mut().zip(&s.moe).for_each(|(x, y)| *x += y);
+    }
+
+    /// `moe[t] = Σ w · down(silu(gate·h[t]) ⊙ up·h[t])` over the (token, expert, weight)
+    /// assignments, summed per token in rank order.
+    fn experts_ffn(&self, mats: &[(ExpertDesc, [&[u8]; 3])], assign: &[(usize, usize, f32)], n: usize, s: &mut Scratch) {
+        let d = self.model.hp.n_embd;
+        // Group assignments by expert so each expert's weights are read once per batch.
+        let mut order: Vec<usize> = (0..assign.len()).collect();
+        order.sort_by_key(|&a| (assign[a].1, assign[a].0));
+        let mut starts = vec![0usize; mats.len() + 1];
+        for &a in &order {
+            starts[assign[a].1 + 1] += 1;
+        }
+        for i in 0..mats.len() {
+            starts[i + 1] += starts[i];
+        }
+        let tokens: Vec<usize> = order.iter().map(|&a| assign[a].0).collect();
+        let n_ff = mats.first().map(|(e, _)| e.gate.rows).unwrap_or(0);
+        let na = assign.len();
+        // gate and up for every assignment: [na, 2·n_ff] (gate | up).
+        s.gate_up.resize(na * 2 * n_ff, 0.0);
+        let views: Vec<[MatRef; 3]> =
+            mats.iter().map(|(e, b)| [e.gate.mat(b[0]), e.up.mat(b[1]), e.down.mat(b[2])]).collect();
+        if views.is_empty() {
+            return;
+        }
+        let gate_up_ws: Vec<MatRef> = views.iter().flat_map(|v| [v[0], v[1]]).collect();
+        s.set.prepare(&gate_up_ws, &s.h, d);
+        {
+            let out = SharedOut::new(&mut s.gate_up);
+            let set = &s.set;
+            let mut jobs = Vec::with_capacity(views.len() * 2);
+            for (i, v) in views.iter().enumerate() {
+                let toks = &tokens[starts[i]..starts[i + 1]];
+                for (j, off) in [(0usize, 0usize), (1, n_ff)] {
+                    jobs.push(MatJob {
+                        w: v[j],
+                        act: set.get(&v[j]),
+                        tokens: Some(toks),
+                        out: &out,
+                        out_stride: 2 * n_ff,
+                        out_offset: starts[i] * 2 * n_ff + off,
+                    });
+                }
+            }
+            matmul_batch(self.pool, &jobs);
+        }
+        for row in s.gate_up.chunks_exact_mut(2 * n_ff) {
+            let (g, u) = row.split_at_mut(n_ff);
+            ops::swiglu_inplace(g, u);
+        }
+        // Down projections: the activations differ per assignment.
+        let par: Vec<f32> = s.gate_up.chunks_exact(2 * n_ff).flat_map(|r| r[..n_ff].iter().copied()).collect();
+        let down_ws: Vec<MatRef> = views.iter().map(|v| v[2]).collect();
+        s.set.prepare(&down_ws, &par, n_ff);
+        s.down.resize(na * d, 0.0);
+        let ids: Vec<usize> = (0..na).collect();
+        {
+            let out = SharedOut::new(&mut s.down);
+            let set = &s.set;
+            let jobs: Vec<MatJob> = views
+                .iter()
+                .enumerate()
+                .map(|(i, v)| MatJob {
+                    w: v[2],
+                    act: set.get(&v[2]),
+                    tokens: Some(&ids[starts[i]..starts[i + 1]]),
+                    out: &out,
+                    out_stride: d,
+                    out_offset: starts[i] * d,
+                })
+                .collect();
+            matmul_batch(self.pool, &jobs);
+        }
+        // Combine per token, in rank order. `pos_of[a]` is assignment a's row in `down`.
+        let mut pos_of = vec![0usize; na];
+        for (row, &a) in order.iter().enumerate() {
+            pos_of[a] = row;
+        }
+        s.moe[..n * d].iter_mut().for_each(|v| *v = 0.0);
+        for (a, &(t, _, w)) in assign.iter().enumerate() {
+            let y = &s.down[pos_of[a] * d..(pos_of[a] + 1) * d];
+            s.moe[t * d..(t + 1) * d].iter_mut().zip(y).for_each(|(o, &y)| *o += y * w);
+        }
+    }
+
+    fn shared_expert(&self, sh: &crate::model::SharedExpert, n: usize, s: &mut Scratch) {
+        let m = self.model;
+        let d = m.hp.n_embd;
+        let saved = std::mem::take(&mut s.moe);
+        let gates: Vec<f32> = (0..n)
+            .map(|t| {
+                let g: f32 = s.h[t * d..(t + 1) * d].iter().zip(&sh.gate_inp).map(|(a, b)| a * b).sum();
+                ops::sigmoid(g)
+            })
+            .collect();
+        let mats = [m.bytes_of(&sh.ffn.gate), m.bytes_of(&sh.ffn.up), m.bytes_of(&sh.ffn.down)];
+        let assign: Vec<(usize, usize, f32)> = (0..n).map(|t| (t, 0, gates[t])).collect();
+        s.moe = vec![0.0; n * d];
+        self.experts_ffn(&[(sh.ffn, mats)], &assign, n, s);
+        let shared_out = std::mem::replace(&mut s.moe, saved);
+        s.moe.iter_mut().zip(&shared_out).for_each(|(o, y)| *o += y);
+    }
+}
+
+/// One input converted once per distinct activation type its weights need.
+#[derive(Default)]
+pub struct ActSet {
+    bufs: Vec<QActs>,
+    used: usize,
+}
+
+impl ActSet {
+    /// Convert `x` (rows of `cols`) for every weight in `ws`.
+    fn prepare(&mut self, ws: &[MatRef], x: &[f32], cols: usize) {
+        self.used = 0;
+        for w in ws {
+            let k = w.kernels();
+            if self.bufs[..self.used].iter().any(|a| a.ty == k.vec_dot_type) {
+                continue;
+            }
+            if self.bufs.len() == self.used {
+                self.bufs.push(QActs::new());
+            }
+            self.bufs[self.used].quantize(k, x, cols);
+            self.used += 1;
+        }
+    }
+
+    /// The converted input for weight `w` (prepared by the last `prepare`).
+    fn get(&self, w: &MatRef) -> &QActs {
+        let ty = w.kernels().vec_dot_type;
+        self.bufs[..self.used].iter().find(|a| a.ty == ty).expect("ActSet::get for a weight not prepared")
+    }
+}
