@@ -3,3 +3,5 @@
 //! See `ARCHITECTURE.md` for the code map.
 
 pub mod gguf;
+pub mod llama_log;
+pub mod tokenizer;
