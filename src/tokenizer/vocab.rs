@@ -63,7 +63,11 @@ impl LlamaVocab {
         // SAFETY: `vocab` belongs to the live `model`.
         let n_tokens = vocab.map(|v| unsafe { sys::llama_vocab_n_tokens(v.as_ptr()) });
         match (vocab, n_tokens.map(usize::try_from)) {
-            (Some(vocab), Some(Ok(n_tokens))) => Ok(LlamaVocab { model, vocab, n_tokens }),
+            (Some(vocab), Some(Ok(n_tokens))) => Ok(LlamaVocab {
+                model,
+                vocab,
+                n_tokens,
+            }),
             _ => {
                 // SAFETY: `model` is live and owned by nobody else yet; freed once, here.
                 unsafe { sys::llama_model_free(model.as_ptr()) };
@@ -113,7 +117,9 @@ impl LlamaVocab {
     }
 
     pub(crate) fn is_eog(&self, id: u32) -> bool {
-        let Some(token) = self.checked(id) else { return false };
+        let Some(token) = self.checked(id) else {
+            return false;
+        };
         // SAFETY: as in `bos`; `token` is in range.
         unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
     }
@@ -168,7 +174,9 @@ impl LlamaVocab {
     pub(crate) fn append_piece(&self, id: u32, special: bool, out: &mut Vec<u8>) {
         // libllama indexes its piece cache with `.at()`, whose exception would cross the C
         // boundary: out-of-range ids must never reach it.
-        let Some(token) = self.checked(id) else { return };
+        let Some(token) = self.checked(id) else {
+            return;
+        };
         let mut buf = [0u8; 64];
         // SAFETY: `buf` has room for `buf.len()` bytes; libllama writes at most that many and
         // returns the count, or minus the size it needs; `token` is in range.
