@@ -1,10 +1,10 @@
 //! Text ⇄ token ids exactly as llama.cpp does it, streaming-safe detokenization, and chat
 //! templates. Reads only the vocabulary and metadata of a GGUF; never touches weights.
 //!
-//! Tokenization is libllama's own (its vocabulary loaded with `vocab_only`, see [`vocab`]), so the
+//! Tokenization is libllama's own (its vocabulary loaded with `vocab_only`, in `vocab.rs`), so the
 //! ids match llama.cpp's for every vocabulary type and pre-tokenizer it knows. Detokenization
 //! concatenates raw token bytes; [`StreamDecoder`] emits them as complete UTF-8 only. Chat
-//! templates are rendered by minijinja configured like transformers' jinja2 ([`template`]).
+//! templates are rendered by minijinja configured like transformers' jinja2 (`template.rs`).
 
 mod stream;
 mod template;
