@@ -7,4 +7,6 @@ pub mod backend;
 pub mod engine;
 pub mod gguf;
 pub mod layers;
+pub mod llama_log;
 pub mod model;
+pub mod tokenizer;
