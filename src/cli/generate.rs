@@ -1,0 +1,117 @@
+//! `moerun generate`: prompt in, text out (streamed), or one JSON object with `--json`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, KvType, SamplerConfig};
+use moerun::model::Model;
+use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The GGUF model (default: the bundled model).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// The prompt; special tokens in it are parsed.
+    #[arg(short, long)]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_predict: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed (default: time-based).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Compute threads (default: available cores, at most 8).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Context length (default: the model's, at most 4096).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    ctx_size: usize,
+    /// KV cache type.
+    #[arg(long, value_enum, default_value_t = KvType::F16)]
+    kv_type: KvType,
+    /// Do not add BOS even if the model's metadata asks for it.
+    #[arg(long)]
+    no_bos: bool,
+    /// Print one JSON object (ids, text, top logits, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let path = super::model_path(a.model.as_deref())?;
+    let tok = Tokenizer::from_gguf(&path)?;
+    let model = Arc::new(Model::load(&path)?);
+    let mut cfg = EngineConfig { n_ctx: a.ctx_size, kv_type: a.kv_type, ..Default::default() };
+    if let Some(t) = a.threads {
+        cfg.threads = t.max(1);
+    }
+    let mut engine = Engine::new(model, cfg);
+    let prompt = tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    let sampler = SamplerConfig {
+        temperature: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        seed,
+        ..Default::default()
+    };
+    let is_eog = |id: u32| tok.is_eog(id);
+    let opts = GenerateOptions { max_tokens: a.n_predict, sampler, is_eog: &is_eog };
+    let mut sess = engine.new_session();
+    let mut stream = StreamDecoder::new(&tok);
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let g = engine.generate(&mut sess, &prompt, &opts, &mut |id| {
+        if !json {
+            let s = stream.push(id);
+            let _ = stdout.write_all(s.as_bytes());
+            let _ = stdout.flush();
+        }
+        Flow::Continue
+    })?;
+    if json {
+        let mut top: Vec<(usize, f32)> = g.first_logits.iter().copied().enumerate().collect();
+        top.sort_by(|x, y| y.1.total_cmp(&x.1));
+        top.truncate(20);
+        let out = serde_json::json!({
+            "prompt_ids": prompt,
+            "ids": g.ids,
+            "text": tok.decode(&g.ids),
+            "top_logits": top,
+            "stop": g.stop,
+            "prompt_tokens": g.timings.prompt_tokens,
+            "generated_tokens": g.timings.generated_tokens,
+            "prefill_tok_s": g.timings.prefill_tok_s(),
+            "decode_tok_s": g.timings.decode_tok_s(),
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        let rest = stream.finish();
+        writeln!(stdout, "{rest}")?;
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s decode]",
+            g.timings.prompt_tokens,
+            g.timings.prefill_tok_s(),
+            g.timings.generated_tokens,
+            g.timings.decode_tok_s()
+        );
+    }
+    Ok(())
+}
