@@ -103,7 +103,7 @@ const CASES: &[(&str, Mutate, &str)] = &[
     ("truncated_in_tensor_offset", |b| b.truncate(offset_field(b, "output.weight") + 5), "file ends inside tensor 'output.weight' offset"),
     ("truncated_in_tensor_name", |b| b.truncate(string_at(b, "output.weight") + 10), "tensor 2 name is 13 bytes long"),
     ("truncated_in_data", |b| { let end = data_end(b, "output.weight"); b.truncate(end as usize - 10) }, "tensor 'output.weight' ends at byte"),
-    ("bad_magic", |b| b[..4].copy_from_slice(b"GGML"), "not a GGUF file"),
+    ("bad_magic", |b| b[..4].copy_from_slice(b"GGML"), "not a GGUF file (magic \"GGML\", expected \"GGUF\")"),
     ("version_1", |b| put_u32(b, 4, 1), "GGUF version 1 is not supported"),
     ("version_99", |b| put_u32(b, 4, 99), "GGUF version 99 is not supported"),
     ("version_big_endian", |b| put_u32(b, 4, 3u32.swap_bytes()), "big-endian"),

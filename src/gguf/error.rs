@@ -15,7 +15,11 @@ pub enum GgufError {
         source: std::io::Error,
     },
 
-    #[error("{}: not a GGUF file (magic {found:02x?}, expected \"GGUF\")", .path.display())]
+    #[error(
+        "{}: not a GGUF file (magic \"{}\", expected \"GGUF\")",
+        .path.display(),
+        .found.escape_ascii()
+    )]
     BadMagic { path: PathBuf, found: [u8; 4] },
 
     #[error(

@@ -200,10 +200,12 @@ fn describe(v: &Value) -> String {
         Value::Bool(b) => format!("bool {b}"),
         Value::F32(x) => format!("f32 {x}"),
         Value::F64(x) => format!("f64 {x}"),
+        Value::U64(u) => format!("u64 {u}"),
+        // Every kind left is an integer that fits an i64.
         other => format!(
             "{} {}",
             other.type_name(),
-            other.as_i64().map_or("?".into(), |i| i.to_string())
+            other.as_i64().unwrap_or_default()
         ),
     }
 }
