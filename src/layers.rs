@@ -6,7 +6,6 @@ use crate::arch::{Gating, QkNorm, RouterConfig};
 use crate::backend::cpu::ops::{self, Rope};
 use crate::backend::cpu::{kernels, matmul_batch, MatJob, MatRef, QActs, SharedOut, ThreadPool};
 use crate::engine::kv::KvCache;
-use crate::gguf::GgmlType;
 use crate::model::{ExpertDesc, Ffn, Layer, Model};
 
 /// One token's routing decision in one layer: experts by rank and their final weights.

@@ -1,0 +1,108 @@
+//! The front door as a user meets it: the `moerun` binary on the fixture models.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use moerun::gguf::GgufFile;
+
+fn moerun(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_moerun")).args(args).output().expect("run moerun");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = moerun(args);
+    assert!(ok, "moerun {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("moerun {args:?}: bad JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn tokenize_matches_llama_cpp_on_every_fixture_prompt() {
+    let Some(root) = common::fixtures() else { return };
+    let mut n = 0;
+    for (gguf, r) in common::ref_pairs(&root) {
+        for c in &r.cases {
+            let v = json(&["tokenize", gguf.to_str().expect("utf-8 path"), &c.prompt_text, "--no-bos", "--json"]);
+            let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).expect("ids");
+            assert_eq!(ids, c.prompt_ids, "{} {:?}", gguf.display(), c.prompt_text);
+            n += 1;
+        }
+    }
+    assert!(n >= 23, "only {n} prompts checked");
+}
+
+/// (file, architecture, layers, experts, experts used)
+const MODELS: &[(&str, &str, u64, u64, u64)] = &[
+    ("rustdoc-moe/rustdoc-moe-Q8_0.gguf", "llama", 6, 8, 2),
+    ("mixtral-tiny/mixtral-tiny-Q8_0.gguf", "llama", 2, 4, 2),
+    ("mixtral-tiny/mixtral-tiny-Q4_0.gguf", "llama", 2, 4, 2),
+    ("mixtral-tiny/mixtral-tiny-Q4_K_M.gguf", "llama", 2, 4, 2),
+    ("qwen3moe-tiny/qwen3moe-tiny-Q8_0.gguf", "qwen3moe", 2, 8, 2),
+    ("qwen3moe-tiny/qwen3moe-tiny-Q4_K_M.gguf", "qwen3moe", 2, 8, 2),
+];
+
+#[test]
+fn inspect_reports_architecture_and_bytes_that_add_up() {
+    let Some(root) = common::fixtures() else { return };
+    for &(file, arch, layers, experts, used) in MODELS {
+        let path = root.join(file);
+        let v = json(&["inspect", path.to_str().expect("utf-8 path"), "--json"]);
+        assert_eq!(v["architecture"], arch, "{file}");
+        assert_eq!(v["n_layers"], layers, "{file}");
+        assert_eq!(v["n_experts"], experts, "{file}");
+        assert_eq!(v["n_experts_used"], used, "{file}");
+        let g = GgufFile::open(&path).expect("open fixture");
+        let tensor_bytes: u64 = g.tensors().iter().map(|t| t.size).sum();
+        let total = v["bytes_total"].as_u64().expect("bytes_total");
+        assert_eq!(total, tensor_bytes, "{file}: bytes_total is the tensor data");
+        assert_eq!(v["bytes_dense"].as_u64().expect("dense") + v["bytes_experts"].as_u64().expect("experts"), total, "{file}");
+        let data_len = std::fs::metadata(&path).expect("stat").len() - g.data_offset();
+        assert!(total <= data_len && data_len - total < 32 * g.tensors().len() as u64, "{file}: {total} vs data section {data_len}");
+        let per = v["bytes_per_expert"].as_u64().expect("per expert");
+        assert_eq!(per * layers * experts, v["bytes_experts"].as_u64().expect("experts"), "{file}");
+    }
+}
+
+#[test]
+fn inspect_without_a_model_uses_the_bundled_one() {
+    let v = json(&["inspect", "--json"]);
+    assert_eq!(v["architecture"], "llama");
+    assert_eq!(v["name"], "rustdoc-moe");
+}
+
+#[test]
+fn generate_json_gives_llama_cpp_greedy_tokens() {
+    let Some(root) = common::fixtures() else { return };
+    let (gguf, r) = common::ref_pairs(&root).into_iter().find(|(g, _)| g.ends_with("rustdoc-moe-Q8_0.gguf")).expect("rustdoc ref");
+    let c = &r.cases[0];
+    let v = json(&["generate", "-m", gguf.to_str().expect("utf-8"), "-p", &c.prompt_text, "-n", "32", "--temp", "0", "--no-bos", "--json", "-t", "2"]);
+    let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).expect("ids");
+    assert_eq!(ids, c.greedy_ids);
+    let top: Vec<(u32, f32)> = serde_json::from_value(v["top_logits"].clone()).expect("top_logits");
+    assert_eq!(top.len(), 20);
+    assert_eq!(top[0].0, c.last_top20_ids[0]);
+    assert!(v["decode_tok_s"].as_f64().expect("decode_tok_s") > 0.0);
+}
+
+#[test]
+fn damaged_or_foreign_files_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rustdoc-moe-Q8_0.gguf");
+    let bytes = std::fs::read(&bundled).expect("read bundled model");
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    let (ok, _, err) = moerun(&["inspect", cut.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("cut.gguf") && err.contains("past the end"), "{err}");
+    let missing = dir.path().join("nope.gguf");
+    let (ok, _, err) = moerun(&["inspect", missing.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("nope.gguf"), "{err}");
+    // A valid GGUF of an architecture we do not run.
+    let mut w = moerun::gguf::GgufWriter::new();
+    w.add_metadata("general.architecture", moerun::gguf::Value::String("mamba9".into()));
+    let foreign = dir.path().join("foreign.gguf");
+    w.write(&foreign).expect("write");
+    let (ok, _, err) = moerun(&["inspect", foreign.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("foreign.gguf") && err.contains("unknown architecture 'mamba9'"), "{err}");
+}
