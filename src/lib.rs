@@ -9,4 +9,6 @@ pub mod gguf;
 pub mod layers;
 pub mod llama_log;
 pub mod model;
+pub mod rng;
+pub mod synth;
 pub mod tokenizer;

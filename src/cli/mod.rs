@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod synth;
 mod tokenize;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Generate text from a prompt.
     Generate(generate::Args),
+    /// Write a random-weight MoE at real layer shapes (for speed runs).
+    Synth(synth::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }
 
