@@ -116,7 +116,8 @@ impl KvCache {
                     }
                 }
             }
-            sum = sum * ms + vs;
+            // ggml's `S = S*ms + vs`, which its compiler contracts to one fused multiply-add.
+            sum = sum.mul_add(ms, vs);
         }
         if self.ty == KvType::F16 {
             out.iter_mut().zip(acc16.iter()).for_each(|(o, &a)| *o = f16_to_f32(a));

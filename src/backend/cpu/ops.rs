@@ -22,14 +22,12 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// In-place softmax (ggml's `soft_max` with scale 1 and no mask).
+/// In-place softmax (ggml's `soft_max` with scale 1 and no mask), with ggml's own vector `expf`
+/// and summation order.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
+    let src = x.to_vec();
+    let sum = super::ggml::vec_soft_max(x, &src, max);
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
@@ -46,11 +44,10 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `gate[i] = silu(gate[i]) * up[i]`.
+/// `gate[i] = silu(gate[i]) * up[i]`, with ggml's vector `silu` (bit-identical to its `swiglu`).
 pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
-    }
+    let g = gate.to_vec();
+    super::ggml::vec_swiglu(gate, &g, up);
 }
 
 /// How RoPE pairs dimensions.
@@ -92,8 +89,8 @@ impl Rope {
                 for i in (0..n).step_by(2) {
                     let (c, s) = (angles[i], angles[i + 1]);
                     let (x0, x1) = (head[i], head[i + 1]);
-                    head[i] = x0 * c - x1 * s;
-                    head[i + 1] = x0 * s + x1 * c;
+                    head[i] = x0.mul_add(c, -(x1 * s));
+                    head[i + 1] = x0.mul_add(s, x1 * c);
                 }
             }
             RopeStyle::Neox => {
