@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod layers;
 pub mod llama_log;
 pub mod model;
+pub mod reference;
 pub mod rng;
 pub mod synth;
 pub mod tokenizer;

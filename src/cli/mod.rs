@@ -1,5 +1,6 @@
 //! Command-line front door: subcommands, shared flags, and the bundled-model lookup.
 
+mod bench;
 mod generate;
 mod inspect;
 mod synth;
@@ -31,6 +32,8 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Generate text from a prompt.
     Generate(generate::Args),
+    /// Measure prefill and decode speed, optionally side by side with llama.cpp.
+    Bench(bench::Args),
     /// Write a random-weight MoE at real layer shapes (for speed runs).
     Synth(synth::Args),
 }
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
