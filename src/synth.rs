@@ -314,7 +314,7 @@ fn splitmix(x: u64) -> u64 {
 }
 
 /// A GPT-2 style byte-level vocabulary: the 256 byte tokens, `<|bos|>`/`<|eos|>`, then fillers up
-/// to `n_vocab` (at least 258). No merges: text tokenizes to bytes, which is all a speed run needs.
+/// to `n_vocab` (at least 259). One merge only: text tokenizes to bytes, which is all a speed run needs.
 fn byte_level_vocab(n_vocab: usize) -> Vec<(String, Value)> {
     let mut tokens: Vec<Value> = Vec::with_capacity(n_vocab.max(258));
     let mut types: Vec<Value> = Vec::with_capacity(n_vocab.max(258));
@@ -335,6 +335,10 @@ fn byte_level_vocab(n_vocab: usize) -> Vec<(String, Value)> {
         tokens.push(Value::String(s.into()));
         types.push(Value::I32(3));
     }
+    // One merge (two spaces), with its token: GGUF cannot type an empty array as strings, and
+    // llama.cpp insists the merges array holds strings.
+    tokens.push(Value::String("\u{120}\u{120}".into()));
+    types.push(Value::I32(1));
     while tokens.len() < n_vocab {
         tokens.push(Value::String(format!("<|synth_{}|>", tokens.len())));
         types.push(Value::I32(1));
@@ -344,7 +348,7 @@ fn byte_level_vocab(n_vocab: usize) -> Vec<(String, Value)> {
         ("tokenizer.ggml.pre".into(), Value::String("default".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![Value::String("\u{120} \u{120}".into())])),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
