@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use moerun::backend::cpu::{kernels, matmul, MatRef, QActs, SharedOut, ThreadPool};
+use moerun::backend::cpu::{kernels, matmul, repack, MatRef, QActs, SharedOut, ThreadPool};
 use moerun::gguf::GgmlType;
 use moerun::rng::SplitMix64;
 use rayon::prelude::*;
@@ -42,6 +42,17 @@ fn bench(c: &mut Criterion) {
         let mut out = vec![0f32; ROWS];
         g.bench_function(BenchmarkId::new("pool2", ty.name()), |b| b.iter(|| matmul(&pool, w, &x, &mut acts, &mut out)));
         g.bench_function(BenchmarkId::new("single", ty.name()), |b| b.iter(|| matmul(&one, w, &x, &mut acts, &mut out)));
+        if repack::repackable(ty, ROWS, COLS).is_some() {
+            let mut packed = vec![0u8; data.len()];
+            repack::repack_q4_0x8(&data, ROWS, COLS, &mut packed);
+            g.bench_function(BenchmarkId::new("repacked_single", ty.name()), |b| {
+                b.iter(|| {
+                    acts.quantize(w.kernels(), &x, COLS);
+                    // SAFETY: all ROWS repacked rows, one Q8_0 row, room for ROWS outputs.
+                    unsafe { repack::gemv_q4_0x8(COLS, packed.as_ptr(), acts.row(0).as_ptr(), out.as_mut_ptr(), ROWS) }
+                })
+            });
+        }
         g.bench_function(BenchmarkId::new("rayon2", ty.name()), |b| {
             b.iter(|| {
                 acts.quantize(w.kernels(), &x, COLS);

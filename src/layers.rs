@@ -6,7 +6,7 @@ use crate::arch::{Gating, QkNorm, RouterConfig};
 use crate::backend::cpu::ops::{self, Rope};
 use crate::backend::cpu::{kernels, matmul_batch, MatJob, MatRef, QActs, SharedOut, ThreadPool};
 use crate::engine::kv::KvCache;
-use crate::model::{ExpertDesc, Ffn, Layer, Model};
+use crate::model::{Ffn, Layer, Model};
 
 /// One token's routing decision in one layer: experts by rank and their final weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,19 +37,19 @@ pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
     Route { experts: idx, weights }
 }
 
-/// Where expert weights come from: the file mapping, or the expert cache.
+/// Where expert weights come from: the model (mapping or resident copies), or the expert cache.
 pub trait ExpertWeights {
-    /// The bytes of expert `e` of layer `l`: (gate, up, down).
-    fn expert(&self, l: usize, e: usize) -> [&[u8]; 3];
+    /// Expert `e` of layer `l`: (gate, up, down).
+    fn expert(&self, l: usize, e: usize) -> [MatRef<'_>; 3];
 }
 
-/// Experts read straight from the mapping (all resident).
-pub struct MappedExperts<'a>(pub &'a Model);
+/// Experts as the model holds them (all resident).
+pub struct ModelExperts<'a>(pub &'a Model);
 
-impl ExpertWeights for MappedExperts<'_> {
-    fn expert(&self, l: usize, e: usize) -> [&[u8]; 3] {
+impl ExpertWeights for ModelExperts<'_> {
+    fn expert(&self, l: usize, e: usize) -> [MatRef<'_>; 3] {
         let ex = &self.0.experts(l).expect("expert() on a dense layer")[e];
-        [self.0.bytes_of(&ex.gate), self.0.bytes_of(&ex.up), self.0.bytes_of(&ex.down)]
+        [self.0.mat(&ex.gate), self.0.mat(&ex.up), self.0.mat(&ex.down)]
     }
 }
 
@@ -112,7 +112,7 @@ impl Forward<'_> {
         let (n, d) = (tokens.len(), hp.n_embd);
         // [n, d] embeddings
         s.x.resize(n * d, 0.0);
-        let embd = m.mat(&m.tok_embd);
+        let embd = m.plain_mat(&m.tok_embd);
         for (t, &id) in tokens.iter().enumerate() {
             embd.dequantize_row(id as usize, &mut s.x[t * d..(t + 1) * d]);
         }
@@ -236,11 +236,11 @@ impl Forward<'_> {
         s.moe.resize(n * d, 0.0);
         match &layer.ffn {
             Ffn::Dense(e) => {
-                let mats = [m.bytes_of(&e.gate), m.bytes_of(&e.up), m.bytes_of(&e.down)];
+                let views = [m.mat(&e.gate), m.mat(&e.up), m.mat(&e.down)];
                 let assign: Vec<(usize, usize, f32)> = (0..n).map(|t| (t, 0, 1.0)).collect();
-                self.experts_ffn(&[(*e, mats)], &assign, n, s);
+                self.experts_ffn(&[views], &assign, n, s);
             }
-            Ffn::Moe { router, experts, shared } => {
+            Ffn::Moe { router, shared, .. } => {
                 let k = hp.n_expert_used;
                 s.logits_r.resize(n * hp.n_expert, 0.0);
                 crate::backend::cpu::matmul(self.pool, m.mat(router), &s.h, &mut s.acts, &mut s.logits_r);
@@ -261,9 +261,8 @@ impl Forward<'_> {
                         assign.push((t, slot, w));
                     }
                 }
-                let mats: Vec<(ExpertDesc, [&[u8]; 3])> =
-                    used.iter().map(|&e| (experts[e], self.experts.expert(l, e))).collect();
-                self.experts_ffn(&mats, &assign, n, s);
+                let views: Vec<[MatRef; 3]> = used.iter().map(|&e| self.experts.expert(l, e)).collect();
+                self.experts_ffn(&views, &assign, n, s);
                 if let Some(sh) = shared {
                     self.shared_expert(sh, n, s);
                 }
@@ -274,25 +273,23 @@ impl Forward<'_> {
 
     /// `moe[t] = Σ w · down(silu(gate·h[t]) ⊙ up·h[t])` over the (token, expert, weight)
     /// assignments, summed per token in rank order.
-    fn experts_ffn(&self, mats: &[(ExpertDesc, [&[u8]; 3])], assign: &[(usize, usize, f32)], n: usize, s: &mut Scratch) {
+    fn experts_ffn(&self, views: &[[MatRef; 3]], assign: &[(usize, usize, f32)], n: usize, s: &mut Scratch) {
         let d = self.model.hp.n_embd;
         // Group assignments by expert so each expert's weights are read once per batch.
         let mut order: Vec<usize> = (0..assign.len()).collect();
         order.sort_by_key(|&a| (assign[a].1, assign[a].0));
-        let mut starts = vec![0usize; mats.len() + 1];
+        let mut starts = vec![0usize; views.len() + 1];
         for &a in &order {
             starts[assign[a].1 + 1] += 1;
         }
-        for i in 0..mats.len() {
+        for i in 0..views.len() {
             starts[i + 1] += starts[i];
         }
         let tokens: Vec<usize> = order.iter().map(|&a| assign[a].0).collect();
-        let n_ff = mats.first().map(|(e, _)| e.gate.rows).unwrap_or(0);
+        let n_ff = views.first().map(|v| v[0].rows).unwrap_or(0);
         let na = assign.len();
         // gate and up for every assignment: [na, 2·n_ff] (gate | up).
         s.gate_up.resize(na * 2 * n_ff, 0.0);
-        let views: Vec<[MatRef; 3]> =
-            mats.iter().map(|(e, b)| [e.gate.mat(b[0]), e.up.mat(b[1]), e.down.mat(b[2])]).collect();
         if views.is_empty() {
             return;
         }
@@ -366,10 +363,10 @@ impl Forward<'_> {
                 ops::sigmoid(g)
             })
             .collect();
-        let mats = [m.bytes_of(&sh.ffn.gate), m.bytes_of(&sh.ffn.up), m.bytes_of(&sh.ffn.down)];
+        let views = [m.mat(&sh.ffn.gate), m.mat(&sh.ffn.up), m.mat(&sh.ffn.down)];
         let assign: Vec<(usize, usize, f32)> = (0..n).map(|t| (t, 0, gates[t])).collect();
         s.moe = vec![0.0; n * d];
-        self.experts_ffn(&[(sh.ffn, mats)], &assign, n, s);
+        self.experts_ffn(&[views], &assign, n, s);
         let shared_out = std::mem::replace(&mut s.moe, saved);
         s.moe.iter_mut().zip(&shared_out).for_each(|(o, y)| *o += y);
     }

@@ -5,7 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use crate::arch::{self, tn, tn_expert, ArchError, ArchSpec, HParams, QkNorm, TensorKind};
+use crate::backend::cpu::repack::{self, Layout};
 use crate::backend::cpu::{kernels, MatRef};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 
@@ -80,6 +83,31 @@ pub struct Layer {
     pub ffn: Ffn,
 }
 
+/// Which weights get a resident copy in a faster interleaved layout at load (Q4_0 today, with
+/// ggml's repacked GEMV/GEMM — what llama.cpp does for every Q4_0 weight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum Repack {
+    /// Every weight is read from the file mapping.
+    None,
+    /// Attention, output and shared-expert weights (the always-resident part).
+    Dense,
+    /// Dense weights and every routed expert (needs RAM for the whole model).
+    #[default]
+    All,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub repack: Repack,
+}
+
+/// Resident copies of weights in interleaved layouts, keyed by their file offset.
+struct Resident {
+    buf: memmap2::MmapMut,
+    index: HashMap<u64, (usize, Layout)>,
+}
+
 pub struct Model {
     pub file: Arc<GgufFile>,
     pub spec: &'static ArchSpec,
@@ -88,6 +116,7 @@ pub struct Model {
     pub output_norm: Vec<f32>,
     pub output: WeightDesc,
     pub layers: Vec<Layer>,
+    resident: Option<Resident>,
 }
 
 struct Loader<'a> {
@@ -200,12 +229,20 @@ impl Loader<'_> {
 }
 
 impl Model {
-    /// Open and validate a GGUF model.
+    /// Open and validate a GGUF model with default options.
     pub fn load(path: &Path) -> Result<Model, ArchError> {
-        let file = Arc::new(GgufFile::open(path)?);
-        Model::from_file(file)
+        Model::load_with(path, LoadOptions::default())
     }
 
+    /// Open and validate a GGUF model.
+    pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Model, ArchError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        let mut m = Model::from_file(file)?;
+        m.make_resident(opts.repack)?;
+        Ok(m)
+    }
+
+    /// Validate `file` as a model; every weight is read from the mapping.
     pub fn from_file(file: Arc<GgufFile>) -> Result<Model, ArchError> {
         let path = file.path().display().to_string();
         let arch_name = file
@@ -294,16 +331,92 @@ impl Model {
                 ffn,
             });
         }
-        Ok(Model { file, spec, hp, tok_embd, output_norm, output, layers })
+        Ok(Model { file, spec, hp, tok_embd, output_norm, output, layers, resident: None })
     }
 
-    /// The bytes of a weight inside the mapping.
+    /// The weights `repack` selects, in load order.
+    fn repack_set(&self, repack: Repack) -> Vec<WeightDesc> {
+        let mut ws = Vec::new();
+        if repack == Repack::None {
+            return ws;
+        }
+        if self.output.offset != self.tok_embd.offset {
+            ws.push(self.output);
+        }
+        for l in &self.layers {
+            ws.extend([l.wq, l.wk, l.wv, l.wo]);
+            match &l.ffn {
+                Ffn::Dense(e) => ws.extend([e.gate, e.up, e.down]),
+                Ffn::Moe { experts, shared, .. } => {
+                    if let Some(sh) = shared {
+                        ws.extend([sh.ffn.gate, sh.ffn.up, sh.ffn.down]);
+                    }
+                    if repack == Repack::All {
+                        ws.extend(experts.iter().flat_map(|e| [e.gate, e.up, e.down]));
+                    }
+                }
+            }
+        }
+        ws.retain(|w| repack::repackable(w.ty, w.rows, w.cols).is_some());
+        ws
+    }
+
+    /// Copy the selected weights into one anonymous (huge-page advised) buffer, repacked.
+    fn make_resident(&mut self, repack: Repack) -> Result<(), ArchError> {
+        let ws = self.repack_set(repack);
+        let total: u64 = ws.iter().map(|w| w.bytes).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let path = self.file.path().display().to_string();
+        let t0 = std::time::Instant::now();
+        let mut buf = memmap2::MmapMut::map_anon(total as usize)
+            .map_err(|e| ArchError::Resident { path: path.clone(), bytes: total, reason: e.to_string() })?;
+        // Huge pages cut TLB misses when streaming gigabytes of weights; a hint, so ignore failure.
+        let _ = buf.advise(memmap2::Advice::HugePage);
+        let mut index = HashMap::with_capacity(ws.len());
+        let mut at = 0usize;
+        for w in &ws {
+            let n = w.bytes as usize;
+            let src = &self.file.bytes()[w.offset as usize..w.offset as usize + n];
+            repack::repack_q4_0x8(src, w.rows, w.cols, &mut buf[at..at + n]);
+            index.insert(w.offset, (at, Layout::Q4_0x8));
+            at += n;
+        }
+        tracing::info!(
+            "repacked {} weights ({:.1} MiB) for ggml's interleaved kernels in {:.2} s",
+            ws.len(),
+            total as f64 / 1048576.0,
+            t0.elapsed().as_secs_f64()
+        );
+        self.resident = Some(Resident { buf, index });
+        Ok(())
+    }
+
+    /// Bytes held in resident (repacked) copies.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.as_ref().map(|r| r.buf.len() as u64).unwrap_or(0)
+    }
+
+    /// The bytes of a weight inside the mapping (ggml's plain layout).
     pub fn bytes_of(&self, w: &WeightDesc) -> &[u8] {
         &self.file.bytes()[w.offset as usize..(w.offset + w.bytes) as usize]
     }
 
-    pub fn mat(&self, w: &WeightDesc) -> MatRef<'_> {
+    /// A weight in ggml's plain layout, straight from the mapping (row lookups, dequantization).
+    pub fn plain_mat(&self, w: &WeightDesc) -> MatRef<'_> {
         w.mat(self.bytes_of(w))
+    }
+
+    /// A weight for multiplication: its resident repacked copy if it has one, else the mapping.
+    pub fn mat(&self, w: &WeightDesc) -> MatRef<'_> {
+        if let Some(r) = &self.resident {
+            if let Some(&(at, layout)) = r.index.get(&w.offset) {
+                let data = &r.buf[at..at + w.bytes as usize];
+                return MatRef::repacked(w.ty, w.rows, w.cols, data, layout).expect("resident copies are validated at load");
+            }
+        }
+        self.plain_mat(w)
     }
 
     /// Per-layer routed experts, if the layer is MoE.

@@ -117,6 +117,8 @@ pub enum ArchError {
     BadTensorShape { path: String, tensor: String, found: Vec<u64>, expected: Vec<u64> },
     #[error("{path}: tensor '{tensor}' has type {ty}, which the CPU backend cannot {op}")]
     UnsupportedType { path: String, tensor: String, ty: &'static str, op: &'static str },
+    #[error("{path}: could not allocate {bytes} bytes for resident weights: {reason}")]
+    Resident { path: String, bytes: u64, reason: String },
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
 }

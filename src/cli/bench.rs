@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use moerun::engine::{argmax, Engine, EngineConfig, KvType};
 use moerun::layers::Logits;
-use moerun::model::Model;
+use moerun::model::{LoadOptions, Model, Repack};
 use moerun::reference::{LlamaReference, ReferenceConfig};
 use moerun::rng::SplitMix64;
 use serde::Serialize;
@@ -30,6 +30,9 @@ pub struct Args {
     /// Measured repeats (after one warm-up run).
     #[arg(short, long, default_value_t = 3)]
     repeats: usize,
+    /// Which weights get a resident repacked copy (Q4_0 → ggml's interleaved kernels).
+    #[arg(long, value_enum, default_value_t = Repack::All)]
+    repack: Repack,
     /// Also run the linked llama.cpp (reference) and print both and the ratio.
     #[arg(long)]
     compare: bool,
@@ -73,7 +76,9 @@ struct Report {
     prompt_tokens: usize,
     gen_tokens: usize,
     repeats: usize,
-    rss_anon_mib_after_load: Option<f64>,
+    repack: Repack,
+    rss_anon_mib_peak: Option<f64>,
+    resident_weights_mib: f64,
     kv_cache_mib: f64,
     moerun: Side,
     llama_cpp: Option<Side>,
@@ -105,7 +110,7 @@ fn time_run(prompt: &[u32], n_gen: usize, mut prefill: impl FnMut(&[u32]) -> any
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
-    let model = Arc::new(Model::load(&path)?);
+    let model = Arc::new(Model::load_with(&path, LoadOptions { repack: a.repack })?);
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
     let mut engine = Engine::new(Arc::clone(&model), EngineConfig { threads, n_ctx, kv_type: KvType::F16, ..Default::default() });
@@ -115,7 +120,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let prompt: Vec<u32> = (0..a.prompt.max(1)).map(|_| (rng.next_u64() % n_vocab) as u32).collect();
 
     eprintln!("bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats", path.display(), threads, prompt.len(), a.n_gen, a.repeats);
-    let rss = rss_anon_mib();
+    let mut rss: Option<f64> = None;
     let mut ours = (Vec::new(), Vec::new());
     for i in 0..=a.repeats {
         let mut sess = engine.new_session();
@@ -137,6 +142,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     Ok(e.eval(s, &[id], Logits::Last)?)
                 },
             )?
+        };
+        // Peak anonymous memory while a session (KV cache, scratch) is alive.
+        rss = match (rss, rss_anon_mib()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         };
         if i > 0 {
             ours.0.push(pf);
@@ -180,7 +190,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{:<10} {:>26} {:>26}", "ratio", format!("{p:.3}×"), format!("{d:.3}×"));
     }
     if let Some(r) = rss {
-        println!("moerun anonymous RSS after load: {r:.1} MiB (KV cache {kv_mib:.1} MiB; weights stay in the file mapping)");
+        println!(
+            "moerun peak anonymous RSS: {r:.1} MiB = resident repacked weights {:.1} MiB + KV cache {kv_mib:.1} MiB + the rest (other weights stay in the file mapping)",
+            model.resident_bytes() as f64 / 1048576.0
+        );
     }
 
     let report = Report {
@@ -189,7 +202,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prompt_tokens: prompt.len(),
         gen_tokens: a.n_gen,
         repeats: a.repeats,
-        rss_anon_mib_after_load: rss,
+        repack: a.repack,
+        rss_anon_mib_peak: rss,
+        resident_weights_mib: model.resident_bytes() as f64 / 1048576.0,
         kv_cache_mib: kv_mib,
         moerun: moerun_side,
         llama_cpp: llama_side,

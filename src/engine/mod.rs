@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::ThreadPool;
-use crate::layers::{ExpertWeights, Forward, Logits, MappedExperts, RouteObserver, Scratch};
+use crate::layers::{ExpertWeights, Forward, Logits, ModelExperts, RouteObserver, Scratch};
 use crate::model::Model;
 pub use kv::{KvCache, KvType};
 pub use sampler::{argmax, Sampler, SamplerConfig};
@@ -169,7 +169,7 @@ impl Engine {
     /// Evaluate `tokens` after what `sess` holds; returns the requested logits.
     pub fn eval(&mut self, sess: &mut Session, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
         let model = Arc::clone(&self.model);
-        self.eval_with(sess, tokens, want, &MappedExperts(&model), &mut ())
+        self.eval_with(sess, tokens, want, &ModelExperts(&model), &mut ())
     }
 
     /// `eval` with an explicit expert source and routing observer.

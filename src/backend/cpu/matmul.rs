@@ -1,10 +1,12 @@
-//! Matrix × activation products over quantized weights with ggml's `vec_dot` kernels.
-//! Weights are borrowed views (of the mmap or of a cache slot); nothing here copies a weight.
+//! Matrix × activation products over quantized weights with ggml's kernels: `vec_dot` per row for
+//! plain layouts, the repacked GEMV/GEMM for interleaved ones. Weights are borrowed views (of the
+//! mmap, a resident copy or a cache slot); nothing here copies a weight.
 
 use std::cell::UnsafeCell;
 
 use super::ggml::{kernels, Kernels};
 use super::pool::ThreadPool;
+use super::repack::{self, Layout, GEMM_TOKENS};
 use crate::gguf::GgmlType;
 
 /// A row-major weight matrix view: `rows` rows of `cols` elements of `ty` (ggml's `[cols, rows]`).
@@ -15,6 +17,7 @@ pub struct MatRef<'a> {
     pub cols: usize,
     pub data: &'a [u8],
     pub row_bytes: usize,
+    pub layout: Layout,
     k: &'static Kernels,
 }
 
@@ -27,20 +30,33 @@ impl<'a> MatRef<'a> {
             return None;
         }
         let k = kernels(ty)?;
-        Some(MatRef { ty, rows, cols, data, row_bytes, k })
+        Some(MatRef { ty, rows, cols, data, row_bytes, layout: Layout::Plain, k })
+    }
+
+    /// A view over bytes already repacked into `layout` (see [`repack`]); `None` if the shape
+    /// cannot be in that layout or the sizes disagree.
+    pub fn repacked(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8], layout: Layout) -> Option<MatRef<'a>> {
+        if repack::repackable(ty, rows, cols) != Some(layout) {
+            return None;
+        }
+        let m = MatRef::new(ty, rows, cols, data)?;
+        Some(MatRef { layout, ..m })
     }
 
     pub fn kernels(&self) -> &'static Kernels {
         self.k
     }
 
+    /// Row `r` in ggml's plain layout.
     #[inline]
     pub fn row(&self, r: usize) -> &'a [u8] {
+        debug_assert_eq!(self.layout, Layout::Plain);
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
-    /// Dequantize row `r` into `out` (`cols` long).
+    /// Dequantize row `r` into `out` (`cols` long). Plain layout only.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(self.layout, Layout::Plain, "dequantize_row on a repacked weight");
         self.k.dequantize(self.row(r), out);
     }
 }
@@ -52,11 +68,14 @@ pub struct QActs {
     pub cols: usize,
     pub row_bytes: usize,
     pub data: Vec<u8>,
+    /// Whole groups of 4 tokens in the interleaved Q8_0×4 layout the repacked GEMM reads
+    /// (Q8_0 activations only).
+    pub grouped: Vec<u8>,
 }
 
 impl QActs {
     pub fn new() -> QActs {
-        QActs { ty: GgmlType::F32, n_tok: 0, cols: 0, row_bytes: 0, data: Vec::new() }
+        QActs { ty: GgmlType::F32, n_tok: 0, cols: 0, row_bytes: 0, data: Vec::new(), grouped: Vec::new() }
     }
 
     /// Convert `x` (`n_tok` rows of `cols` floats) for multiplication with weights using `k`.
@@ -69,6 +88,13 @@ impl QActs {
         self.data.resize(self.row_bytes * n_tok, 0);
         for (t, xs) in x.chunks_exact(cols).enumerate() {
             k.quantize_act(xs, &mut self.data[t * self.row_bytes..(t + 1) * self.row_bytes]);
+        }
+        let groups = if self.ty == GgmlType::Q8_0 { n_tok / GEMM_TOKENS } else { 0 };
+        let gb = GEMM_TOKENS * self.row_bytes;
+        self.grouped.resize(groups * gb, 0);
+        for g in 0..groups {
+            let xs = &x[g * GEMM_TOKENS * cols..(g + 1) * GEMM_TOKENS * cols];
+            repack::quantize_4x8(xs, cols, &mut self.grouped[g * gb..(g + 1) * gb]);
         }
     }
 
@@ -105,6 +131,13 @@ impl<'a> SharedOut<'a> {
     pub fn set(&self, i: usize, v: f32) {
         // SAFETY: see the Sync impl: no other thread touches index `i` during the job.
         unsafe { *self.cells[i].get() = v }
+    }
+
+    /// Pointer to element `i` for a kernel that writes `len` floats from there.
+    #[inline]
+    fn span(&self, i: usize, len: usize) -> *mut f32 {
+        assert!(i + len <= self.cells.len(), "output span out of bounds");
+        self.cells[i].get()
     }
 }
 
@@ -146,6 +179,9 @@ pub fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
 
 #[inline]
 fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
+    if j.w.layout == Layout::Q4_0x8 {
+        return run_rows_q4_0x8(j, rows);
+    }
     let k = j.w.k;
     let n = j.w.cols;
     match j.tokens {
@@ -163,6 +199,40 @@ fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
                 for (i, &t) in toks.iter().enumerate() {
                     j.out.set(i * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t)));
                 }
+            }
+        }
+    }
+}
+
+/// The repacked path: rows come in groups of 8 (chunks are multiples of 16, weights of 8 rows).
+fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
+    let (r0, nc) = (rows.start, rows.len());
+    debug_assert!(r0 % 8 == 0 && nc % 8 == 0);
+    let w = j.w.data[r0 * j.w.row_bytes..].as_ptr();
+    let gemv = |act: &[u8], i: usize| {
+        let out = j.out.span(i * j.out_stride + j.out_offset + r0, nc);
+        // SAFETY: `w` starts at repacked row r0 (a multiple of 8) with `nc` rows after it, `act`
+        // is one Q8_0 row of `cols`, and `out` has `nc` floats (checked by `span`); no other
+        // thread writes these outputs.
+        unsafe { repack::gemv_q4_0x8(j.w.cols, w, act.as_ptr(), out, nc) };
+    };
+    match j.tokens {
+        None => {
+            let groups = j.act.grouped.len() / (GEMM_TOKENS * j.act.row_bytes).max(1);
+            for g in 0..groups {
+                let gb = GEMM_TOKENS * j.act.row_bytes;
+                let out = j.out.span(g * GEMM_TOKENS * j.out_stride + j.out_offset + r0, (GEMM_TOKENS - 1) * j.out_stride + nc);
+                // SAFETY: as for gemv, with 4 tokens' interleaved activations and 4 output rows
+                // of `out_stride` floats, of which we write columns r0..r0+nc.
+                unsafe { repack::gemm_q4_0x8(j.w.cols, w, j.act.grouped[g * gb..].as_ptr(), out, j.out_stride, nc) };
+            }
+            for t in groups * GEMM_TOKENS..j.act.n_tok {
+                gemv(j.act.row(t), t);
+            }
+        }
+        Some(toks) => {
+            for (i, &t) in toks.iter().enumerate() {
+                gemv(j.act.row(t), i);
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod ggml;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+pub mod repack;
 
 pub use ggml::{kernels, Kernels};
 pub use matmul::{matmul, matmul_batch, MatJob, MatRef, QActs, SharedOut};

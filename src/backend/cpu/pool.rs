@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 type Job = dyn Fn(usize) + Sync;
 
 /// How long a worker spins for the next job before it sleeps.
-const SPIN_ITERS: u32 = 1 << 16;
+const SPIN_ITERS: u32 = 1 << 12;
 
 struct Shared {
     epoch: AtomicU64,

@@ -1,0 +1,137 @@
+//! Row-interleaved weight layouts for ggml's repacked kernels: Q4_0 rows in groups of 8,
+//! interleaved 8 bytes at a time (`block_q4_0x8`), multiplied by `ggml_gemv_q4_0_8x8_q8_0` /
+//! `ggml_gemm_q4_0_8x8_q8_0` — the kernels llama.cpp itself uses for Q4_0 on AVX2. Layout
+//! knowledge only; where repacked copies live is the model's business.
+
+use std::ffi::{c_int, c_void};
+
+use crate::gguf::GgmlType;
+
+// SAFETY (for the declarations): these are exported C functions of the ggml-cpu library we link
+// (see repack.h); the signatures match their definitions.
+extern "C" {
+    fn ggml_gemv_q4_0_8x8_q8_0(n: c_int, s: *mut f32, bs: usize, vx: *const c_void, vy: *const c_void, nr: c_int, nc: c_int);
+    fn ggml_gemm_q4_0_8x8_q8_0(n: c_int, s: *mut f32, bs: usize, vx: *const c_void, vy: *const c_void, nr: c_int, nc: c_int);
+    fn ggml_quantize_mat_q8_0_4x8(x: *const f32, vy: *mut c_void, k: i64);
+}
+
+/// How a weight's bytes are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// ggml's row-major blocks, as in the GGUF file.
+    Plain,
+    /// Q4_0 in groups of 8 rows, 8-byte interleave.
+    Q4_0x8,
+}
+
+const Q4_0_BLOCK: usize = 18;
+const Q4_0_GROUP: usize = 8;
+/// Rows of activations `gemm` takes at once.
+pub const GEMM_TOKENS: usize = 4;
+
+/// Whether a `rows × cols` weight of type `ty` can be repacked (and into what).
+pub fn repackable(ty: GgmlType, rows: usize, cols: usize) -> Option<Layout> {
+    (ty == GgmlType::Q4_0 && rows % Q4_0_GROUP == 0 && cols % 32 == 0).then_some(Layout::Q4_0x8)
+}
+
+/// Repack plain Q4_0 rows (`src`, `rows × cols`) into `dst` (same length) as `Q4_0x8`.
+pub fn repack_q4_0x8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    let nb = cols / 32;
+    let row_bytes = nb * Q4_0_BLOCK;
+    assert_eq!(src.len(), rows * row_bytes);
+    assert_eq!(dst.len(), src.len());
+    assert_eq!(rows % Q4_0_GROUP, 0);
+    for g in 0..rows / Q4_0_GROUP {
+        for b in 0..nb {
+            let out = &mut dst[(g * nb + b) * Q4_0_BLOCK * Q4_0_GROUP..][..Q4_0_BLOCK * Q4_0_GROUP];
+            let block = |i: usize| &src[(g * Q4_0_GROUP + i) * row_bytes + b * Q4_0_BLOCK..][..Q4_0_BLOCK];
+            for i in 0..Q4_0_GROUP {
+                out[2 * i..2 * i + 2].copy_from_slice(&block(i)[..2]);
+            }
+            // 16 chunks of 8 bytes: chunk i is bytes (i/8)*8.. of row i%8's quants, nibbles
+            // flipped to unsigned by xor 0x88 (what the kernel's lookup expects).
+            for i in 0..16 {
+                let src_id = i % 8;
+                let src_off = 2 + (i / 8) * 8;
+                let o = 16 + i * 8;
+                for j in 0..8 {
+                    out[o + j] = block(src_id)[src_off + j] ^ 0x88;
+                }
+            }
+        }
+    }
+}
+
+/// `out[r] = w.row(r) · act` for rows `r0..r0+nc` of a `Q4_0x8` weight; `act` is one Q8_0 row.
+///
+/// # Safety
+/// `w` holds the repacked rows `r0..r0+nc` (`nc` and `r0` multiples of 8) of `cols` columns, `act`
+/// one Q8_0 row of `cols`, and `out` has room for `nc` floats.
+pub unsafe fn gemv_q4_0x8(cols: usize, w: *const u8, act: *const u8, out: *mut f32, nc: usize) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { ggml_gemv_q4_0_8x8_q8_0(cols as c_int, out, nc, w.cast(), act.cast(), 1, nc as c_int) }
+}
+
+/// Four tokens at once: `out[t * out_stride + r]` for t in 0..4; `act4` is from [`quantize_4x8`].
+///
+/// # Safety
+/// As [`gemv_q4_0x8`], with `out` covering 4 rows of `out_stride` floats.
+pub unsafe fn gemm_q4_0x8(cols: usize, w: *const u8, act4: *const u8, out: *mut f32, out_stride: usize, nc: usize) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { ggml_gemm_q4_0_8x8_q8_0(cols as c_int, out, out_stride, w.cast(), act4.cast(), GEMM_TOKENS as c_int, nc as c_int) }
+}
+
+/// Quantize 4 rows of `cols` floats (contiguous) into the interleaved Q8_0×4 layout `gemm` reads.
+pub fn quantize_4x8(x: &[f32], cols: usize, out: &mut [u8]) {
+    assert_eq!(x.len(), GEMM_TOKENS * cols);
+    assert_eq!(out.len(), GEMM_TOKENS * (cols / 32) * 34);
+    // SAFETY: sizes checked above: 4 rows in, 4 Q8_0 rows' worth of bytes out.
+    unsafe { ggml_quantize_mat_q8_0_4x8(x.as_ptr(), out.as_mut_ptr().cast(), cols as i64) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::kernels;
+    use crate::rng::SplitMix64;
+
+    /// The repacked kernels give the same products as ggml's plain `vec_dot`.
+    #[test]
+    fn repacked_gemv_and_gemm_match_vec_dot() {
+        let (rows, cols) = (64, 512);
+        let k = kernels(GgmlType::Q4_0).expect("q4_0");
+        let q8 = kernels(GgmlType::Q8_0).expect("q8_0");
+        let mut rng = SplitMix64::new(3);
+        let rb = GgmlType::Q4_0.row_bytes(cols as u64).expect("rb") as usize;
+        let mut plain = vec![0u8; rows * rb];
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            row.iter_mut().for_each(|v| *v = rng.next_normal(1.0));
+            k.quantize_row(&row, &mut plain[r * rb..(r + 1) * rb]);
+        }
+        let mut packed = vec![0u8; plain.len()];
+        repack_q4_0x8(&plain, rows, cols, &mut packed);
+        let x: Vec<f32> = (0..4 * cols).map(|_| rng.next_normal(1.0)).collect();
+        let arb = q8.act_row_bytes(cols);
+        let mut acts = vec![0u8; 4 * arb];
+        for t in 0..4 {
+            q8.quantize_row(&x[t * cols..(t + 1) * cols], &mut acts[t * arb..(t + 1) * arb]);
+        }
+        let want: Vec<f32> =
+            (0..4).flat_map(|t| (0..rows).map(|r| k.dot(cols, &plain[r * rb..(r + 1) * rb], &acts[t * arb..(t + 1) * arb])).collect::<Vec<_>>()).collect();
+        let mut got = vec![0f32; rows];
+        // SAFETY: 64 repacked rows of 512, one Q8_0 row, room for 64 outputs.
+        unsafe { gemv_q4_0x8(cols, packed.as_ptr(), acts.as_ptr(), got.as_mut_ptr(), rows) };
+        for r in 0..rows {
+            assert!((got[r] - want[r]).abs() <= 1e-3 * want[r].abs().max(1.0), "gemv row {r}: {} vs {}", got[r], want[r]);
+        }
+        let mut a4 = vec![0u8; 4 * arb];
+        quantize_4x8(&x, cols, &mut a4);
+        let mut got4 = vec![0f32; 4 * rows];
+        // SAFETY: as above, 4 output rows of `rows` floats.
+        unsafe { gemm_q4_0x8(cols, packed.as_ptr(), a4.as_ptr(), got4.as_mut_ptr(), rows, rows) };
+        for i in 0..4 * rows {
+            assert!((got4[i] - want[i]).abs() <= 1e-3 * want[i].abs().max(1.0), "gemm {i}: {} vs {}", got4[i], want[i]);
+        }
+    }
+}
