@@ -37,19 +37,60 @@ pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
     Route { experts: idx, weights }
 }
 
-/// Where expert weights come from: the model (mapping or resident copies), or the expert cache.
-pub trait ExpertWeights {
-    /// Expert `e` of layer `l`: (gate, up, down).
-    fn expert(&self, l: usize, e: usize) -> [MatRef<'_>; 3];
+/// Errors raised while making experts available (the expert cache's I/O).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProviderError(pub String);
+
+/// Where routed experts come from: the model itself (mapping or resident copies), or the expert
+/// cache. Per MoE layer the forward pass calls `schedule` once, then for each wave `fetch`,
+/// computes the experts that are `ready`, `wait`s, and computes the rest; `view` returning `None`
+/// means the expert is skipped for this token (mixed precision).
+pub trait ExpertProvider {
+    /// Split the experts the batch needs in layer `l` into waves that fit in memory at once.
+    fn schedule(&mut self, l: usize, routes: &[Route]) -> Vec<Vec<u16>>;
+    /// Start making `wave` available (hits stay, misses start loading); returns at once.
+    fn fetch(&mut self, l: usize, wave: &[u16], routes: &[Route]) -> Result<(), ProviderError>;
+    /// Whether expert `e` of layer `l` can be viewed now, before `wait`.
+    fn ready(&self, l: usize, e: u16) -> bool;
+    /// Block until the last `fetch` of layer `l` has landed.
+    fn wait(&mut self, l: usize) -> Result<(), ProviderError>;
+    /// The expert's matrices (gate, up, down), or `None` if it is skipped.
+    fn view(&self, l: usize, e: u16) -> Option<[MatRef<'_>; 3]>;
 }
 
-/// Experts as the model holds them (all resident).
+/// Experts as the model holds them (all resident): one wave, nothing to load.
 pub struct ModelExperts<'a>(pub &'a Model);
 
-impl ExpertWeights for ModelExperts<'_> {
-    fn expert(&self, l: usize, e: usize) -> [MatRef<'_>; 3] {
-        let ex = &self.0.experts(l).expect("expert() on a dense layer")[e];
-        [self.0.mat(&ex.gate), self.0.mat(&ex.up), self.0.mat(&ex.down)]
+/// The distinct experts of `routes`, in first-use order.
+pub fn used_experts(routes: &[Route]) -> Vec<u16> {
+    let mut used: Vec<u16> = Vec::new();
+    for r in routes {
+        for &e in &r.experts {
+            if !used.contains(&(e as u16)) {
+                used.push(e as u16);
+            }
+        }
+    }
+    used
+}
+
+impl ExpertProvider for ModelExperts<'_> {
+    fn schedule(&mut self, _l: usize, routes: &[Route]) -> Vec<Vec<u16>> {
+        vec![used_experts(routes)]
+    }
+    fn fetch(&mut self, _l: usize, _wave: &[u16], _routes: &[Route]) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    fn ready(&self, _l: usize, _e: u16) -> bool {
+        true
+    }
+    fn wait(&mut self, _l: usize) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    fn view(&self, l: usize, e: u16) -> Option<[MatRef<'_>; 3]> {
+        let ex = &self.0.experts(l)?[e as usize];
+        Some([self.0.mat(&ex.gate), self.0.mat(&ex.up), self.0.mat(&ex.down)])
     }
 }
 
@@ -92,21 +133,21 @@ impl RouteObserver for () {
 pub struct Forward<'a> {
     pub model: &'a Model,
     pub pool: &'a ThreadPool,
-    pub experts: &'a dyn ExpertWeights,
+    pub experts: &'a mut dyn ExpertProvider,
 }
 
 impl Forward<'_> {
     /// Run `tokens` at positions `pos0..` through the model, appending to `kv`; returns logits
     /// `[n_out × n_vocab]`.
     pub fn run(
-        &self,
+        &mut self,
         tokens: &[u32],
         pos0: usize,
         kv: &mut KvCache,
         s: &mut Scratch,
         want: Logits,
         obs: &mut dyn RouteObserver,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, ProviderError> {
         let m = self.model;
         let hp = &m.hp;
         let (n, d) = (tokens.len(), hp.n_embd);
@@ -118,7 +159,7 @@ impl Forward<'_> {
         }
         for (l, layer) in m.layers.iter().enumerate() {
             self.attention(l, layer, pos0, n, kv, s);
-            self.ffn(l, layer, n, s, obs);
+            self.ffn(l, layer, n, s, obs)?;
         }
         // Final norm and head over the requested rows.
         let rows: Vec<usize> = match want {
@@ -132,7 +173,7 @@ impl Forward<'_> {
         let head = m.mat(&m.output);
         let mut logits = vec![0f32; rows.len() * head.rows];
         crate::backend::cpu::matmul(self.pool, head, &s.h, &mut s.acts, &mut logits);
-        logits
+        Ok(logits)
     }
 
     fn attention(&self, l: usize, layer: &Layer, pos0: usize, n: usize, kv: &mut KvCache, s: &mut Scratch) {
@@ -225,7 +266,7 @@ impl Forward<'_> {
         s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
     }
 
-    fn ffn(&self, l: usize, layer: &Layer, n: usize, s: &mut Scratch, obs: &mut dyn RouteObserver) {
+    fn ffn(&mut self, l: usize, layer: &Layer, n: usize, s: &mut Scratch, obs: &mut dyn RouteObserver) -> Result<(), ProviderError> {
         let m = self.model;
         let hp = &m.hp;
         let d = hp.n_embd;
@@ -237,62 +278,97 @@ impl Forward<'_> {
         match &layer.ffn {
             Ffn::Dense(e) => {
                 let views = [m.mat(&e.gate), m.mat(&e.up), m.mat(&e.down)];
-                let assign: Vec<(usize, usize, f32)> = (0..n).map(|t| (t, 0, 1.0)).collect();
-                self.experts_ffn(&[views], &assign, n, s);
+                let assign: Vec<(usize, f32)> = (0..n).map(|t| (t, 1.0)).collect();
+                self.expert_outputs(&[views], &[(0..n).collect()], &assign, s);
+                combine(&assign, &vec![true; n], d, &s.down, &mut s.moe[..n * d]);
             }
             Ffn::Moe { router, shared, .. } => {
                 let k = hp.n_expert_used;
                 s.logits_r.resize(n * hp.n_expert, 0.0);
                 crate::backend::cpu::matmul(self.pool, m.mat(router), &s.h, &mut s.acts, &mut s.logits_r);
-                // (token, slot in `used`, weight) in token-major, rank order.
-                let mut used: Vec<usize> = Vec::new();
-                let mut assign = Vec::with_capacity(n * k);
-                for t in 0..n {
-                    let r = route(&mut s.logits_r[t * hp.n_expert..(t + 1) * hp.n_expert], k, &hp.router);
-                    obs.route(l, t, &r);
-                    for (&e, &w) in r.experts.iter().zip(&r.weights) {
-                        let slot = match used.iter().position(|&u| u == e as usize) {
-                            Some(p) => p,
-                            None => {
-                                used.push(e as usize);
-                                used.len() - 1
-                            }
-                        };
-                        assign.push((t, slot, w));
-                    }
+                let routes: Vec<Route> = (0..n)
+                    .map(|t| {
+                        let r = route(&mut s.logits_r[t * hp.n_expert..(t + 1) * hp.n_expert], k, &hp.router);
+                        obs.route(l, t, &r);
+                        r
+                    })
+                    .collect();
+                // Assignments (token, weight) in token-major, rank order, and their experts.
+                let assign: Vec<(usize, f32)> =
+                    routes.iter().enumerate().flat_map(|(t, r)| r.weights.iter().map(move |&w| (t, w))).collect();
+                let expert_of: Vec<u16> = routes.iter().flat_map(|r| r.experts.iter().map(|&e| e as u16)).collect();
+                let mut done = vec![false; assign.len()];
+                s.down.resize(assign.len() * d, 0.0);
+                let mut ydown = std::mem::take(&mut s.down);
+                for wave in self.experts.schedule(l, &routes) {
+                    self.experts.fetch(l, &wave, &routes)?;
+                    // Experts already resident are computed while the misses load.
+                    let (hits, misses): (Vec<u16>, Vec<u16>) = wave.iter().partition(|&&e| self.experts.ready(l, e));
+                    self.wave_outputs(l, &hits, &expert_of, &assign, &mut done, &mut ydown, s);
+                    self.experts.wait(l)?;
+                    self.wave_outputs(l, &misses, &expert_of, &assign, &mut done, &mut ydown, s);
                 }
-                let views: Vec<[MatRef; 3]> = used.iter().map(|&e| self.experts.expert(l, e)).collect();
-                self.experts_ffn(&views, &assign, n, s);
+                combine(&assign, &done, d, &ydown, &mut s.moe[..n * d]);
+                s.down = ydown;
                 if let Some(sh) = shared {
                     self.shared_expert(sh, n, s);
                 }
             }
         }
         s.x.iter_mut().zip(&s.moe).for_each(|(x, y)| *x += y);
+        Ok(())
     }
 
-    /// `moe[t] = Σ w · down(silu(gate·h[t]) ⊙ up·h[t])` over the (token, expert, weight)
-    /// assignments, summed per token in rank order.
-    fn experts_ffn(&self, views: &[[MatRef; 3]], assign: &[(usize, usize, f32)], n: usize, s: &mut Scratch) {
-        let d = self.model.hp.n_embd;
-        // Group assignments by expert so each expert's weights are read once per batch.
-        let mut order: Vec<usize> = (0..assign.len()).collect();
-        order.sort_by_key(|&a| (assign[a].1, assign[a].0));
-        let mut starts = vec![0usize; views.len() + 1];
-        for &a in &order {
-            starts[assign[a].1 + 1] += 1;
+    /// Outputs of the assignments served by `experts` into their rows of `ydown`; skipped experts
+    /// (no view) leave their assignments undone.
+    #[allow(clippy::too_many_arguments)]
+    fn wave_outputs(
+        &self,
+        l: usize,
+        experts: &[u16],
+        expert_of: &[u16],
+        assign: &[(usize, f32)],
+        done: &mut [bool],
+        ydown: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let mut views = Vec::with_capacity(experts.len());
+        let mut groups = Vec::with_capacity(experts.len());
+        for &e in experts {
+            if let Some(v) = self.experts.view(l, e) {
+                let g: Vec<usize> = (0..assign.len()).filter(|&a| expert_of[a] == e).collect();
+                g.iter().for_each(|&a| done[a] = true);
+                views.push(v);
+                groups.push(g);
+            }
         }
-        for i in 0..views.len() {
-            starts[i + 1] += starts[i];
-        }
-        let tokens: Vec<usize> = order.iter().map(|&a| assign[a].0).collect();
-        let n_ff = views.first().map(|v| v[0].rows).unwrap_or(0);
-        let na = assign.len();
-        // gate and up for every assignment: [na, 2·n_ff] (gate | up).
-        s.gate_up.resize(na * 2 * n_ff, 0.0);
         if views.is_empty() {
             return;
         }
+        let d = self.model.hp.n_embd;
+        let mut rows = vec![0f32; groups.iter().map(|g| g.len()).sum::<usize>() * d];
+        std::mem::swap(&mut s.down, &mut rows);
+        self.expert_outputs(&views, &groups, assign, s);
+        std::mem::swap(&mut s.down, &mut rows);
+        for (i, &a) in groups.iter().flatten().enumerate() {
+            ydown[a * d..(a + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+        }
+    }
+
+    /// `s.down` row i = down(silu(gate·h[t]) ⊙ up·h[t]) for the i-th assignment of `groups`
+    /// (flattened in order), where `groups[j]` lists the assignments served by `views[j]`.
+    fn expert_outputs(&self, views: &[[MatRef; 3]], groups: &[Vec<usize>], assign: &[(usize, f32)], s: &mut Scratch) {
+        let d = self.model.hp.n_embd;
+        let mut starts = Vec::with_capacity(groups.len() + 1);
+        starts.push(0usize);
+        for g in groups {
+            starts.push(starts[starts.len() - 1] + g.len());
+        }
+        let na = starts[groups.len()];
+        let tokens: Vec<usize> = groups.iter().flatten().map(|&a| assign[a].0).collect();
+        let n_ff = views[0][0].rows;
+        // gate and up for every assignment: [na, 2·n_ff] (gate | up).
+        s.gate_up.resize(na * 2 * n_ff, 0.0);
         let gate_up_ws: Vec<MatRef> = views.iter().flat_map(|v| [v[0], v[1]]).collect();
         s.set.prepare(&gate_up_ws, &s.h, d);
         {
@@ -324,51 +400,49 @@ impl Forward<'_> {
         s.set.prepare(&down_ws, &par, n_ff);
         s.down.resize(na * d, 0.0);
         let ids: Vec<usize> = (0..na).collect();
-        {
-            let out = SharedOut::new(&mut s.down);
-            let set = &s.set;
-            let jobs: Vec<MatJob> = views
-                .iter()
-                .enumerate()
-                .map(|(i, v)| MatJob {
-                    w: v[2],
-                    act: set.get(&v[2]),
-                    tokens: Some(&ids[starts[i]..starts[i + 1]]),
-                    out: &out,
-                    out_stride: d,
-                    out_offset: starts[i] * d,
-                })
-                .collect();
-            matmul_batch(self.pool, &jobs);
-        }
-        // Combine per token, in rank order. `pos_of[a]` is assignment a's row in `down`.
-        let mut pos_of = vec![0usize; na];
-        for (row, &a) in order.iter().enumerate() {
-            pos_of[a] = row;
-        }
-        s.moe[..n * d].iter_mut().for_each(|v| *v = 0.0);
-        for (a, &(t, _, w)) in assign.iter().enumerate() {
-            let y = &s.down[pos_of[a] * d..(pos_of[a] + 1) * d];
-            s.moe[t * d..(t + 1) * d].iter_mut().zip(y).for_each(|(o, &y)| *o += y * w);
-        }
+        let out = SharedOut::new(&mut s.down);
+        let set = &s.set;
+        let jobs: Vec<MatJob> = views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| MatJob {
+                w: v[2],
+                act: set.get(&v[2]),
+                tokens: Some(&ids[starts[i]..starts[i + 1]]),
+                out: &out,
+                out_stride: d,
+                out_offset: starts[i] * d,
+            })
+            .collect();
+        matmul_batch(self.pool, &jobs);
     }
 
     fn shared_expert(&self, sh: &crate::model::SharedExpert, n: usize, s: &mut Scratch) {
         let m = self.model;
         let d = m.hp.n_embd;
-        let saved = std::mem::take(&mut s.moe);
-        let gates: Vec<f32> = (0..n)
+        let assign: Vec<(usize, f32)> = (0..n)
             .map(|t| {
                 let g: f32 = s.h[t * d..(t + 1) * d].iter().zip(&sh.gate_inp).map(|(a, b)| a * b).sum();
-                ops::sigmoid(g)
+                (t, ops::sigmoid(g))
             })
             .collect();
         let views = [m.mat(&sh.ffn.gate), m.mat(&sh.ffn.up), m.mat(&sh.ffn.down)];
-        let assign: Vec<(usize, usize, f32)> = (0..n).map(|t| (t, 0, gates[t])).collect();
-        s.moe = vec![0.0; n * d];
-        self.experts_ffn(&[views], &assign, n, s);
-        let shared_out = std::mem::replace(&mut s.moe, saved);
+        self.expert_outputs(&[views], &[(0..n).collect()], &assign, s);
+        let mut shared_out = vec![0f32; n * d];
+        combine(&assign, &vec![true; n], d, &s.down, &mut shared_out);
         s.moe.iter_mut().zip(&shared_out).for_each(|(o, y)| *o += y);
+    }
+}
+
+/// `out[t] = Σ w · y[a]` over the done assignments `a = (t, w)`, per token in assignment (rank)
+/// order — the order llama.cpp sums experts in, whatever order they were computed in.
+fn combine(assign: &[(usize, f32)], done: &[bool], d: usize, y: &[f32], out: &mut [f32]) {
+    out.iter_mut().for_each(|v| *v = 0.0);
+    for (a, &(t, w)) in assign.iter().enumerate() {
+        if done[a] {
+            let ya = &y[a * d..(a + 1) * d];
+            out[t * d..(t + 1) * d].iter_mut().zip(ya).for_each(|(o, &y)| *o += y * w);
+        }
     }
 }
 

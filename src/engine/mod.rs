@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::ThreadPool;
-use crate::layers::{ExpertWeights, Forward, Logits, ModelExperts, RouteObserver, Scratch};
+use crate::layers::{ExpertProvider, Forward, Logits, ModelExperts, ProviderError, RouteObserver, Scratch};
 use crate::model::Model;
 pub use kv::{KvCache, KvType};
 pub use sampler::{argmax, Sampler, SamplerConfig};
@@ -46,6 +46,8 @@ pub enum EngineError {
     BadToken { id: u32, n_vocab: usize },
     #[error("nothing to evaluate: the prompt is empty")]
     EmptyInput,
+    #[error("loading experts failed: {0}")]
+    Experts(#[from] ProviderError),
 }
 
 /// One conversation's state: its KV cache and the tokens in it.
@@ -169,7 +171,7 @@ impl Engine {
     /// Evaluate `tokens` after what `sess` holds; returns the requested logits.
     pub fn eval(&mut self, sess: &mut Session, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
         let model = Arc::clone(&self.model);
-        self.eval_with(sess, tokens, want, &ModelExperts(&model), &mut ())
+        self.eval_with(sess, tokens, want, &mut ModelExperts(&model), &mut ())
     }
 
     /// `eval` with an explicit expert source and routing observer.
@@ -178,7 +180,7 @@ impl Engine {
         sess: &mut Session,
         tokens: &[u32],
         want: Logits,
-        experts: &dyn ExpertWeights,
+        experts: &mut dyn ExpertProvider,
         obs: &mut dyn RouteObserver,
     ) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
@@ -191,14 +193,14 @@ impl Engine {
         if sess.n_past() + tokens.len() > self.n_ctx {
             return Err(EngineError::ContextFull { used: sess.n_past(), new: tokens.len(), n_ctx: self.n_ctx });
         }
-        let fwd = Forward { model: &self.model, pool: &self.pool, experts };
+        let mut fwd = Forward { model: &self.model, pool: &self.pool, experts };
         let mut out = Vec::new();
         let batch = self.cfg.n_batch.max(1);
         let n_chunks = tokens.len().div_ceil(batch);
         for (i, chunk) in tokens.chunks(batch).enumerate() {
             let last = i + 1 == n_chunks;
             let w = if want == Logits::All { Logits::All } else { Logits::Last };
-            let logits = fwd.run(chunk, sess.n_past(), &mut sess.kv, &mut self.scratch, w, obs);
+            let logits = fwd.run(chunk, sess.n_past(), &mut sess.kv, &mut self.scratch, w, obs)?;
             sess.tokens.extend_from_slice(chunk);
             if want == Logits::All || last {
                 out.extend(logits);
