@@ -4,9 +4,12 @@
 
 pub mod arch;
 pub mod backend;
+pub mod chat;
 pub mod engine;
 pub mod gguf;
 pub mod layers;
 pub mod llama_log;
 pub mod model;
+pub mod server;
+pub mod stats;
 pub mod tokenizer;
