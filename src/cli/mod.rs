@@ -1,7 +1,10 @@
-//! Command-line front door: subcommands, shared flags, and the bundled-model lookup.
+//! Command-line front doors: the subcommands (`inspect`, `tokenize`, `generate`, `chat`,
+//! `serve`), shared flags, and the bundled-model lookup.
 
+mod chat;
 mod generate;
 mod inspect;
+mod serve;
 mod tokenize;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +33,10 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Generate text from a prompt.
     Generate(generate::Args),
+    /// Chat with the model in the terminal (multi-turn, streamed, /reset /stats /quit).
+    Chat(chat::Args),
+    /// Serve an OpenAI-compatible HTTP API (chat/completions, completions, models, moe/stats).
+    Serve(serve::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -49,6 +56,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -111,14 +111,28 @@ fn run(mut engine: Engine, tok: &Tokenizer, mut rx: mpsc::Receiver<Job>, stats: 
             continue;
         }
         stats.lock().busy = true;
-        let (outcome, reused, timings) = run_job(&mut engine, &mut sess, tok, &job);
-        let mut s = stats.lock();
-        s.busy = false;
-        s.counters.record(outcome, job.prompt.len(), reused, &timings);
+        let end = run_job(&mut engine, &mut sess, tok, &job);
+        {
+            let mut s = stats.lock();
+            s.busy = false;
+            s.counters.record(end.outcome, job.prompt.len(), end.reused, &end.timings);
+        }
+        // Sent after the counters are updated, so a client that has its answer sees them.
+        if let Some(last) = end.last {
+            let _ = job.events.send(last);
+        }
     }
 }
 
-fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) -> (Outcome, usize, Timings) {
+/// How a job ended, and its last event (`Done` or `Failed`) still to send.
+struct JobEnd {
+    outcome: Outcome,
+    reused: usize,
+    timings: Timings,
+    last: Option<Event>,
+}
+
+fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) -> JobEnd {
     let reused = reuse_prefix(sess, &job.prompt);
     let is_eog = |id: u32| !job.ignore_eos && tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: job.max_tokens, sampler: job.sampler.clone(), is_eog: &is_eog };
@@ -148,12 +162,12 @@ fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) 
     let g = match result {
         Ok(g) => g,
         Err(e) => {
-            let _ = job.events.send(Event::Failed(e.to_string()));
-            return (Outcome::Failed, reused, Timings::default());
+            let last = Some(Event::Failed(e.to_string()));
+            return JobEnd { outcome: Outcome::Failed, reused, timings: Timings::default(), last };
         }
     };
     if job.events.is_closed() {
-        return (Outcome::Cancelled, reused, g.timings);
+        return JobEnd { outcome: Outcome::Cancelled, reused, timings: g.timings, last: None };
     }
     if !hit_stop {
         // A character or a partial stop string may still be held back.
@@ -170,6 +184,6 @@ fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) 
         StopReason::Eog | StopReason::Stopped => FinishReason::Stop,
         StopReason::Length | StopReason::ContextFull => FinishReason::Length,
     };
-    let _ = job.events.send(Event::Done { finish, prompt_tokens: job.prompt.len(), completion_tokens: g.ids.len() });
-    (Outcome::Completed, reused, g.timings)
+    let last = Event::Done { finish, prompt_tokens: job.prompt.len(), completion_tokens: g.ids.len() };
+    JobEnd { outcome: Outcome::Completed, reused, timings: g.timings, last: Some(last) }
 }
