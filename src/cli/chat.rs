@@ -26,6 +26,9 @@ pub struct Args {
     /// Most tokens per answer (default: until the model stops or the context is full).
     #[arg(short = 'n', long)]
     n_predict: Option<usize>,
+    /// Keep generating through end-of-turn tokens (until -n or the context is full).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     temp: f32,
@@ -86,6 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         conv: Conversation::new(a.system),
         sampler,
         n_predict: a.n_predict,
+        ignore_eos: a.ignore_eos,
         counters: Counters::default(),
         facts,
         name,
@@ -106,6 +110,7 @@ struct Chat {
     conv: Conversation,
     sampler: SamplerConfig,
     n_predict: Option<usize>,
+    ignore_eos: bool,
     counters: Counters,
     facts: MoeFacts,
     name: String,
@@ -219,7 +224,7 @@ impl Chat {
             note(tty, &format!("(context full: dropped the oldest {} turn{s})", prompt.dropped_turns));
         }
         let reused = reuse_prefix(&mut self.sess, &prompt.ids);
-        let is_eog = |id: u32| self.tok.is_eog(id);
+        let is_eog = |id: u32| !self.ignore_eos && self.tok.is_eog(id);
         let sampler = SamplerConfig { seed: self.sampler.seed.wrapping_add(self.counters.requests), ..self.sampler.clone() };
         let opts = GenerateOptions { max_tokens: self.n_predict.unwrap_or(n_ctx), sampler, is_eog: &is_eog };
         let mut decoder = StreamDecoder::new(&self.tok);
