@@ -271,6 +271,7 @@ async fn bad_requests_get_openai_errors() {
         ("/v1/chat/completions", json!({"model": "gpt-4o", "messages": question()}), 404, Some("model_not_found")),
         ("/v1/completions", json!({"model": "llama", "prompt": "x"}), 404, Some("model_not_found")),
         ("/v1/nothing", json!({}), 404, None),
+        ("/v1/models", json!({}), 405, None),
     ];
     for (path, body, status, code) in cases {
         let (got, v) = s.post_json(path, &body).await;
@@ -355,10 +356,10 @@ async fn thirty_two_concurrent_clients_are_all_answered() {
     s.stop().await;
 }
 
-/// A streaming completion that runs long (no EOG, up to 200 tokens); returns once its first
+/// A streaming completion that runs long (no EOG, up to `max_tokens`); returns once its first
 /// text arrives, with the response still open.
-async fn start_long_stream(s: &TestServer) -> reqwest::Response {
-    let body = json!({"prompt": "The borrow checker", "max_tokens": 200, "ignore_eos": true, "stream": true});
+async fn start_long_stream(s: &TestServer, max_tokens: usize) -> reqwest::Response {
+    let body = json!({"prompt": "The borrow checker", "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
     let mut resp = s.post("/v1/completions", &body).await;
     assert_eq!(resp.status(), 200);
     let t0 = Instant::now();
@@ -373,9 +374,10 @@ async fn start_long_stream(s: &TestServer) -> reqwest::Response {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let s = Arc::new(start(ServerConfig { queue_capacity: 1, ..config() }).await);
+    let engine = EngineConfig { threads: 1, n_ctx: 1024, ..Default::default() };
+    let s = Arc::new(start(ServerConfig { queue_capacity: 1, engine, ..config() }).await);
     // The engine is busy with a long answer…
-    let running = start_long_stream(&s).await;
+    let running = start_long_stream(&s, 1000).await;
     // …one request waits in the queue…
     let waiting = {
         let s = Arc::clone(&s);
@@ -395,18 +397,23 @@ async fn a_full_queue_answers_503_with_retry_after() {
     Arc::into_inner(s).expect("clients done").stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_disconnects_mid_stream_frees_the_engine() {
-    let s = start(config()).await;
-    // Raw HTTP, so that closing the socket is exactly what a vanished client does.
-    let body = r#"{"prompt": "The borrow checker", "max_tokens": 200, "ignore_eos": true, "stream": true}"#;
-    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+/// Sends `body` to `path` over a raw socket (closing it is exactly what a vanished client does).
+async fn raw_post(addr: std::net::SocketAddr, path: &str, body: &str) -> TcpStream {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        s.addr,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     sock.write_all(req.as_bytes()).await.unwrap();
+    sock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_frees_the_engine() {
+    // A 1024-token context, so that an answer without EOG runs long enough to be cut short.
+    let s = start(ServerConfig { engine: EngineConfig { threads: 1, n_ctx: 1024, ..Default::default() }, ..config() }).await;
+    let long = r#"{"prompt": "The borrow checker", "max_tokens": 1000, "ignore_eos": true, "stream": true}"#;
+    let mut sock = raw_post(s.addr, "/v1/completions", long).await;
     let mut seen = Vec::new();
     let t0 = Instant::now();
     while !String::from_utf8_lossy(&seen).contains("\"text\"") {
@@ -418,9 +425,17 @@ async fn a_client_that_disconnects_mid_stream_frees_the_engine() {
     }
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
     drop(sock);
-    let st = s.wait_for_stats("the cancelled generation", |v| v["requests"]["cancelled"] == 1 && v["engine"]["busy"] == false).await;
+    let st = s.wait_for_stats("the cancelled stream", |v| v["requests"]["cancelled"] == 1 && v["engine"]["busy"] == false).await;
     let generated = st["tokens"]["generated"].as_u64().unwrap();
-    assert!(generated < 200, "the generation ran to its end: {st}");
+    assert!(generated < 1000, "the generation ran to its end: {st}");
+
+    // The same without streaming: leaving while the answer is being generated cancels it.
+    let sock = raw_post(s.addr, "/v1/completions", &long.replace("true}", "false}")).await;
+    s.wait_for_stats("the engine to start", |v| v["engine"]["busy"] == true).await;
+    drop(sock);
+    let st = s.wait_for_stats("the cancelled answer", |v| v["requests"]["cancelled"] == 2 && v["engine"]["busy"] == false).await;
+    assert!(st["tokens"]["generated"].as_u64().unwrap() < generated + 1000, "{st}");
+
     // The engine serves the next client.
     let (status, _) = s.post_json("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2})).await;
     assert_eq!(status, 200);
@@ -467,7 +482,7 @@ async fn models_health_and_moe_stats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_running_answer_finish() {
     let s = start(config()).await;
-    let running = start_long_stream(&s).await;
+    let running = start_long_stream(&s, 200).await;
     let TestServer { shutdown, task, .. } = s;
     let _ = shutdown.map(|tx| tx.send(()));
     // The stream still ends properly.

@@ -54,6 +54,10 @@ pub async fn no_route(uri: Uri) -> ApiError {
     ApiError::not_found(uri.path())
 }
 
+pub async fn wrong_method(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
 pub async fn models(State(st): St) -> Json<ModelList> {
     let card = ModelCard { id: st.model_id.clone(), object: "model", created: st.created, owned_by: "moerun" };
     Json(ModelList { object: "list", data: vec![card] })

@@ -159,6 +159,7 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .merge(api)
         .route("/health", get(handlers::health))
         .fallback(handlers::no_route)
+        .method_not_allowed_fallback(handlers::wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -265,6 +265,10 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, format!("No route for {path}"))
     }
 
+    pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", None, format!("{path} does not take {method}"))
+    }
+
     /// The engine's queue is full: try again shortly.
     pub fn busy(queue: usize) -> ApiError {
         ApiError {
