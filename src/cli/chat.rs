@@ -94,11 +94,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         facts,
         name,
         interrupted: Arc::new(AtomicBool::new(false)),
+        io: if std::io::stdin().is_terminal() { Io::Terminal } else { Io::Pipe },
     };
-    if std::io::stdin().is_terminal() {
-        chat.interactive()
-    } else {
-        chat.piped()
+    match chat.io {
+        Io::Terminal => chat.interactive(),
+        Io::Pipe => chat.piped(),
+    }
+}
+
+/// Where the conversation happens, and so where status text goes.
+#[derive(Clone, Copy)]
+enum Io {
+    /// Everything on the terminal.
+    Terminal,
+    /// Answers on stdout; summaries, notices and `/stats` on stderr.
+    Pipe,
+}
+
+impl Io {
+    fn note(self, text: &str) {
+        match self {
+            Io::Terminal => println!("{text}"),
+            Io::Pipe => eprintln!("{text}"),
+        }
     }
 }
 
@@ -116,6 +134,7 @@ struct Chat {
     name: String,
     /// Set by SIGINT while an answer is being generated.
     interrupted: Arc<AtomicBool>,
+    io: Io,
 }
 
 /// What a line of input asks for.
@@ -174,7 +193,7 @@ impl Chat {
             if let Line::Message(_) | Line::Stats | Line::Reset = cmd {
                 let _ = rl.add_history_entry(line.as_str());
             }
-            if !self.handle(cmd, true)? {
+            if !self.handle(cmd)? {
                 break;
             }
         }
@@ -184,7 +203,7 @@ impl Chat {
     fn piped(&mut self) -> anyhow::Result<()> {
         for line in std::io::stdin().lock().lines() {
             let line = line.context("reading stdin")?;
-            if !self.handle(parse(&line), false)? {
+            if !self.handle(parse(&line))? {
                 break;
             }
         }
@@ -192,36 +211,36 @@ impl Chat {
     }
 
     /// Acts on one line; false means leave.
-    fn handle(&mut self, cmd: Line<'_>, tty: bool) -> anyhow::Result<bool> {
+    fn handle(&mut self, cmd: Line<'_>) -> anyhow::Result<bool> {
         match cmd {
             Line::Empty => {}
             Line::Quit => return Ok(false),
             Line::Reset => {
                 self.conv.reset();
-                note(tty, "(conversation cleared)");
+                self.io.note("(conversation cleared)");
             }
-            Line::Stats => self.print_stats(tty),
-            Line::Help => note(tty, HELP),
-            Line::Message(text) => self.answer(text, tty)?,
+            Line::Stats => self.print_stats(),
+            Line::Help => self.io.note(HELP),
+            Line::Message(text) => self.answer(text)?,
         }
         Ok(true)
     }
 
-    fn answer(&mut self, user: &str, tty: bool) -> anyhow::Result<()> {
+    fn answer(&mut self, user: &str) -> anyhow::Result<()> {
         let n_ctx = self.engine.n_ctx();
         // Keep a quarter of the context for the answer; older turns go first.
         let max_prompt = n_ctx - n_ctx / 4;
         let prompt = match self.conv.prompt(user, &self.format, max_prompt) {
             Ok(p) => p,
             Err(e @ ChatError::TooLong { .. }) => {
-                note(tty, &format!("(not sent: {e})"));
+                self.io.note(&format!("(not sent: {e})"));
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
         if prompt.dropped_turns > 0 {
             let s = if prompt.dropped_turns == 1 { "" } else { "s" };
-            note(tty, &format!("(context full: dropped the oldest {} turn{s})", prompt.dropped_turns));
+            self.io.note(&format!("(context full: dropped the oldest {} turn{s})", prompt.dropped_turns));
         }
         let reused = reuse_prefix(&mut self.sess, &prompt.ids);
         let is_eog = |id: u32| !self.ignore_eos && self.tok.is_eog(id);
@@ -249,7 +268,7 @@ impl Chat {
             Err(e) => {
                 writeln!(out)?;
                 drop(out);
-                note(tty, &format!("(no answer: {e})"));
+                self.io.note(&format!("(no answer: {e})"));
                 return Ok(());
             }
         };
@@ -259,9 +278,9 @@ impl Chat {
         out.flush()?;
         drop(out);
         match g.stop {
-            StopReason::Stopped if was_interrupted => note(tty, "(stopped)"),
-            StopReason::ContextFull => note(tty, "(context full: the answer was cut; the oldest turns will be dropped next)"),
-            StopReason::Length => note(tty, "(reached the -n limit)"),
+            StopReason::Stopped if was_interrupted => self.io.note("(stopped)"),
+            StopReason::ContextFull => self.io.note("(context full: the answer was cut; the oldest turns will be dropped next)"),
+            StopReason::Length => self.io.note("(reached the -n limit)"),
             _ => {}
         }
         let t = &g.timings;
@@ -269,8 +288,7 @@ impl Chat {
             Some(h) => format!("{:.1}%", 100.0 * h),
             None => "n/a (no expert cache yet)".to_string(),
         };
-        note(
-            tty,
+        self.io.note(
             &format!(
                 "[{} tokens, {:.1} tok/s, prompt {} tokens ({} reused), expert hit rate {hit}]",
                 t.generated_tokens,
@@ -285,7 +303,7 @@ impl Chat {
         Ok(())
     }
 
-    fn print_stats(&self, tty: bool) {
+    fn print_stats(&self) {
         let f = &self.facts;
         let c = &self.counters;
         let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
@@ -313,17 +331,8 @@ impl Chat {
             ),
         ];
         for l in lines {
-            note(tty, &l);
+            self.io.note(&l);
         }
-    }
-}
-
-/// Status text: with the conversation on a terminal, on stderr when stdout carries only answers.
-fn note(tty: bool, text: &str) {
-    if tty {
-        println!("{text}");
-    } else {
-        eprintln!("{text}");
     }
 }
 
