@@ -11,17 +11,11 @@ use moerun::model::Model;
 
 const LOGIT_TOL: f32 = 0.02;
 
-/// rustdoc-moe prompts of 10+ tokens: llama.cpp's batched prefill takes a kernel path we do not
-/// reproduce yet, and this sensitive model (f16 flash-attention accumulators) amplifies the
-/// last-bit differences to ≤ 0.15 in logits. Tracked in the CPU-engine issue; until it is fixed
-/// these cases are held to a looser bound (and reported), not skipped. Remove entries as they
-/// become exact: the test fails if a listed case passes the strict check, so the list stays true.
-const KNOWN_GAP: &[&str] = &[
-    "fn main() {\n    let v = vec![1, 2, 3];\n",
-    "Ownership is a set of rules that govern",
-    "<|user|>\nTell me about references and borrowing.<|end|>\n<|assistant|>\n",
-    "Iterators in Rust are lazy, which means",
-];
+/// rustdoc-moe prompts we cannot reproduce exactly yet (none today): held to a looser bound and
+/// reported, not skipped. This sensitive model (f16 flash-attention accumulators) amplifies
+/// last-bit differences to ~0.1 in logits. The test fails if a listed case passes the strict
+/// check, so the list stays true.
+const KNOWN_GAP: &[&str] = &[];
 const KNOWN_GAP_TOL: f32 = 0.2;
 
 fn engine(path: &std::path::Path, threads: usize) -> Engine {

@@ -1,10 +1,12 @@
-//! Command-line front doors: the subcommands (`inspect`, `tokenize`, `generate`, `chat`,
-//! `serve`), shared flags, and the bundled-model lookup.
+//! Command-line front doors: the subcommands (`inspect`, `tokenize`, `generate`, `bench`,
+//! `synth`, `chat`, `serve`), shared flags, and the bundled-model lookup.
 
+mod bench;
 mod chat;
 mod generate;
 mod inspect;
 mod serve;
+mod synth;
 mod tokenize;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +39,10 @@ pub enum Command {
     Chat(chat::Args),
     /// Serve an OpenAI-compatible HTTP API (chat/completions, completions, models, moe/stats).
     Serve(serve::Args),
+    /// Measure prefill and decode speed, optionally side by side with llama.cpp.
+    Bench(bench::Args),
+    /// Write a random-weight MoE at real layer shapes (for speed runs).
+    Synth(synth::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -58,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

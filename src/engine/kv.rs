@@ -78,9 +78,10 @@ impl KvCache {
     }
 
     /// Attention of one query head over positions `0..n_pos` of kv head `h` in layer `l`, the
-    /// way ggml's CPU flash attention computes it: scores from `vec_dot` of the cache type, an
-    /// online softmax, and the value accumulator kept in the cache's own precision (f16 rounding
-    /// after every step for an f16 cache). `q` is the query already converted to the cache type.
+    /// way ggml's CPU flash attention computes it: scores summed like the reference build's
+    /// `vec_dot_f16` (`ops::dot_f16`; ggml's `vec_dot` for an f32 cache), an online softmax, and
+    /// the value accumulator kept in the cache's own precision (f16 rounding after every step for
+    /// an f16 cache). `q` is the query already converted to the cache type.
     pub fn attend(&self, l: usize, h: usize, n_pos: usize, q: &[u8], scale: f32, out: &mut [f32], acc16: &mut [u16]) {
         let kk = kernels(self.ty.ggml()).expect("kv kernels");
         let hd = self.head_dim;
@@ -89,7 +90,11 @@ impl KvCache {
         out.iter_mut().for_each(|v| *v = 0.0);
         acc16.iter_mut().for_each(|v| *v = 0);
         for p in 0..n_pos {
-            let s = kk.dot(hd, self.k_head(l, p, h), q) * scale;
+            let k = self.k_head(l, p, h);
+            let s = match self.ty {
+                KvType::F16 => crate::backend::cpu::ops::dot_f16(k, q),
+                KvType::F32 => kk.dot(hd, k, q),
+            } * scale;
             let (mut ms, mut vs) = (1.0f32, 1.0f32);
             if s > max {
                 let old = max;
@@ -116,7 +121,8 @@ impl KvCache {
                     }
                 }
             }
-            sum = sum * ms + vs;
+            // ggml's `S = S*ms + vs`, which its compiler contracts to one fused multiply-add.
+            sum = sum.mul_add(ms, vs);
         }
         if self.ty == KvType::F16 {
             out.iter_mut().zip(acc16.iter()).for_each(|(o, &a)| *o = f16_to_f32(a));

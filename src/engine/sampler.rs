@@ -1,6 +1,8 @@
 //! Token sampling: repeat penalty, top-k, top-p, min-p and temperature, in llama.cpp's order,
 //! drawing from a seeded generator. Temperature ≤ 0 is greedy (argmax).
 
+use crate::rng::SplitMix64;
+
 /// Sampling settings (llama.cpp's defaults).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SamplerConfig {
@@ -25,28 +27,9 @@ impl SamplerConfig {
     }
 }
 
-/// SplitMix64: small, fast, and reproducible for a given seed.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 pub struct Sampler {
     cfg: SamplerConfig,
-    rng: Rng,
+    rng: SplitMix64,
 }
 
 /// Index of the largest value (first one on ties).
@@ -62,7 +45,7 @@ pub fn argmax(x: &[f32]) -> usize {
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
-        let rng = Rng(cfg.seed);
+        let rng = SplitMix64::new(cfg.seed);
         Sampler { cfg, rng }
     }
 

@@ -145,6 +145,29 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
     table().get(ty as usize).and_then(|k| k.as_ref())
 }
 
+// ggml-cpu's vector kernels (C linkage in vec.cpp, not in the generated bindings). We call them
+// instead of porting them: their SIMD `expf`/`silu` approximations differ from libm by ulps, and
+// this model turns such ulps into visible logit differences.
+extern "C" {
+    fn ggml_vec_soft_max_f32(n: i32, y: *mut f32, x: *const f32, max: f32) -> f64;
+    fn ggml_vec_swiglu_f32(n: i32, y: *mut f32, x: *const f32, g: *const f32);
+}
+
+/// `y[i] = exp(x[i] - max)` with ggml's vector `expf`; returns Σ y in ggml's summation order.
+pub fn vec_soft_max(y: &mut [f32], x: &[f32], max: f32) -> f64 {
+    assert_eq!(y.len(), x.len());
+    // SAFETY: both slices hold `y.len()` floats; ggml reads `x` and writes `y` in bounds (they
+    // may not alias: `y` is a unique borrow).
+    unsafe { ggml_vec_soft_max_f32(y.len() as i32, y.as_mut_ptr(), x.as_ptr(), max) }
+}
+
+/// `y[i] = silu(x[i]) * g[i]` with ggml's vector `silu`.
+pub fn vec_swiglu(y: &mut [f32], x: &[f32], g: &[f32]) {
+    assert!(x.len() == y.len() && g.len() == y.len());
+    // SAFETY: all three slices hold `y.len()` floats; ggml writes only `y`.
+    unsafe { ggml_vec_swiglu_f32(y.len() as i32, y.as_mut_ptr(), x.as_ptr(), g.as_ptr()) }
+}
+
 /// f32 → f16 bits, rounding like ggml.
 #[inline]
 pub fn f32_to_f16(x: f32) -> u16 {

@@ -22,14 +22,12 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// In-place softmax (ggml's `soft_max` with scale 1 and no mask).
+/// In-place softmax (ggml's `soft_max` with scale 1 and no mask), with ggml's own vector `expf`
+/// and summation order.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
+    let src = x.to_vec();
+    let sum = super::ggml::vec_soft_max(x, &src, max);
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
@@ -46,11 +44,10 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `gate[i] = silu(gate[i]) * up[i]`.
+/// `gate[i] = silu(gate[i]) * up[i]`, with ggml's vector `silu` (bit-identical to its `swiglu`).
 pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
-    }
+    let g = gate.to_vec();
+    super::ggml::vec_swiglu(gate, &g, up);
 }
 
 /// How RoPE pairs dimensions.
@@ -92,8 +89,8 @@ impl Rope {
                 for i in (0..n).step_by(2) {
                     let (c, s) = (angles[i], angles[i + 1]);
                     let (x0, x1) = (head[i], head[i + 1]);
-                    head[i] = x0 * c - x1 * s;
-                    head[i + 1] = x0 * s + x1 * c;
+                    head[i] = x0.mul_add(c, -(x1 * s));
+                    head[i + 1] = x0.mul_add(s, x1 * c);
                 }
             }
             RopeStyle::Neox => {
@@ -110,22 +107,56 @@ impl Rope {
     }
 }
 
-/// Dot product of f16-rounded `q` with an f16 row, accumulated like ggml's `vec_dot_f16`.
-#[inline]
-pub fn dot_f16(q: &[u16], k: &[u16]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = q.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            let i = c * 8 + l;
-            acc[l] += super::ggml::f16_to_f32(q[i]) * super::ggml::f16_to_f32(k[i]);
+/// Attention score `k · q` of two f16 rows (raw native-endian bytes, `2·n` each), summed the way
+/// the reference llama.cpp's `ggml_vec_dot_f16` sums it. That build runs 512-bit vectors: blocks
+/// of 64 elements go through four 16-lane f32 accumulators (fused multiply-adds, then a halving
+/// tree), and everything past the last whole block, one product at a time, into an f64 sum. A
+/// 32-wide head is all tail, so its score is the f64 sum of exact f16×f16 products, rounded
+/// once. (An AVX2 ggml, like the one we link, does a 32-wide head in one 8-lane SIMD step instead;
+/// the last-bit difference flips f16 roundings in the value accumulator and grew to 0.16 in
+/// the logits of `rustdoc-moe`.)
+pub fn dot_f16(k: &[u8], q: &[u8]) -> f32 {
+    assert_eq!(k.len(), q.len());
+    let h = |b: &[u8], i: usize| super::ggml::f16_to_f32(u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]));
+    let n = k.len() / 2;
+    let np = n & !63;
+    let mut sum = 0f64;
+    if np > 0 {
+        let mut acc = [[0f32; 16]; 4];
+        for i in (0..np).step_by(64) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                for (l, v) in a.iter_mut().enumerate() {
+                    let e = i + 16 * j + l;
+                    *v = h(k, e).mul_add(h(q, e), *v);
+                }
+            }
+        }
+        let [a0, a1, a2, a3] = &mut acc;
+        for l in 0..16 {
+            a0[l] += a2[l];
+            a1[l] += a3[l];
+        }
+        for l in 0..16 {
+            a0[l] += a1[l];
+        }
+        sum = lane_tree_sum(a0) as f64;
+    }
+    for e in np..n {
+        sum += (h(k, e) * h(q, e)) as f64;
+    }
+    sum as f32
+}
+
+/// Sum of SIMD lanes by halving (`_mm512_reduce_add_ps`'s order); `a.len()` a power of two.
+fn lane_tree_sum(a: &mut [f32]) -> f32 {
+    let mut len = a.len();
+    while len > 1 {
+        len /= 2;
+        for i in 0..len {
+            a[i] += a[i + len];
         }
     }
-    let mut s = acc.iter().map(|&v| v as f64).sum::<f64>();
-    for i in chunks * 8..q.len() {
-        s += (super::ggml::f16_to_f32(q[i]) * super::ggml::f16_to_f32(k[i])) as f64;
-    }
-    s as f32
+    a[0]
 }
 
 #[cfg(test)]
@@ -168,5 +199,28 @@ mod tests {
             let n1: f32 = h.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-3);
         }
+    }
+
+    fn f16_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|&x| super::super::ggml::f32_to_f16(x).to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn dot_f16_is_the_f64_sum_of_exact_products_below_64() {
+        let a: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let b: Vec<f32> = (0..32).map(|i| (i as f32 * 0.11).cos() * 2.0).collect();
+        let (ka, qb) = (f16_bytes(&a), f16_bytes(&b));
+        let r = |x: f32| super::super::ggml::f16_to_f32(super::super::ggml::f32_to_f16(x)) as f64;
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| r(x) * r(y)).sum();
+        assert_eq!(dot_f16(&ka, &qb), want as f32);
+    }
+
+    #[test]
+    fn dot_f16_blocks_of_64_stay_close_to_exact() {
+        let a: Vec<f32> = (0..160).map(|i| (i as f32 * 0.29).sin()).collect();
+        let b: Vec<f32> = (0..160).map(|i| (i as f32 * 0.07).cos()).collect();
+        let r = |x: f32| super::super::ggml::f16_to_f32(super::super::ggml::f32_to_f16(x)) as f64;
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| r(x) * r(y)).sum();
+        assert!((dot_f16(&f16_bytes(&a), &f16_bytes(&b)) as f64 - want).abs() < 1e-4);
     }
 }

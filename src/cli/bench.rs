@@ -1,0 +1,210 @@
+//! `moerun bench`: prefill and decode speed (median of repeats, with spread), optionally side by
+//! side with the linked llama.cpp on the same file, prompt and thread count. Writes JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use moerun::engine::{argmax, Engine, EngineConfig, KvType};
+use moerun::layers::Logits;
+use moerun::model::Model;
+use moerun::reference::{LlamaReference, ReferenceConfig};
+use moerun::rng::SplitMix64;
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The GGUF model (default: the bundled model).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Compute threads.
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Prompt tokens (prefill).
+    #[arg(short = 'p', long, default_value_t = 64)]
+    prompt: usize,
+    /// Generated tokens (decode).
+    #[arg(short = 'n', long, default_value_t = 32)]
+    n_gen: usize,
+    /// Measured repeats (after one warm-up run).
+    #[arg(short, long, default_value_t = 3)]
+    repeats: usize,
+    /// Also run the linked llama.cpp (reference) and print both and the ratio.
+    #[arg(long)]
+    compare: bool,
+    /// Where to write the JSON results (default: bench-results/bench-<unix time>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Median and spread of one measure.
+#[derive(Debug, Clone, Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    runs: Vec<f64>,
+}
+
+impl Stat {
+    fn of(mut runs: Vec<f64>) -> Stat {
+        runs.sort_by(|a, b| a.total_cmp(b));
+        let median = if runs.is_empty() { 0.0 } else { runs[runs.len() / 2] };
+        Stat { median, min: runs.first().copied().unwrap_or(0.0), max: runs.last().copied().unwrap_or(0.0), runs }
+    }
+
+    fn show(&self) -> String {
+        format!("{:8.2}  [{:.2}–{:.2}]", self.median, self.min, self.max)
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Side {
+    name: &'static str,
+    prefill_tok_s: Stat,
+    decode_tok_s: Stat,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeats: usize,
+    rss_anon_mib_after_load: Option<f64>,
+    kv_cache_mib: f64,
+    moerun: Side,
+    llama_cpp: Option<Side>,
+    decode_ratio: Option<f64>,
+    prefill_ratio: Option<f64>,
+}
+
+/// Anonymous (not file-backed) resident memory of this process, in MiB.
+fn rss_anon_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One timed run: (prefill tok/s, decode tok/s), greedy.
+fn time_run(prompt: &[u32], n_gen: usize, mut prefill: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>, mut step: impl FnMut(u32) -> anyhow::Result<Vec<f32>>) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut logits = prefill(prompt)?;
+    let pf = prompt.len() as f64 / t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..n_gen {
+        let id = argmax(&logits) as u32;
+        logits = step(id)?;
+    }
+    let dec = n_gen as f64 / t1.elapsed().as_secs_f64();
+    Ok((pf, dec))
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let path = super::model_path(a.model.as_deref())?;
+    let model = Arc::new(Model::load(&path)?);
+    let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
+    let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
+    let mut engine = Engine::new(Arc::clone(&model), EngineConfig { threads, n_ctx, kv_type: KvType::F16, ..Default::default() });
+    // A fixed pseudo-random prompt over the vocabulary (the same for both engines).
+    let mut rng = SplitMix64::new(42);
+    let n_vocab = model.hp.n_vocab as u64;
+    let prompt: Vec<u32> = (0..a.prompt.max(1)).map(|_| (rng.next_u64() % n_vocab) as u32).collect();
+
+    eprintln!("bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats", path.display(), threads, prompt.len(), a.n_gen, a.repeats);
+    let rss = rss_anon_mib();
+    let mut ours = (Vec::new(), Vec::new());
+    for i in 0..=a.repeats {
+        let mut sess = engine.new_session();
+        let sref = &mut sess;
+        let eng = &mut engine;
+        let (pf, dec) = {
+            let cell = std::cell::RefCell::new((eng, sref));
+            time_run(
+                &prompt,
+                a.n_gen,
+                |p| {
+                    let mut c = cell.borrow_mut();
+                    let (e, s) = &mut *c;
+                    Ok(e.eval(s, p, Logits::Last)?)
+                },
+                |id| {
+                    let mut c = cell.borrow_mut();
+                    let (e, s) = &mut *c;
+                    Ok(e.eval(s, &[id], Logits::Last)?)
+                },
+            )?
+        };
+        if i > 0 {
+            ours.0.push(pf);
+            ours.1.push(dec);
+        }
+    }
+    let kv_mib = engine.new_session().kv.bytes() as f64 / (1024.0 * 1024.0);
+    let moerun_side = Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) };
+    drop(engine);
+
+    let llama_side = if a.compare {
+        let mut r = LlamaReference::load(&path, ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32 })?;
+        let mut theirs = (Vec::new(), Vec::new());
+        for i in 0..=a.repeats {
+            r.clear();
+            let cell = std::cell::RefCell::new(&mut r);
+            let (pf, dec) = time_run(
+                &prompt,
+                a.n_gen,
+                |p| Ok(cell.borrow_mut().decode(p)?),
+                |id| Ok(cell.borrow_mut().decode(&[id])?),
+            )?;
+            if i > 0 {
+                theirs.0.push(pf);
+                theirs.1.push(dec);
+            }
+        }
+        Some(Side { name: "llama.cpp", prefill_tok_s: Stat::of(theirs.0), decode_tok_s: Stat::of(theirs.1) })
+    } else {
+        None
+    };
+
+    println!("{:<10} {:>26} {:>26}", "engine", "prefill tok/s [min–max]", "decode tok/s [min–max]");
+    for s in std::iter::once(&moerun_side).chain(llama_side.as_ref()) {
+        println!("{:<10} {:>26} {:>26}", s.name, s.prefill_tok_s.show(), s.decode_tok_s.show());
+    }
+    let ratio = |f: fn(&Side) -> f64| llama_side.as_ref().map(|l| f(&moerun_side) / f(l).max(1e-9));
+    let decode_ratio = ratio(|s| s.decode_tok_s.median);
+    let prefill_ratio = ratio(|s| s.prefill_tok_s.median);
+    if let (Some(d), Some(p)) = (decode_ratio, prefill_ratio) {
+        println!("{:<10} {:>26} {:>26}", "ratio", format!("{p:.3}×"), format!("{d:.3}×"));
+    }
+    if let Some(r) = rss {
+        println!("moerun anonymous RSS after load: {r:.1} MiB (KV cache {kv_mib:.1} MiB; weights stay in the file mapping)");
+    }
+
+    let report = Report {
+        model: path.display().to_string(),
+        threads,
+        prompt_tokens: prompt.len(),
+        gen_tokens: a.n_gen,
+        repeats: a.repeats,
+        rss_anon_mib_after_load: rss,
+        kv_cache_mib: kv_mib,
+        moerun: moerun_side,
+        llama_cpp: llama_side,
+        decode_ratio,
+        prefill_ratio,
+    };
+    let out = match a.json {
+        Some(p) => p,
+        None => {
+            std::fs::create_dir_all("bench-results").context("creating bench-results/")?;
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            PathBuf::from(format!("bench-results/bench-{t}.json"))
+        }
+    };
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! Deterministic random-weight MoE models at any shape and weight type, written as GGUF files
+//! that moerun and llama.cpp both load: for speed runs at real shapes (`moerun synth`) and for
+//! tests that need a model of a given family. Knows the families only through `arch` names.
+//!
+//! Big matrices are built from a bank of random quantized rows picked by a hash of (tensor, row),
+//! so writing gigabytes costs little more than the disk; routers, norms and biases are fully
+//! random so routing varies like a real model's.
+
+use std::path::Path;
+
+use crate::arch::{tn, TensorKind};
+use crate::backend::cpu::kernels;
+use crate::gguf::{GgmlType, GgufError, GgufStreamWriter, Value};
+use crate::rng::SplitMix64;
+
+/// The shape of a synthetic model.
+#[derive(Debug, Clone)]
+pub struct SynthConfig {
+    /// `llama` (Mixtral-style), `qwen2moe`, `qwen3moe` or `olmoe`.
+    pub arch: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff_exp: usize,
+    /// Shared-expert width (qwen2moe only).
+    pub n_ff_shexp: usize,
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub n_vocab: usize,
+    pub n_ctx: usize,
+    pub rope_freq_base: f32,
+    pub rms_eps: f32,
+    /// Type of the big matrices (attention, experts, embeddings, output).
+    pub weight_type: GgmlType,
+    pub seed: u64,
+}
+
+/// Named shapes of real models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Mixtral-8x7B layers: hidden 4096, 32/8 heads, 8 experts of FFN 14336, top-2, vocab 32000.
+    Mixtral,
+    /// Qwen3-30B-A3B layers: hidden 2048, 32/4 heads of 128, 128 experts of FFN 768, top-8, vocab 151936.
+    Qwen3moe,
+    /// Qwen1.5-MoE-A2.7B layers: hidden 2048, 16 heads, 60 experts of FFN 1408 top-4, shared 5632.
+    Qwen2moe,
+    /// OLMoE-1B-7B layers: hidden 2048, 16 heads, 64 experts of FFN 1024, top-8, vocab 50304.
+    Olmoe,
+}
+
+impl Preset {
+    pub fn config(self, n_layer: usize, weight_type: GgmlType, seed: u64) -> SynthConfig {
+        let base = |arch: &str| SynthConfig {
+            arch: arch.into(),
+            n_layer,
+            n_embd: 0,
+            n_head: 0,
+            n_head_kv: 0,
+            head_dim: 0,
+            n_ff_exp: 0,
+            n_ff_shexp: 0,
+            n_expert: 0,
+            n_expert_used: 0,
+            n_vocab: 0,
+            n_ctx: 4096,
+            rope_freq_base: 1_000_000.0,
+            rms_eps: 1e-6,
+            weight_type,
+            seed,
+        };
+        match self {
+            Preset::Mixtral => SynthConfig {
+                n_embd: 4096,
+                n_head: 32,
+                n_head_kv: 8,
+                head_dim: 128,
+                n_ff_exp: 14336,
+                n_expert: 8,
+                n_expert_used: 2,
+                n_vocab: 32000,
+                rms_eps: 1e-5,
+                ..base("llama")
+            },
+            Preset::Qwen3moe => SynthConfig {
+                n_embd: 2048,
+                n_head: 32,
+                n_head_kv: 4,
+                head_dim: 128,
+                n_ff_exp: 768,
+                n_expert: 128,
+                n_expert_used: 8,
+                n_vocab: 151936,
+                ..base("qwen3moe")
+            },
+            Preset::Qwen2moe => SynthConfig {
+                n_embd: 2048,
+                n_head: 16,
+                n_head_kv: 16,
+                head_dim: 128,
+                n_ff_exp: 1408,
+                n_ff_shexp: 5632,
+                n_expert: 60,
+                n_expert_used: 4,
+                n_vocab: 151936,
+                ..base("qwen2moe")
+            },
+            Preset::Olmoe => SynthConfig {
+                n_embd: 2048,
+                n_head: 16,
+                n_head_kv: 16,
+                head_dim: 128,
+                n_ff_exp: 1024,
+                n_expert: 64,
+                n_expert_used: 8,
+                n_vocab: 50304,
+                rope_freq_base: 10000.0,
+                rms_eps: 1e-5,
+                ..base("olmoe")
+            },
+        }
+    }
+}
+
+/// How a tensor's values are drawn.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    /// Rows from a bank of random rows with this standard deviation.
+    Banked(f32),
+    /// Every value random (routers, biases, small tensors).
+    Random(f32),
+    /// Around 1.0 (norm weights).
+    Norm,
+}
+
+struct Planned {
+    name: String,
+    ty: GgmlType,
+    shape: Vec<u64>,
+    fill: Fill,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("synth: unknown architecture '{0}' (llama, qwen2moe, qwen3moe, olmoe)")]
+    UnknownArch(String),
+    #[error("synth: {ty} cannot hold rows of {cols} values (block size {block})")]
+    BadShape { ty: &'static str, cols: usize, block: u64 },
+    #[error("synth: ggml cannot quantize to {0}")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+}
+
+impl SynthConfig {
+    fn plan(&self) -> Result<Vec<Planned>, SynthError> {
+        let a = self.arch.as_str();
+        if !["llama", "qwen2moe", "qwen3moe", "olmoe"].contains(&a) {
+            return Err(SynthError::UnknownArch(self.arch.clone()));
+        }
+        let (d, q, kv, hd) = (self.n_embd as u64, (self.n_head * self.head_dim) as u64, (self.n_head_kv * self.head_dim) as u64, self.head_dim as u64);
+        let (f, e, v) = (self.n_ff_exp as u64, self.n_expert as u64, self.n_vocab as u64);
+        let w = self.weight_type;
+        let std = 0.02f32;
+        let mut out = Vec::new();
+        let mut push = |kind, layer, ty, shape: &[u64], fill| {
+            out.push(Planned { name: tn(kind, layer), ty, shape: shape.to_vec(), fill });
+        };
+        push(TensorKind::TokenEmbd, None, w, &[d, v], Fill::Banked(1.0));
+        push(TensorKind::OutputNorm, None, GgmlType::F32, &[d], Fill::Norm);
+        push(TensorKind::Output, None, w, &[d, v], Fill::Banked(std));
+        for l in 0..self.n_layer {
+            let l = Some(l);
+            push(TensorKind::AttnNorm, l, GgmlType::F32, &[d], Fill::Norm);
+            push(TensorKind::AttnQ, l, w, &[d, q], Fill::Banked(std * 4.0));
+            push(TensorKind::AttnK, l, w, &[d, kv], Fill::Banked(std * 4.0));
+            push(TensorKind::AttnV, l, w, &[d, kv], Fill::Banked(std * 4.0));
+            push(TensorKind::AttnOut, l, w, &[q, d], Fill::Banked(std));
+            if a == "qwen2moe" {
+                push(TensorKind::AttnQBias, l, GgmlType::F32, &[q], Fill::Random(std));
+                push(TensorKind::AttnKBias, l, GgmlType::F32, &[kv], Fill::Random(std));
+                push(TensorKind::AttnVBias, l, GgmlType::F32, &[kv], Fill::Random(std));
+            }
+            match a {
+                "qwen3moe" => {
+                    push(TensorKind::AttnQNorm, l, GgmlType::F32, &[hd], Fill::Norm);
+                    push(TensorKind::AttnKNorm, l, GgmlType::F32, &[hd], Fill::Norm);
+                }
+                "olmoe" => {
+                    push(TensorKind::AttnQNorm, l, GgmlType::F32, &[q], Fill::Norm);
+                    push(TensorKind::AttnKNorm, l, GgmlType::F32, &[kv], Fill::Norm);
+                }
+                _ => {}
+            }
+            push(TensorKind::FfnNorm, l, GgmlType::F32, &[d], Fill::Norm);
+            push(TensorKind::FfnGateInp, l, GgmlType::F32, &[d, e], Fill::Random(0.1));
+            push(TensorKind::FfnGateExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
+            push(TensorKind::FfnUpExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
+            push(TensorKind::FfnDownExps, l, w, &[f, d, e], Fill::Banked(std * 2.0));
+            if a == "qwen2moe" {
+                let fs = self.n_ff_shexp as u64;
+                push(TensorKind::FfnGateInpShexp, l, GgmlType::F32, &[d], Fill::Random(0.1));
+                push(TensorKind::FfnGateShexp, l, w, &[d, fs], Fill::Banked(std * 2.0));
+                push(TensorKind::FfnUpShexp, l, w, &[d, fs], Fill::Banked(std * 2.0));
+                push(TensorKind::FfnDownShexp, l, w, &[fs, d], Fill::Banked(std * 2.0));
+            }
+        }
+        for p in &out {
+            if p.shape[0] % p.ty.block_size() != 0 {
+                return Err(SynthError::BadShape { ty: p.ty.name(), cols: p.shape[0] as usize, block: p.ty.block_size() });
+            }
+            if !kernels(p.ty).is_some_and(|k| k.can_dequantize()) && p.ty != GgmlType::F32 {
+                return Err(SynthError::Unsupported(p.ty.name()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn metadata(&self) -> Vec<(String, Value)> {
+        let a = &self.arch;
+        let u = |v: usize| Value::U32(v as u32);
+        let mut m: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(a.clone())),
+            ("general.name".into(), Value::String(format!("synth-{a}-{}L-{}", self.n_layer, self.weight_type.name()))),
+            ("general.alignment".into(), Value::U32(32)),
+            (format!("{a}.block_count"), u(self.n_layer)),
+            (format!("{a}.context_length"), u(self.n_ctx)),
+            (format!("{a}.embedding_length"), u(self.n_embd)),
+            (format!("{a}.feed_forward_length"), u(self.n_ff_exp)),
+            (format!("{a}.attention.head_count"), u(self.n_head)),
+            (format!("{a}.attention.head_count_kv"), u(self.n_head_kv)),
+            (format!("{a}.attention.key_length"), u(self.head_dim)),
+            (format!("{a}.attention.value_length"), u(self.head_dim)),
+            (format!("{a}.rope.dimension_count"), u(self.head_dim)),
+            (format!("{a}.rope.freq_base"), Value::F32(self.rope_freq_base)),
+            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(self.rms_eps)),
+            (format!("{a}.expert_count"), u(self.n_expert)),
+            (format!("{a}.expert_used_count"), u(self.n_expert_used)),
+            (format!("{a}.vocab_size"), u(self.n_vocab)),
+        ];
+        if a != "llama" && a != "olmoe" {
+            m.push((format!("{a}.expert_feed_forward_length"), u(self.n_ff_exp)));
+        }
+        if a == "qwen2moe" {
+            m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
+        }
+        m.extend(byte_level_vocab(self.n_vocab));
+        m
+    }
+
+    /// Write the model to `path`, calling `progress(bytes_done, bytes_total)` as it goes.
+    pub fn write(&self, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), SynthError> {
+        let plan = self.plan()?;
+        let descs: Vec<(&str, GgmlType, &[u64])> = plan.iter().map(|p| (p.name.as_str(), p.ty, p.shape.as_slice())).collect();
+        let total: u64 = plan.iter().map(|p| p.ty.row_bytes(p.shape[0]).unwrap_or(0) * p.shape[1..].iter().product::<u64>()).sum();
+        let mut w = GgufStreamWriter::new(path, &self.metadata(), &descs)?;
+        let mut done = 0u64;
+        for (i, p) in plan.iter().enumerate() {
+            let cols = p.shape[0] as usize;
+            let rows: u64 = p.shape[1..].iter().product();
+            let k = kernels(p.ty).ok_or(SynthError::Unsupported(p.ty.name()))?;
+            let rb = p.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
+            let mut rng = SplitMix64::new(self.seed ^ fnv(&p.name));
+            let mut row = vec![0f32; cols];
+            let mut qrow = vec![0u8; rb];
+            match p.fill {
+                Fill::Banked(std) => {
+                    const BANK: usize = 256;
+                    let mut bank = vec![0u8; rb * BANK];
+                    for b in 0..BANK {
+                        row.iter_mut().for_each(|x| *x = rng.next_normal(std));
+                        k.quantize_row_any(&row, &mut bank[b * rb..(b + 1) * rb]);
+                    }
+                    let mut chunk = Vec::with_capacity(rb * 1024);
+                    for r in 0..rows {
+                        let pick = (splitmix(self.seed ^ fnv(&p.name) ^ r.wrapping_mul(0x9E37_79B9)) as usize) % BANK;
+                        chunk.extend_from_slice(&bank[pick * rb..(pick + 1) * rb]);
+                        if chunk.len() >= rb * 1024 || r + 1 == rows {
+                            w.write_tensor_data(i, &chunk)?;
+                            done += chunk.len() as u64;
+                            chunk.clear();
+                            progress(done, total);
+                        }
+                    }
+                }
+                Fill::Random(_) | Fill::Norm => {
+                    for _ in 0..rows {
+                        row.iter_mut().for_each(|x| {
+                            *x = match p.fill {
+                                Fill::Random(std) => rng.next_normal(std),
+                                _ => 1.0 + rng.next_normal(0.05),
+                            }
+                        });
+                        k.quantize_row_any(&row, &mut qrow);
+                        w.write_tensor_data(i, &qrow)?;
+                        done += rb as u64;
+                    }
+                    progress(done, total);
+                }
+            }
+        }
+        w.finish()?;
+        Ok(())
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn splitmix(x: u64) -> u64 {
+    SplitMix64::new(x).next_u64()
+}
+
+/// A GPT-2 style byte-level vocabulary: the 256 byte tokens, `<|bos|>`/`<|eos|>`, then fillers up
+/// to `n_vocab` (at least 259). One merge only: text tokenizes to bytes, which is all a speed run needs.
+fn byte_level_vocab(n_vocab: usize) -> Vec<(String, Value)> {
+    let mut tokens: Vec<Value> = Vec::with_capacity(n_vocab.max(258));
+    let mut types: Vec<Value> = Vec::with_capacity(n_vocab.max(258));
+    // GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100 onwards.
+    let mut extra = 0u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            char::from_u32(b)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra)
+        };
+        tokens.push(Value::String(c.map(String::from).unwrap_or_default()));
+        types.push(Value::I32(1));
+    }
+    for s in ["<|bos|>", "<|eos|>"] {
+        tokens.push(Value::String(s.into()));
+        types.push(Value::I32(3));
+    }
+    // One merge (two spaces), with its token: GGUF cannot type an empty array as strings, and
+    // llama.cpp insists the merges array holds strings.
+    tokens.push(Value::String("\u{120}\u{120}".into()));
+    types.push(Value::I32(1));
+    while tokens.len() < n_vocab {
+        tokens.push(Value::String(format!("<|synth_{}|>", tokens.len())));
+        types.push(Value::I32(1));
+    }
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![Value::String("\u{120} \u{120}".into())])),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+
+    fn tiny(arch: &str, ty: GgmlType) -> SynthConfig {
+        SynthConfig {
+            arch: arch.into(),
+            n_layer: 2,
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 16,
+            n_ff_exp: 64,
+            n_ff_shexp: 96,
+            n_expert: 4,
+            n_expert_used: 2,
+            n_vocab: 300,
+            n_ctx: 128,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+            weight_type: ty,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn every_family_loads_back_and_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for arch in ["llama", "qwen2moe", "qwen3moe", "olmoe"] {
+            let path = dir.path().join(format!("{arch}.gguf"));
+            tiny(arch, GgmlType::F16).write(&path, &mut |_, _| {}).expect("write");
+            let m = Model::load(&path).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            assert_eq!(m.spec.name, arch);
+            assert_eq!(m.hp.n_expert, 4);
+            let mut eng = crate::engine::Engine::new(std::sync::Arc::new(m), Default::default());
+            let mut s = eng.new_session();
+            let logits = eng.eval(&mut s, &[1, 2, 3], crate::layers::Logits::Last).expect("eval");
+            assert_eq!(logits.len(), 300);
+            assert!(logits.iter().all(|v| v.is_finite()), "{arch}: non-finite logits");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+        tiny("qwen3moe", GgmlType::Q8_0).write(&a, &mut |_, _| {}).expect("write a");
+        tiny("qwen3moe", GgmlType::Q8_0).write(&b, &mut |_, _| {}).expect("write b");
+        assert_eq!(std::fs::read(&a).expect("read"), std::fs::read(&b).expect("read"));
+    }
+
+    #[test]
+    fn shapes_the_type_cannot_hold_are_refused() {
+        let mut c = tiny("llama", GgmlType::Q4_K);
+        c.n_embd = 64; // K-quants need rows of 256
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = c.write(&dir.path().join("x.gguf"), &mut |_, _| {}).expect_err("must refuse");
+        assert!(err.to_string().contains("q4_K"), "{err}");
+    }
+}
