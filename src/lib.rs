@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod backend;
+pub mod chat;
 pub mod engine;
 pub mod gguf;
 pub mod layers;
@@ -11,5 +12,7 @@ pub mod llama_log;
 pub mod model;
 pub mod reference;
 pub mod rng;
+pub mod server;
+pub mod stats;
 pub mod synth;
 pub mod tokenizer;

@@ -1,8 +1,11 @@
-//! Command-line front door: subcommands, shared flags, and the bundled-model lookup.
+//! Command-line front doors: the subcommands (`inspect`, `tokenize`, `generate`, `bench`,
+//! `synth`, `chat`, `serve`), shared flags, and the bundled-model lookup.
 
 mod bench;
+mod chat;
 mod generate;
 mod inspect;
+mod serve;
 mod synth;
 mod tokenize;
 
@@ -32,6 +35,10 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Generate text from a prompt.
     Generate(generate::Args),
+    /// Chat with the model in the terminal (multi-turn, streamed, /reset /stats /quit).
+    Chat(chat::Args),
+    /// Serve an OpenAI-compatible HTTP API (chat/completions, completions, models, moe/stats).
+    Serve(serve::Args),
     /// Measure prefill and decode speed, optionally side by side with llama.cpp.
     Bench(bench::Args),
     /// Write a random-weight MoE at real layer shapes (for speed runs).
@@ -55,6 +62,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -1,0 +1,400 @@
+//! Route handlers: check the key, parse and validate the body, tokenize, queue a `Job`, and turn
+//! the worker's events into a JSON response or an SSE stream. Never touches the engine.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+
+use super::openai::*;
+use super::worker::{Event, Job};
+use super::AppState;
+use crate::engine::SamplerConfig;
+use crate::stats::ExpertCacheStats;
+use crate::tokenizer::{ChatMessage, EncodeOptions};
+
+type St = State<Arc<AppState>>;
+
+/// Every route but `/health` needs `Authorization: Bearer <key>` when the server has a key.
+pub async fn require_key(State(st): St, req: Request, next: Next) -> Response {
+    let Some(key) = &st.api_key else {
+        return next.run(req).await;
+    };
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match given.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(token) if constant_time_eq(token.trim().as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
+        None => ApiError::unauthorized("Missing API key: send `Authorization: Bearer <key>`").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+pub async fn no_route(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+pub async fn wrong_method(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+pub async fn models(State(st): St) -> Json<ModelList> {
+    let card = ModelCard { id: st.model_id.clone(), object: "model", created: st.created, owned_by: "moerun" };
+    Json(ModelList { object: "list", data: vec![card] })
+}
+
+pub async fn moe_stats(State(st): St) -> Json<serde_json::Value> {
+    let s = st.stats.lock();
+    let c = &s.counters;
+    Json(serde_json::json!({
+        "model": st.model_id,
+        "uptime_s": st.started.elapsed().as_secs_f64(),
+        "engine": {
+            "busy": s.busy,
+            "queued": st.queue.waiting(),
+            "queue_capacity": st.queue.capacity(),
+            "n_ctx": st.n_ctx,
+            "threads": st.threads,
+        },
+        "requests": {
+            "total": c.requests,
+            "completed": c.completed,
+            "cancelled": c.cancelled,
+            "failed": c.failed,
+            "rejected": s.rejected,
+        },
+        "tokens": {
+            "prompt": c.prompt_tokens,
+            "prompt_reused": c.prompt_tokens_reused,
+            "generated": c.generated_tokens,
+        },
+        "throughput": {
+            "prefill_tok_s": c.prefill_tok_s(),
+            "decode_tok_s": c.decode_tok_s(),
+        },
+        "moe": st.facts,
+        "expert_cache": ExpertCacheStats::absent(),
+    }))
+}
+
+pub async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    chat_inner(st, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    completion_inner(st, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(&st, body)?;
+    st.check_model(req.params.model.as_deref())?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "`messages` must hold at least one message"));
+    }
+    let messages: Vec<ChatMessage> = req.messages.into_iter().map(|m| ChatMessage::new(m.role, text_of(m.content))).collect();
+    let prompt = st.format.encode(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let reply = st.reply("chatcmpl", &req.params);
+    let rx = st.submit(prompt, req.params)?;
+    if reply.stream {
+        Ok(sse(rx, reply, Kind::Chat))
+    } else {
+        let (text, finish, usage) = collect(rx).await?;
+        let choice =
+            ChatChoice { index: 0, message: AssistantMessage { role: "assistant", content: text }, logprobs: None, finish_reason: finish };
+        let body = ChatCompletion {
+            id: reply.id,
+            object: "chat.completion",
+            created: reply.created,
+            model: reply.model,
+            choices: vec![choice],
+            usage,
+        };
+        Ok(Json(body).into_response())
+    }
+}
+
+async fn completion_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(&st, body)?;
+    st.check_model(req.params.model.as_deref())?;
+    let tok = st.format.tokenizer();
+    let encode = |text: &str| {
+        tok.encode(text, EncodeOptions { add_bos: tok.add_bos_default(), parse_special: true })
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    };
+    let prompt = match req.prompt {
+        Prompt::Text(t) => encode(&t)?,
+        Prompt::Texts(v) if v.len() == 1 => encode(&v[0])?,
+        Prompt::Texts(_) => return Err(ApiError::invalid_param("prompt", "only one prompt per request is supported")),
+        Prompt::Ids(ids) => ids,
+    };
+    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= tok.n_vocab()) {
+        return Err(ApiError::invalid_param("prompt", format!("token id {bad} is outside the vocabulary")));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    let reply = st.reply("cmpl", &req.params);
+    let rx = st.submit(prompt, req.params)?;
+    if reply.stream {
+        Ok(sse(rx, reply, Kind::Text))
+    } else {
+        let (text, finish, usage) = collect(rx).await?;
+        let choice = TextChoice { index: 0, text, logprobs: None, finish_reason: Some(finish) };
+        let body = TextCompletion {
+            id: reply.id,
+            object: "text_completion",
+            created: reply.created,
+            model: reply.model,
+            choices: vec![choice],
+            usage: Some(usage),
+        };
+        Ok(Json(body).into_response())
+    }
+}
+
+/// The text of a message: the string, or its text parts joined.
+fn text_of(content: Option<Content>) -> String {
+    match content {
+        None => String::new(),
+        Some(Content::Text(s)) => s,
+        Some(Content::Parts(parts)) => parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect(),
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(st.max_body),
+        _ => ApiError::bad_request(r.body_text()),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}")))
+}
+
+/// The identity of one response, fixed before the job is queued.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl AppState {
+    fn check_model(&self, asked: Option<&str>) -> Result<(), ApiError> {
+        match asked {
+            None => Ok(()),
+            Some(m) if m == self.model_id || self.aliases.iter().any(|a| a == m) => Ok(()),
+            Some(m) => Err(ApiError::model_not_found(m, &self.model_id)),
+        }
+    }
+
+    fn reply(&self, prefix: &str, p: &Params) -> Reply {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Reply {
+            id: format!("{prefix}-{:x}{n:06x}", self.started.elapsed().as_nanos() as u64 ^ self.created),
+            created: super::unix_now(),
+            model: self.model_id.clone(),
+            stream: p.stream,
+            include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        }
+    }
+
+    /// Validates the sampling fields, fits `max_tokens` to the context and queues the job.
+    fn submit(&self, prompt: Vec<u32>, p: Params) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        if p.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+        }
+        if let Some(t) = p.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+            return Err(ApiError::invalid_param("temperature", format!("temperature must be between 0 and 2, not {t}")));
+        }
+        if let Some(t) = p.top_p.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
+            return Err(ApiError::invalid_param("top_p", format!("top_p must be in (0, 1], not {t}")));
+        }
+        let stop = p.stop.map(Stop::into_vec).unwrap_or_default();
+        if stop.len() > 4 {
+            return Err(ApiError::invalid_param("stop", "at most 4 stop sequences are allowed"));
+        }
+        let asked = p.max_completion_tokens.or(p.max_tokens);
+        if asked == Some(0) {
+            return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
+        }
+        if prompt.len() >= self.n_ctx {
+            return Err(ApiError::context_exceeded(format!(
+                "This model's maximum context length is {} tokens, but the prompt is {} tokens",
+                self.n_ctx,
+                prompt.len()
+            )));
+        }
+        let room = self.n_ctx - prompt.len();
+        let max_tokens = asked.map_or(room, |n| n.min(room as u64) as usize);
+        let d = SamplerConfig::default();
+        let sampler = SamplerConfig {
+            temperature: p.temperature.unwrap_or(d.temperature),
+            top_p: p.top_p.unwrap_or(d.top_p),
+            top_k: p.top_k.unwrap_or(d.top_k),
+            min_p: p.min_p.unwrap_or(d.min_p),
+            repeat_penalty: p.repeat_penalty.unwrap_or(d.repeat_penalty),
+            seed: p.seed.map_or_else(|| self.random_seed(), |s| s as u64),
+            ..d
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.queue.submit(Job { prompt, max_tokens, sampler, stop, ignore_eos: p.ignore_eos, events: tx })?;
+        Ok(rx)
+    }
+
+    fn random_seed(&self) -> u64 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        t ^ self.next_id.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+    }
+}
+
+/// Waits for the whole answer.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, FinishReason, Usage), ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { finish, prompt_tokens, completion_tokens } => {
+                return Ok((text, finish, Usage::new(prompt_tokens, completion_tokens)))
+            }
+            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+        }
+    }
+    Err(ApiError::internal("the engine stopped before the answer was complete"))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+fn sse(rx: mpsc::UnboundedReceiver<Event>, reply: Reply, kind: Kind) -> Response {
+    let mut stream = EventStream { rx, reply, kind, pending: VecDeque::new(), done: false };
+    if let Kind::Chat = kind {
+        // OpenAI opens a chat stream with the role.
+        let first = stream.chat_chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None, None);
+        stream.pending.push_back(first);
+    }
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The worker's events as SSE `data:` chunks, ending with `data: [DONE]`.
+struct EventStream {
+    rx: mpsc::UnboundedReceiver<Event>,
+    reply: Reply,
+    kind: Kind,
+    pending: VecDeque<SseEvent>,
+    done: bool,
+}
+
+impl EventStream {
+    fn data<T: serde::Serialize>(value: &T) -> SseEvent {
+        SseEvent::default().data(serde_json::to_string(value).unwrap_or_default())
+    }
+
+    fn chat_chunk(&self, delta: Delta, finish: Option<FinishReason>, usage: Option<Usage>) -> SseEvent {
+        let r = &self.reply;
+        let choices = match (&delta, finish) {
+            // The usage-only chunk has no choices.
+            (Delta { role: None, content: None }, None) => vec![],
+            _ => vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }],
+        };
+        let chunk = ChatChunk {
+            id: r.id.clone(),
+            object: "chat.completion.chunk",
+            created: r.created,
+            model: r.model.clone(),
+            choices,
+            usage,
+        };
+        Self::data(&chunk)
+    }
+
+    fn text_chunk(&self, text: String, finish: Option<FinishReason>, usage: Option<Usage>) -> SseEvent {
+        let r = &self.reply;
+        let choices = match (text.is_empty(), finish) {
+            (true, None) => vec![],
+            _ => vec![TextChoice { index: 0, text, logprobs: None, finish_reason: finish }],
+        };
+        let chunk = TextCompletion { id: r.id.clone(), object: "text_completion", created: r.created, model: r.model.clone(), choices, usage };
+        Self::data(&chunk)
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match (ev, self.kind) {
+            (Event::Text(t), Kind::Chat) => {
+                let e = self.chat_chunk(Delta { role: None, content: Some(t) }, None, None);
+                self.pending.push_back(e);
+            }
+            (Event::Text(t), Kind::Text) => {
+                let e = self.text_chunk(t, None, None);
+                self.pending.push_back(e);
+            }
+            (Event::Done { finish, prompt_tokens, completion_tokens }, kind) => {
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                let (last, usage_chunk) = match kind {
+                    Kind::Chat => (
+                        self.chat_chunk(Delta::default(), Some(finish), None),
+                        self.chat_chunk(Delta::default(), None, Some(usage)),
+                    ),
+                    Kind::Text => (self.text_chunk(String::new(), Some(finish), None), self.text_chunk(String::new(), None, Some(usage))),
+                };
+                self.pending.push_back(last);
+                if self.reply.include_usage {
+                    self.pending.push_back(usage_chunk);
+                }
+                self.finish();
+            }
+            (Event::Failed(msg), _) => self.fail(msg),
+        }
+    }
+
+    fn fail(&mut self, msg: String) {
+        self.pending.push_back(Self::data(&ApiError::internal(msg).body()));
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.pending.push_back(SseEvent::default().data("[DONE]"));
+        self.done = true;
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<SseEvent, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(e)));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match ready!(self.rx.poll_recv(cx)) {
+                Some(ev) => self.on_event(ev),
+                None => self.fail("the engine stopped before the answer was complete".into()),
+            }
+        }
+    }
+}
