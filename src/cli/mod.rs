@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod prepare;
 mod synth;
 mod tokenize;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Write a random-weight MoE at real layer shapes (for speed runs).
     Synth(synth::Args),
+    /// Write the low-precision sidecar: every routed expert requantized to a low type.
+    Prepare(prepare::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Prepare(a) => prepare::run(a),
     }
 }
 
