@@ -287,6 +287,13 @@ fn cli_prepare_prints_sizes_and_refuses_unknown_types() {
     let e = nmse(&model, &side);
     eprintln!("rustdoc-moe q2_K: NMSE {e:.4}");
     assert!(e < 0.15, "NMSE {e}");
+    // Without -o the sidecar goes beside the model, named after it and the low type.
+    let tiny_path = synth(dir.path(), "tiny-Q8_0.gguf", tiny(7));
+    let (ok, stderr) = run(&["prepare", tiny_path.to_str().expect("utf-8"), "--low", "q3_k"]);
+    assert!(ok, "{stderr}");
+    let beside = dir.path().join("tiny-Q8_0.q3_K.lowprec.gguf");
+    assert!(stderr.contains(&format!("wrote {}", beside.display())), "{stderr}");
+    assert_eq!(LowPrecSidecar::open(&beside, &load(&tiny_path)).map(|s| s.low_type()).ok(), Some(GgmlType::Q3_K));
     let (ok, stderr) = run(&["prepare", "--low", "q7_0", "-o", out.to_str().expect("utf-8")]);
     assert!(!ok && stderr.contains("unknown ggml type 'q7_0'"), "{stderr}");
 }

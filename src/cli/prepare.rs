@@ -64,12 +64,3 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_output_sits_beside_the_model() {
-        assert_eq!(default_output(Path::new("m/x-Q8_0.gguf"), GgmlType::Q2_K), Path::new("m/x-Q8_0.q2_K.lowprec.gguf"));
-    }
-}
