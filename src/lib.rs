@@ -9,6 +9,7 @@ pub mod engine;
 pub mod gguf;
 pub mod layers;
 pub mod llama_log;
+pub mod lowprec;
 pub mod model;
 pub mod reference;
 pub mod rng;

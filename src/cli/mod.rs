@@ -1,10 +1,11 @@
 //! Command-line front doors: the subcommands (`inspect`, `tokenize`, `generate`, `bench`,
-//! `synth`, `chat`, `serve`), shared flags, and the bundled-model lookup.
+//! `synth`, `prepare`, `chat`, `serve`), shared flags, and the bundled-model lookup.
 
 mod bench;
 mod chat;
 mod generate;
 mod inspect;
+mod prepare;
 mod serve;
 mod synth;
 mod tokenize;
@@ -43,6 +44,8 @@ pub enum Command {
     Bench(bench::Args),
     /// Write a random-weight MoE at real layer shapes (for speed runs).
     Synth(synth::Args),
+    /// Write the low-precision sidecar: every routed expert requantized to a low type.
+    Prepare(prepare::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -66,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Prepare(a) => prepare::run(a),
     }
 }
 
