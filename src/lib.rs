@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod backend;
 pub mod engine;
+pub mod experts;
 pub mod gguf;
 pub mod layers;
 pub mod llama_log;
