@@ -157,7 +157,9 @@ impl ExpertCache {
                     }
                     self.touch(i, plan.token, true);
                 }
-                (Action::Load { slot, precision, .. }, Some(i)) if (slot as usize) < self.pool(precision).slots.len() => {
+                (Action::Load { slot, precision, .. }, Some(i))
+                    if (slot as usize) < self.pool(precision).slots.len() =>
+                {
                     if let Some(old) = self.pool_mut(precision).slots[slot as usize].take() {
                         if let Some(o) = self.index(old) {
                             self.resident[o] = None;
@@ -253,7 +255,9 @@ impl ExpertCache {
     ) -> Option<(Precision, SlotId, Option<ExpertKey>)> {
         let found = self.slot_in(p, needed, taken, now).map(|(s, e)| (p, s, e));
         match (found, p) {
-            (None, Precision::Low) => self.slot_in(Precision::High, needed, taken, now).map(|(s, e)| (Precision::High, s, e)),
+            (None, Precision::Low) => {
+                self.slot_in(Precision::High, needed, taken, now).map(|(s, e)| (Precision::High, s, e))
+            }
             _ => found,
         }
     }
@@ -279,7 +283,8 @@ impl ExpertCache {
                 continue;
             }
             let Some(i) = self.index(occ) else { continue };
-            let vk = VictimKey::new(self.cfg.policy, self.cfg.hobbit_weights, &self.records[i], occ.layer as usize, s, now);
+            let vk =
+                VictimKey::new(self.cfg.policy, self.cfg.hobbit_weights, &self.records[i], occ.layer as usize, s, now);
             if best.as_ref().is_none_or(|(b, _, _)| vk.cmp(b).is_lt()) {
                 best = Some((vk, s, occ));
             }

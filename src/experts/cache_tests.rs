@@ -61,14 +61,17 @@ fn budget_error_names_the_numbers() {
     let mut per_layer = CacheConfig::new(4, 8, 2, B, 750);
     per_layer.per_layer = true;
     let err = ExpertCache::new(per_layer).err().unwrap();
-    assert_eq!(err, CacheError::Budget {
-        budget_bytes: 750,
-        high_bytes: 750,
-        expert_bytes_high: B,
-        have: 7,
-        need: 8,
-        why: "top_k = 2 for each of 4 layers".into(),
-    });
+    assert_eq!(
+        err,
+        CacheError::Budget {
+            budget_bytes: 750,
+            high_bytes: 750,
+            expert_bytes_high: B,
+            have: 7,
+            need: 8,
+            why: "top_k = 2 for each of 4 layers".into(),
+        }
+    );
     let mut pinned = CacheConfig::new(4, 8, 2, B, 1700);
     pinned.pinned_layers = 2;
     let err = ExpertCache::new(pinned).err().unwrap().to_string();
@@ -228,7 +231,13 @@ fn thresholds_give_high_high_low_skip() {
 #[test]
 fn thresholds_resident_experts_hit_at_either_precision() {
     let mut c = cache(mixed(1, 4, 4, 2));
-    check(&mut c, 0, 0, &[(4, 0.5), (5, 0.3), (6, 0.15), (7, 0.05)], &[load(0, None), load(1, None), load_low(0, None), Action::Skip]);
+    check(
+        &mut c,
+        0,
+        0,
+        &[(4, 0.5), (5, 0.3), (6, 0.15), (7, 0.05)],
+        &[load(0, None), load(1, None), load_low(0, None), Action::Skip],
+    );
     // e6 (low) now ranks first: a hit at low precision, not a high reload. e4 (high) in the
     // low band: a hit at high. e5 (high) past T2: still a hit, not a skip.
     check(&mut c, 0, 1, &[(6, 0.5), (4, 0.3), (5, 0.15), (7, 0.05)], &[hit_low(0), hit(0), hit(1), Action::Skip]);
@@ -244,7 +253,13 @@ fn low_loads_fall_back_to_high_when_no_low_slot_is_free() {
     // Without a low pool (no low copies) the low band loads high.
     let mut h = cache(CacheConfig { expert_bytes_low: 0, ..mixed(1, 4, 4, 0) });
     assert_eq!(h.n_slots(Precision::Low), 0);
-    check(&mut h, 0, 0, &[(4, 0.5), (5, 0.3), (6, 0.15), (7, 0.05)], &[load(0, None), load(1, None), load(2, None), Action::Skip]);
+    check(
+        &mut h,
+        0,
+        0,
+        &[(4, 0.5), (5, 0.3), (6, 0.15), (7, 0.05)],
+        &[load(0, None), load(1, None), load(2, None), Action::Skip],
+    );
 }
 
 #[test]
@@ -329,7 +344,8 @@ fn hobbit_priority_mixes_recency_frequency_and_hits() {
 
 #[test]
 fn hobbit_records_reset_per_sequence() {
-    let mut c = cache(CacheConfig { policy: PolicyKind::Hobbit, hobbit_weights: [0.0, 1.0, 0.0, 0.0], ..cfg(1, 8, 1, 2) });
+    let mut c =
+        cache(CacheConfig { policy: PolicyKind::Hobbit, hobbit_weights: [0.0, 1.0, 0.0, 0.0], ..cfg(1, 8, 1, 2) });
     for (t, e) in [0, 0, 0, 1].into_iter().enumerate() {
         c.apply(&c.plan(0, t as u64, &w(&[e])));
     }

@@ -25,9 +25,7 @@ pub mod trace;
 pub use cache::ExpertCache;
 
 /// One expert of one layer.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ExpertKey {
     pub layer: u16,
     pub expert: u16,
@@ -141,9 +139,16 @@ impl CacheConfig {
 /// What to do for one needed expert of this layer.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub enum Action {
-    Hit { slot: SlotId, precision: Precision },
+    Hit {
+        slot: SlotId,
+        precision: Precision,
+    },
     /// Load into `slot` (evicting `evict` if Some); `precision` chosen by the thresholds.
-    Load { slot: SlotId, precision: Precision, evict: Option<ExpertKey> },
+    Load {
+        slot: SlotId,
+        precision: Precision,
+        evict: Option<ExpertKey>,
+    },
     /// Too unimportant this token (cumulative gate weight above T2): skip it. Also used for
     /// inputs the cache cannot place: an expert index out of range, a duplicate in one plan,
     /// or a layer out of range.
@@ -218,12 +223,5 @@ pub enum CacheError {
         "expert cache: a budget of {budget_bytes} B leaves {high_bytes} B for high-precision \
          experts of {expert_bytes_high} B each = {have} slots, but {need} are needed ({why})"
     )]
-    Budget {
-        budget_bytes: u64,
-        high_bytes: u64,
-        expert_bytes_high: u64,
-        have: u64,
-        need: u64,
-        why: String,
-    },
+    Budget { budget_bytes: u64, high_bytes: u64, expert_bytes_high: u64, have: u64, need: u64, why: String },
 }

@@ -88,9 +88,7 @@ pub struct Now {
 /// HOBBIT's priority (higher = keep).
 pub fn hobbit_priority(w: [f32; 4], rec: &Record, expert_layer: usize, now: &Now) -> f64 {
     let t = now.seq_tokens.max(1) as f64;
-    let r = rec
-        .seq_last_token
-        .map_or(0.0, |last| (last.saturating_sub(now.seq_first) + 1) as f64);
+    let r = rec.seq_last_token.map_or(0.0, |last| (last.saturating_sub(now.seq_first) + 1) as f64);
     let [w_lru, w_lfu, w_lhu, w_fld] = w.map(f64::from);
     w_lru * r / t
         + w_lfu * rec.seq_uses as f64 / t
@@ -118,10 +116,7 @@ impl VictimKey {
     }
 
     pub fn cmp(&self, other: &VictimKey) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then(self.last_step.cmp(&other.last_step))
-            .then(self.slot.cmp(&other.slot))
+        self.score.total_cmp(&other.score).then(self.last_step.cmp(&other.last_step)).then(self.slot.cmp(&other.slot))
     }
 }
 

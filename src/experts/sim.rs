@@ -46,7 +46,8 @@ pub enum SimError {
 
 /// A cache config matching a trace's shape and expert sizes, with plain LRU defaults.
 pub fn config_for(header: &TraceHeader, budget_bytes: u64) -> CacheConfig {
-    let mut cfg = CacheConfig::new(header.n_layers, header.n_experts, header.top_k, header.expert_bytes_high, budget_bytes);
+    let mut cfg =
+        CacheConfig::new(header.n_layers, header.n_experts, header.top_k, header.expert_bytes_high, budget_bytes);
     cfg.expert_bytes_low = header.expert_bytes_low;
     cfg
 }
@@ -202,7 +203,14 @@ mod tests {
     use std::collections::HashSet;
 
     fn header() -> TraceHeader {
-        TraceHeader { model: "synth".into(), n_layers: 6, n_experts: 16, top_k: 4, expert_bytes_high: 1000, expert_bytes_low: 300 }
+        TraceHeader {
+            model: "synth".into(),
+            n_layers: 6,
+            n_experts: 16,
+            top_k: 4,
+            expert_bytes_high: 1000,
+            expert_bytes_low: 300,
+        }
     }
 
     fn configs(h: &TraceHeader) -> Vec<CacheConfig> {
@@ -258,7 +266,8 @@ mod tests {
     fn sim_with_room_for_everything_misses_each_expert_once() {
         let h = header();
         let recs = synthetic_trace(&h, &SynthSpec { n_tokens: 50, seed: 7, ..SynthSpec::default() });
-        let distinct: HashSet<(u16, u16)> = recs.iter().flat_map(|r| r.experts.iter().map(move |&e| (r.layer, e))).collect();
+        let distinct: HashSet<(u16, u16)> =
+            recs.iter().flat_map(|r| r.experts.iter().map(move |&e| (r.layer, e))).collect();
         for policy in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Hobbit] {
             let mut cfg = config_for(&h, (6 * 16) as u64 * h.expert_bytes_high);
             cfg.policy = policy;

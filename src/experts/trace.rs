@@ -230,10 +230,19 @@ mod tests {
         let bad_json = format!("{h}\n{{\"token\":0,\"layer\":0,\"experts\":[1],\"weights\":[1.0]}}\n{{\"token\":");
         assert!(read_err(&bad_json).starts_with("t.jsonl:3: "), "{}", read_err(&bad_json));
         let cases = [
-            ("{\"token\":0,\"layer\":0,\"experts\":[4],\"weights\":[1.0]}", "t.jsonl:2: expert 4 is not below n_experts = 4"),
+            (
+                "{\"token\":0,\"layer\":0,\"experts\":[4],\"weights\":[1.0]}",
+                "t.jsonl:2: expert 4 is not below n_experts = 4",
+            ),
             ("{\"token\":0,\"layer\":0,\"experts\":[1,1],\"weights\":[0.5,0.5]}", "t.jsonl:2: expert 1 appears twice"),
-            ("{\"token\":0,\"layer\":0,\"experts\":[1,2,3],\"weights\":[0.5,0.3,0.2]}", "t.jsonl:2: 3 experts, more than top_k = 2"),
-            ("{\"token\":0,\"layer\":0,\"experts\":[1],\"weights\":[-1.0]}", "t.jsonl:2: weight -1 is not a finite non-negative number"),
+            (
+                "{\"token\":0,\"layer\":0,\"experts\":[1,2,3],\"weights\":[0.5,0.3,0.2]}",
+                "t.jsonl:2: 3 experts, more than top_k = 2",
+            ),
+            (
+                "{\"token\":0,\"layer\":0,\"experts\":[1],\"weights\":[-1.0]}",
+                "t.jsonl:2: weight -1 is not a finite non-negative number",
+            ),
         ];
         for (rec, want) in cases {
             assert_eq!(read_err(&format!("{h}\n{rec}\n")), want);
