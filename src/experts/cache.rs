@@ -285,7 +285,7 @@ impl ExpertCache {
             let Some(i) = self.index(occ) else { continue };
             let vk =
                 VictimKey::new(self.cfg.policy, self.cfg.hobbit_weights, &self.records[i], occ.layer as usize, s, now);
-            if best.as_ref().is_none_or(|(b, _, _)| vk.cmp(b).is_lt()) {
+            if best.as_ref().is_none_or(|(b, _, _)| vk.order(b).is_lt()) {
                 best = Some((vk, s, occ));
             }
         }
@@ -301,8 +301,9 @@ impl ExpertCache {
         Some(VictimKey::new(self.cfg.policy, self.cfg.hobbit_weights, &self.records[i], key.layer as usize, slot, &now))
     }
 
-    /// Panics when an invariant of the module docs is broken (tests and the simulator).
-    pub fn check_invariants(&self) {
+    /// Panics when an invariant of the module docs is broken (tests only).
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
         for (p, pool) in [(Precision::High, &self.high), (Precision::Low, &self.low)] {
             for (s, occ) in pool.slots.iter().enumerate() {
                 if let Some(k) = occ {

@@ -115,7 +115,8 @@ impl VictimKey {
         VictimKey { score, last_step: rec.last_step, slot }
     }
 
-    pub fn cmp(&self, other: &VictimKey) -> Ordering {
+    /// Eviction order: `Less` evicts first.
+    pub fn order(&self, other: &VictimKey) -> Ordering {
         self.score.total_cmp(&other.score).then(self.last_step.cmp(&other.last_step)).then(self.slot.cmp(&other.slot))
     }
 }
