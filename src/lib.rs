@@ -6,6 +6,7 @@ pub mod arch;
 pub mod backend;
 pub mod chat;
 pub mod engine;
+pub mod experts;
 pub mod gguf;
 pub mod layers;
 pub mod llama_log;
