@@ -6,6 +6,7 @@ pub mod arch;
 pub mod backend;
 pub mod engine;
 pub mod gguf;
+pub mod io;
 pub mod layers;
 pub mod llama_log;
 pub mod model;
