@@ -31,8 +31,13 @@ impl UringThread {
     /// Creates the ring (the probe: fails where io_uring is not permitted), checks it completes
     /// a no-op, and starts the thread.
     pub fn start(shared: &Arc<Shared>, queue_depth: usize) -> Result<UringThread, IoError> {
-        let uring_err = |source| IoError::Uring { path: shared.path.clone(), source };
-        let entries = u32::try_from(queue_depth + 1).unwrap_or(u32::MAX).next_power_of_two();
+        let uring_err = |source| IoError::Uring {
+            path: shared.path.clone(),
+            source,
+        };
+        let entries = u32::try_from(queue_depth + 1)
+            .unwrap_or(u32::MAX)
+            .next_power_of_two();
         let mut ring = IoUring::new(entries).map_err(uring_err)?;
         probe_nop(&mut ring).map_err(uring_err)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
@@ -50,8 +55,15 @@ impl UringThread {
                 let _guard = GoneGuard(&sh);
                 Reader::new(&sh, ring, wk.as_raw_fd(), queue_depth).run(&rx);
             })
-            .map_err(|source| IoError::Thread { path: shared.path.clone(), source })?;
-        Ok(UringThread { tx, wake, thread: Some(thread) })
+            .map_err(|source| IoError::Thread {
+                path: shared.path.clone(),
+                source,
+            })?;
+        Ok(UringThread {
+            tx,
+            wake,
+            thread: Some(thread),
+        })
     }
 
     /// Queues a batch and wakes the thread; false if the thread is gone.
@@ -182,7 +194,11 @@ impl<'a> Reader<'a> {
             Msg::Batch(jobs) => {
                 for job in jobs {
                     let chunks: Vec<Chunk> = self.shared.chunks(&job.op).collect();
-                    let state = OpState { job, chunks_left: chunks.len(), error: None };
+                    let state = OpState {
+                        job,
+                        chunks_left: chunks.len(),
+                        error: None,
+                    };
                     let op = match self.free_ops.pop() {
                         Some(i) => {
                             self.ops[i] = Some(state);
@@ -193,7 +209,11 @@ impl<'a> Reader<'a> {
                             self.ops.len() - 1
                         }
                     };
-                    self.pending.extend(chunks.into_iter().map(|chunk| Piece { op, chunk, done: 0 }));
+                    self.pending.extend(chunks.into_iter().map(|chunk| Piece {
+                        op,
+                        chunk,
+                        done: 0,
+                    }));
                 }
             }
         }
@@ -202,8 +222,12 @@ impl<'a> Reader<'a> {
     /// Pushes queued pieces into free slots until the ring holds `qd` reads.
     fn fill(&mut self) {
         while !self.free_slots.is_empty() {
-            let Some(piece) = self.pending.pop_front() else { break };
-            let Some(slot) = self.free_slots.pop() else { break };
+            let Some(piece) = self.pending.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.free_slots.pop() else {
+                break;
+            };
             let remaining = piece.chunk.len - piece.done;
             let sqe = opcode::Read::new(
                 types::Fd(self.fd),
@@ -267,8 +291,11 @@ impl<'a> Reader<'a> {
     }
 
     fn reap(&mut self) {
-        let cqes: Vec<(u64, i32)> =
-            self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
         for (ud, res) in cqes {
             if ud == WAKE {
                 self.wake_armed = false;
@@ -287,17 +314,21 @@ impl<'a> Reader<'a> {
             if self.in_flight == 0 {
                 self.shared.busy_exit();
             }
-            let Some(op) = self.ops[piece.op].as_ref().map(|s| s.job.op) else { continue };
+            let Some(op) = self.ops[piece.op].as_ref().map(|s| s.job.op) else {
+                continue;
+            };
             let outcome = if res < 0 {
                 match -res {
                     libc::EAGAIN | libc::EINTR => Next::Again,
                     errno => Next::Fail(
-                        self.shared.read_error(&op, std::io::Error::from_raw_os_error(errno)),
+                        self.shared
+                            .read_error(&op, std::io::Error::from_raw_os_error(errno)),
                     ),
                 }
             } else {
                 piece.done += res as usize;
-                self.shared.after_read(&op, &piece.chunk, piece.done, res as usize)
+                self.shared
+                    .after_read(&op, &piece.chunk, piece.done, res as usize)
             };
             match outcome {
                 // Resubmit the remainder ahead of other queued work.
@@ -309,7 +340,9 @@ impl<'a> Reader<'a> {
     }
 
     fn chunk_done(&mut self, op: usize, error: Option<IoError>) {
-        let Some(state) = self.ops[op].as_mut() else { return };
+        let Some(state) = self.ops[op].as_mut() else {
+            return;
+        };
         if let Some(e) = error {
             state.error.get_or_insert(e);
         }
@@ -318,7 +351,8 @@ impl<'a> Reader<'a> {
             if let Some(state) = self.ops[op].take() {
                 self.free_ops.push(op);
                 let result = state.error.map_or(Ok(()), Err);
-                self.shared.finish_op(state.job.batch, state.job.op.len, result);
+                self.shared
+                    .finish_op(state.job.batch, state.job.op.len, result);
             }
         }
     }
