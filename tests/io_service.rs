@@ -30,8 +30,7 @@ fn write_file(dir: &Path, name: &str, len: usize) -> PathBuf {
     let path = dir.join(name);
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
     for start in (0..len).step_by(MIB) {
-        f.write_all(&expected(start as u64, MIB.min(len - start)))
-            .expect("write");
+        f.write_all(&expected(start as u64, MIB.min(len - start))).expect("write");
     }
     f.into_inner().expect("flush").sync_all().expect("sync");
     path
@@ -45,14 +44,8 @@ struct Setup {
 }
 
 fn open(path: &Path, setup: Setup, direct: bool) -> IoService {
-    let cfg = IoConfig {
-        backend: setup.backend,
-        direct,
-        ..IoConfig::default()
-    };
-    let tuning = IoTuning {
-        split_bytes: setup.split_bytes,
-    };
+    let cfg = IoConfig { backend: setup.backend, direct, ..IoConfig::default() };
+    let tuning = IoTuning { split_bytes: setup.split_bytes };
     let svc = IoService::open_tuned(path, cfg, tuning).expect("open");
     assert_eq!(svc.backend(), setup.backend);
     svc
@@ -61,15 +54,10 @@ fn open(path: &Path, setup: Setup, direct: bool) -> IoService {
 /// Runs `body` once per concrete backend, and once more with io_uring splitting ops into
 /// 64 KiB reads (many chunks per op in flight).
 fn for_each_backend(body: impl Fn(Setup)) {
-    for (backend, split_bytes) in [
-        (IoBackend::Uring, 0),
-        (IoBackend::Uring, 64 * 1024),
-        (IoBackend::Pread, 0),
-    ] {
-        body(Setup {
-            backend,
-            split_bytes,
-        });
+    for (backend, split_bytes) in
+        [(IoBackend::Uring, 0), (IoBackend::Uring, 64 * 1024), (IoBackend::Pread, 0)]
+    {
+        body(Setup { backend, split_bytes });
     }
 }
 
@@ -85,21 +73,11 @@ struct Extent {
 impl Extent {
     fn new(offset: u64, len: usize) -> Extent {
         let (aligned_offset, alen, pad) = align_extent(offset, len as u64);
-        Extent {
-            offset,
-            len,
-            pad,
-            buf: AlignedBuf::new(alen).expect("alloc"),
-            aligned_offset,
-        }
+        Extent { offset, len, pad, buf: AlignedBuf::new(alen).expect("alloc"), aligned_offset }
     }
 
     fn op(&mut self) -> ReadOp {
-        ReadOp {
-            file_offset: self.aligned_offset,
-            len: self.buf.len(),
-            dst: self.buf.as_mut_ptr(),
-        }
+        ReadOp { file_offset: self.aligned_offset, len: self.buf.len(), dst: self.buf.as_mut_ptr() }
     }
 
     fn check(&self, what: &str) {
@@ -146,10 +124,7 @@ fn random_unaligned_extents_match_the_file() {
         }
         let s = svc.stats();
         let bytes: usize = extents.iter().map(|e| e.buf.len()).sum();
-        assert_eq!(
-            (s.ops, s.bytes, s.errors),
-            (extents.len() as u64, bytes as u64, 0)
-        );
+        assert_eq!((s.ops, s.bytes, s.errors), (extents.len() as u64, bytes as u64, 0));
         assert_eq!(s.batches, extents.len().div_ceil(16) as u64);
         assert!(s.busy_s > 0.0);
     });
@@ -163,20 +138,16 @@ fn many_batches_in_flight_waited_out_of_order() {
     for_each_backend(|backend| {
         let svc = open(&path, backend, true);
         let mut rng = SplitMix64::new(11);
-        let mut batches: Vec<Vec<Extent>> = (0..24)
-            .map(|_| random_extents(&mut rng, 6, file_len, MIB))
-            .collect();
+        let mut batches: Vec<Vec<Extent>> =
+            (0..24).map(|_| random_extents(&mut rng, 6, file_len, MIB)).collect();
         let tickets: Vec<Ticket> = batches
             .iter_mut()
             // SAFETY: every buffer lives in `batches` until all tickets are waited below.
             .map(|b| unsafe { svc.submit(b.iter_mut().map(Extent::op).collect()) })
             .collect();
         // Odd tickets from the back, then even ones from the front.
-        let order: Vec<usize> = (0..24)
-            .rev()
-            .filter(|i| i % 2 == 1)
-            .chain((0..24).filter(|i| i % 2 == 0))
-            .collect();
+        let order: Vec<usize> =
+            (0..24).rev().filter(|i| i % 2 == 1).chain((0..24).filter(|i| i % 2 == 0)).collect();
         for i in order {
             svc.wait(tickets[i]).expect("wait");
             for e in &batches[i] {
@@ -184,10 +155,7 @@ fn many_batches_in_flight_waited_out_of_order() {
             }
         }
         // A ticket is consumed by its wait.
-        assert!(matches!(
-            svc.wait(tickets[0]),
-            Err(IoError::UnknownTicket { .. })
-        ));
+        assert!(matches!(svc.wait(tickets[0]), Err(IoError::UnknownTicket { .. })));
     });
 }
 
@@ -235,17 +203,12 @@ fn truncated_file_is_an_error_naming_file_and_offset_and_service_recovers() {
         let mut fine = Extent::new(12_345, 100_000);
         // SAFETY: the extents outlive the wait.
         let t = unsafe { svc.submit(vec![gone.op(), fine.op()]) };
-        let err = svc
-            .wait(t)
-            .expect_err("read past the truncated end must fail");
+        let err = svc.wait(t).expect_err("read past the truncated end must fail");
         let msg = err.to_string();
         assert!(
             matches!(err, IoError::ShortRead { offset, got: 0, .. } if offset == 6 * MIB as u64)
         );
-        assert!(
-            msg.contains("shrinks.bin") && msg.contains(&(6 * MIB).to_string()),
-            "{msg}"
-        );
+        assert!(msg.contains("shrinks.bin") && msg.contains(&(6 * MIB).to_string()), "{msg}");
 
         // SAFETY: as above.
         let t = unsafe { svc.submit(vec![partly.op()]) };
@@ -276,34 +239,13 @@ fn misaligned_ops_under_o_direct_are_errors_not_ub() {
         let mut buf = AlignedBuf::new(3 * ALIGN).expect("alloc");
         let p = buf.as_mut_ptr();
         let bad = [
-            ReadOp {
-                file_offset: 1,
-                len: ALIGN,
-                dst: p,
-            },
-            ReadOp {
-                file_offset: 0,
-                len: 100,
-                dst: p,
-            },
-            ReadOp {
-                file_offset: 0,
-                len: ALIGN,
-                dst: p.wrapping_add(8),
-            },
+            ReadOp { file_offset: 1, len: ALIGN, dst: p },
+            ReadOp { file_offset: 0, len: 100, dst: p },
+            ReadOp { file_offset: 0, len: ALIGN, dst: p.wrapping_add(8) },
         ];
         for op in bad {
             // SAFETY: buf outlives the wait; the op is rejected before any I/O anyway.
-            let t = unsafe {
-                svc.submit(vec![
-                    ReadOp {
-                        file_offset: 0,
-                        len: ALIGN,
-                        dst: p,
-                    },
-                    op,
-                ])
-            };
+            let t = unsafe { svc.submit(vec![ReadOp { file_offset: 0, len: ALIGN, dst: p }, op]) };
             let err = svc.wait(t).expect_err("misaligned");
             assert!(matches!(err, IoError::Misaligned { .. }), "{err:?}");
             assert!(err.to_string().contains("data.bin"), "{err}");
@@ -311,15 +253,9 @@ fn misaligned_ops_under_o_direct_are_errors_not_ub() {
         // The whole batch was rejected: nothing was written.
         assert!(buf.as_slice().iter().all(|&b| b == 0));
         // Past the aligned end of the file.
-        let op = ReadOp {
-            file_offset: 2 * MIB as u64,
-            len: ALIGN,
-            dst: p,
-        };
+        let op = ReadOp { file_offset: 2 * MIB as u64, len: ALIGN, dst: p };
         // SAFETY: as above.
-        let err = svc
-            .wait(unsafe { svc.submit(vec![op]) })
-            .expect_err("out of range");
+        let err = svc.wait(unsafe { svc.submit(vec![op]) }).expect_err("out of range");
         assert!(matches!(err, IoError::OutOfRange { .. }), "{err:?}");
         let (b, pad) = svc.read_range(5, 10).expect("still usable");
         assert_eq!(&b.as_slice()[pad..pad + 10], expected(5, 10).as_slice());
@@ -337,20 +273,13 @@ fn the_aligned_tail_past_eof_reads_as_zero() {
         let mut e = Extent::new(2 * ALIGN as u64 + 17, ALIGN + 983); // ends exactly at EOF
         e.buf.as_mut_slice().fill(0xAA);
         // SAFETY: e outlives the wait.
-        svc.wait(unsafe { svc.submit(vec![e.op()]) })
-            .expect("tail read");
+        svc.wait(unsafe { svc.submit(vec![e.op()]) }).expect("tail read");
         e.check("tail");
         assert!(e.buf.as_slice()[e.pad + e.len..].iter().all(|&b| b == 0));
         // One block beyond the aligned end is out of range.
-        let op = ReadOp {
-            file_offset: 4 * ALIGN as u64,
-            len: ALIGN,
-            dst: e.buf.as_mut_ptr(),
-        };
+        let op = ReadOp { file_offset: 4 * ALIGN as u64, len: ALIGN, dst: e.buf.as_mut_ptr() };
         // SAFETY: as above.
-        let err = svc
-            .wait(unsafe { svc.submit(vec![op]) })
-            .expect_err("past the end");
+        let err = svc.wait(unsafe { svc.submit(vec![op]) }).expect_err("past the end");
         assert!(matches!(err, IoError::OutOfRange { .. }), "{err:?}");
     });
 }
@@ -363,14 +292,9 @@ fn buffered_mode_accepts_unaligned_ops() {
         let svc = open(&path, backend, false);
         assert!(!svc.direct());
         let mut v = vec![0u8; 777_777];
-        let op = ReadOp {
-            file_offset: 123_457,
-            len: v.len(),
-            dst: v.as_mut_ptr(),
-        };
+        let op = ReadOp { file_offset: 123_457, len: v.len(), dst: v.as_mut_ptr() };
         // SAFETY: v outlives the wait and is not touched until it returns.
-        svc.wait(unsafe { svc.submit(vec![op]) })
-            .expect("buffered read");
+        svc.wait(unsafe { svc.submit(vec![op]) }).expect("buffered read");
         assert!(v == expected(123_457, v.len()));
     });
 }
@@ -398,8 +322,7 @@ fn auto_picks_a_concrete_backend_and_empty_batches_complete() {
     let svc = IoService::open(&path, IoConfig::default()).expect("open");
     assert_ne!(svc.backend(), IoBackend::Auto);
     // SAFETY: no ops.
-    svc.wait(unsafe { svc.submit(Vec::new()) })
-        .expect("empty batch");
+    svc.wait(unsafe { svc.submit(Vec::new()) }).expect("empty batch");
     let missing = IoService::open(&dir.path().join("nope.bin"), IoConfig::default());
     assert!(matches!(missing, Err(IoError::Open { ref path, .. }) if path.ends_with("nope.bin")));
 }

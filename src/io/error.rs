@@ -16,26 +16,14 @@ pub enum IoError {
          (O_DIRECT needs aligned offset, length and destination; use io::align_extent)",
         .path.display()
     )]
-    Misaligned {
-        path: PathBuf,
-        offset: u64,
-        len: usize,
-        dst: usize,
-        align: usize,
-    },
+    Misaligned { path: PathBuf, offset: u64, len: usize, dst: usize, align: usize },
 
     #[error(
         "{}: read of {len} bytes at offset {offset} runs past the end of the file \
          ({file_len} bytes, aligned up to {align})",
         .path.display()
     )]
-    OutOfRange {
-        path: PathBuf,
-        offset: u64,
-        len: usize,
-        file_len: u64,
-        align: usize,
-    },
+    OutOfRange { path: PathBuf, offset: u64, len: usize, file_len: u64, align: usize },
 
     #[error("{}: read of {len} bytes at offset {offset} failed: {source}", .path.display())]
     Read {
@@ -50,12 +38,7 @@ pub enum IoError {
         "{}: short read: {got} of {len} bytes at offset {offset} (file truncated or shrunk?)",
         .path.display()
     )]
-    ShortRead {
-        path: PathBuf,
-        offset: u64,
-        len: usize,
-        got: usize,
-    },
+    ShortRead { path: PathBuf, offset: u64, len: usize, got: usize },
 
     #[error("{}: io_uring: {source}", .path.display())]
     Uring {

@@ -57,10 +57,7 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes at an ALIGN-aligned address.
     pub fn new(len: usize) -> Result<AlignedBuf, IoError> {
-        let cap = len
-            .max(1)
-            .checked_next_multiple_of(ALIGN)
-            .ok_or(IoError::Alloc { len })?;
+        let cap = len.max(1).checked_next_multiple_of(ALIGN).ok_or(IoError::Alloc { len })?;
         let layout =
             std::alloc::Layout::from_size_align(cap, ALIGN).map_err(|_| IoError::Alloc { len })?;
         // SAFETY: layout has non-zero size (cap >= ALIGN).
@@ -110,10 +107,7 @@ impl Drop for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf")
-            .field("ptr", &self.ptr)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("AlignedBuf").field("ptr", &self.ptr).field("len", &self.len).finish()
     }
 }
 
@@ -154,12 +148,7 @@ pub struct IoConfig {
 
 impl Default for IoConfig {
     fn default() -> Self {
-        IoConfig {
-            backend: IoBackend::Auto,
-            queue_depth: 32,
-            direct: true,
-            pread_threads: 4,
-        }
+        IoConfig { backend: IoBackend::Auto, queue_depth: 32, direct: true, pread_threads: 4 }
     }
 }
 
@@ -214,22 +203,13 @@ impl IoService {
         let (file, direct) = open_file(path, cfg.direct)?;
         let file_len = file
             .metadata()
-            .map_err(|source| IoError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?
+            .map_err(|source| IoError::Open { path: path.to_path_buf(), source })?
             .len();
         let split = match tuning.split_bytes {
             0 => MAX_CHUNK,
             n => n.next_multiple_of(ALIGN).min(MAX_CHUNK),
         };
-        let shared = Arc::new(Shared::new(
-            path.to_path_buf(),
-            file,
-            file_len,
-            direct,
-            split,
-        ));
+        let shared = Arc::new(Shared::new(path.to_path_buf(), file, file_len, direct, split));
         let qd = cfg.queue_depth.max(1);
         let engine = match cfg.backend {
             IoBackend::Pread => Engine::Pread(pread::PreadPool::start(&shared, cfg.pread_threads)?),
@@ -242,11 +222,7 @@ impl IoService {
                 }
             },
         };
-        Ok(IoService {
-            shared,
-            next_ticket: AtomicU64::new(0),
-            engine,
-        })
+        Ok(IoService { shared, next_ticket: AtomicU64::new(0), engine })
     }
 
     /// The backend actually in use: `Uring` or `Pread`, never `Auto`.
@@ -281,11 +257,8 @@ impl IoService {
             self.shared.register_failed(id, ops.len() as u64, err);
             return Ticket(id);
         }
-        let jobs: Vec<Job> = ops
-            .into_iter()
-            .filter(|op| op.len > 0)
-            .map(|op| Job { op, batch: id })
-            .collect();
+        let jobs: Vec<Job> =
+            ops.into_iter().filter(|op| op.len > 0).map(|op| Job { op, batch: id }).collect();
         self.shared.register(id, jobs.len());
         if !jobs.is_empty() {
             let sent = match &self.engine {
@@ -293,12 +266,7 @@ impl IoService {
                 Engine::Pread(p) => p.send(jobs),
             };
             if !sent {
-                self.shared.fail_batch(
-                    id,
-                    IoError::ServiceGone {
-                        path: self.shared.path.clone(),
-                    },
-                );
+                self.shared.fail_batch(id, IoError::ServiceGone { path: self.shared.path.clone() });
             }
         }
         Ticket(id)
@@ -315,11 +283,7 @@ impl IoService {
     pub fn read_range(&self, offset: u64, len: u64) -> Result<(AlignedBuf, usize), IoError> {
         let (aoff, alen, pad) = align_extent(offset, len);
         let mut buf = AlignedBuf::new(alen)?;
-        let op = ReadOp {
-            file_offset: aoff,
-            len: alen,
-            dst: buf.as_mut_ptr(),
-        };
+        let op = ReadOp { file_offset: aoff, len: alen, dst: buf.as_mut_ptr() };
         // SAFETY: buf lives on this frame, is used by nobody else, and is only read after wait.
         let t = unsafe { self.submit(vec![op]) };
         self.wait(t)?;
@@ -344,16 +308,9 @@ impl Drop for IoService {
 
 /// Opens read-only, with O_DIRECT when asked; falls back to buffered if the filesystem refuses.
 fn open_file(path: &Path, direct: bool) -> Result<(File, bool), IoError> {
-    let open_err = |source| IoError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
+    let open_err = |source| IoError::Open { path: path.to_path_buf(), source };
     if direct {
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
+        match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => return Ok((f, true)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::warn!(
@@ -407,9 +364,6 @@ mod tests {
             b.as_mut_slice().fill(7);
             assert!(b.as_slice().iter().all(|&x| x == 7));
         }
-        assert!(matches!(
-            AlignedBuf::new(usize::MAX),
-            Err(IoError::Alloc { .. })
-        ));
+        assert!(matches!(AlignedBuf::new(usize::MAX), Err(IoError::Alloc { .. })));
     }
 }

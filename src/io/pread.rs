@@ -18,10 +18,7 @@ impl PreadPool {
     pub fn start(shared: &Arc<Shared>, n_threads: usize) -> Result<PreadPool, IoError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let mut pool = PreadPool {
-            tx: Some(tx),
-            threads: Vec::new(),
-        };
+        let mut pool = PreadPool { tx: Some(tx), threads: Vec::new() };
         for i in 0..n_threads.max(1) {
             let (sh, rx) = (Arc::clone(shared), Arc::clone(&rx));
             let spawned = std::thread::Builder::new()
@@ -31,10 +28,7 @@ impl PreadPool {
                 Ok(h) => pool.threads.push(h),
                 Err(source) => {
                     pool.shutdown();
-                    return Err(IoError::Thread {
-                        path: shared.path.clone(),
-                        source,
-                    });
+                    return Err(IoError::Thread { path: shared.path.clone(), source });
                 }
             }
         }
@@ -65,9 +59,7 @@ fn worker(shared: &Shared, rx: &Mutex<Receiver<Job>>) {
             Err(_) => return, // queue closed and drained
         };
         shared.busy_enter();
-        let result = shared
-            .chunks(&job.op)
-            .try_for_each(|chunk| read_chunk(shared, &job, chunk));
+        let result = shared.chunks(&job.op).try_for_each(|chunk| read_chunk(shared, &job, chunk));
         shared.busy_exit();
         shared.finish_op(job.batch, job.op.len, result);
     }
@@ -79,10 +71,7 @@ fn read_chunk(shared: &Shared, job: &Job, chunk: super::shared::Chunk) -> Result
     let buf = unsafe { std::slice::from_raw_parts_mut(chunk.dst, chunk.len) };
     let mut done = 0usize;
     loop {
-        let last = match shared
-            .file
-            .read_at(&mut buf[done..], chunk.offset + done as u64)
-        {
+        let last = match shared.file.read_at(&mut buf[done..], chunk.offset + done as u64) {
             Ok(n) => n,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted) => continue,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,

@@ -145,12 +145,7 @@ impl Shared {
     }
 
     pub fn read_error(&self, op: &ReadOp, source: std::io::Error) -> IoError {
-        IoError::Read {
-            path: self.path.clone(),
-            offset: op.file_offset,
-            len: op.len,
-            source,
-        }
+        IoError::Read { path: self.path.clone(), offset: op.file_offset, len: op.len, source }
     }
 
     pub fn register(&self, id: u64, n_ops: usize) {
@@ -158,13 +153,7 @@ impl Shared {
         if n_ops == 0 {
             st.stats.batches += 1;
         }
-        st.batches.insert(
-            id,
-            Batch {
-                remaining: n_ops,
-                error: None,
-            },
-        );
+        st.batches.insert(id, Batch { remaining: n_ops, error: None });
     }
 
     /// A batch rejected before any I/O.
@@ -173,13 +162,7 @@ impl Shared {
         st.stats.batches += 1;
         st.stats.ops += n_ops;
         st.stats.errors += n_ops;
-        st.batches.insert(
-            id,
-            Batch {
-                remaining: 0,
-                error: Some(err),
-            },
-        );
+        st.batches.insert(id, Batch { remaining: 0, error: Some(err) });
         drop(st);
         self.done.notify_all();
     }
@@ -225,20 +208,13 @@ impl Shared {
         let mut st = self.lock();
         loop {
             match st.batches.get(&id) {
-                None => {
-                    return Err(IoError::UnknownTicket {
-                        path: self.path.clone(),
-                        ticket: id,
-                    })
-                }
+                None => return Err(IoError::UnknownTicket { path: self.path.clone(), ticket: id }),
                 Some(b) if b.remaining == 0 => {
                     let b = st.batches.remove(&id);
                     return b.and_then(|b| b.error).map_or(Ok(()), Err);
                 }
                 Some(_) if st.gone => {
-                    return Err(IoError::ServiceGone {
-                        path: self.path.clone(),
-                    });
+                    return Err(IoError::ServiceGone { path: self.path.clone() });
                 }
                 Some(_) => st = self.done.wait(st).unwrap_or_else(|e| e.into_inner()),
             }

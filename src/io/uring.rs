@@ -31,13 +31,8 @@ impl UringThread {
     /// Creates the ring (the probe: fails where io_uring is not permitted), checks it completes
     /// a no-op, and starts the thread.
     pub fn start(shared: &Arc<Shared>, queue_depth: usize) -> Result<UringThread, IoError> {
-        let uring_err = |source| IoError::Uring {
-            path: shared.path.clone(),
-            source,
-        };
-        let entries = u32::try_from(queue_depth + 1)
-            .unwrap_or(u32::MAX)
-            .next_power_of_two();
+        let uring_err = |source| IoError::Uring { path: shared.path.clone(), source };
+        let entries = u32::try_from(queue_depth + 1).unwrap_or(u32::MAX).next_power_of_two();
         let mut ring = IoUring::new(entries).map_err(uring_err)?;
         probe_nop(&mut ring).map_err(uring_err)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
@@ -55,15 +50,8 @@ impl UringThread {
                 let _guard = GoneGuard(&sh);
                 Reader::new(&sh, ring, wk.as_raw_fd(), queue_depth).run(&rx);
             })
-            .map_err(|source| IoError::Thread {
-                path: shared.path.clone(),
-                source,
-            })?;
-        Ok(UringThread {
-            tx,
-            wake,
-            thread: Some(thread),
-        })
+            .map_err(|source| IoError::Thread { path: shared.path.clone(), source })?;
+        Ok(UringThread { tx, wake, thread: Some(thread) })
     }
 
     /// Queues a batch and wakes the thread; false if the thread is gone.
@@ -194,11 +182,7 @@ impl<'a> Reader<'a> {
             Msg::Batch(jobs) => {
                 for job in jobs {
                     let chunks: Vec<Chunk> = self.shared.chunks(&job.op).collect();
-                    let state = OpState {
-                        job,
-                        chunks_left: chunks.len(),
-                        error: None,
-                    };
+                    let state = OpState { job, chunks_left: chunks.len(), error: None };
                     let op = match self.free_ops.pop() {
                         Some(i) => {
                             self.ops[i] = Some(state);
@@ -291,11 +275,8 @@ impl<'a> Reader<'a> {
     }
 
     fn reap(&mut self) {
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let cqes: Vec<(u64, i32)> =
+            self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (ud, res) in cqes {
             if ud == WAKE {
                 self.wake_armed = false;
@@ -321,14 +302,12 @@ impl<'a> Reader<'a> {
                 match -res {
                     libc::EAGAIN | libc::EINTR => Next::Again,
                     errno => Next::Fail(
-                        self.shared
-                            .read_error(&op, std::io::Error::from_raw_os_error(errno)),
+                        self.shared.read_error(&op, std::io::Error::from_raw_os_error(errno)),
                     ),
                 }
             } else {
                 piece.done += res as usize;
-                self.shared
-                    .after_read(&op, &piece.chunk, piece.done, res as usize)
+                self.shared.after_read(&op, &piece.chunk, piece.done, res as usize)
             };
             match outcome {
                 // Resubmit the remainder ahead of other queued work.
@@ -351,8 +330,7 @@ impl<'a> Reader<'a> {
             if let Some(state) = self.ops[op].take() {
                 self.free_ops.push(op);
                 let result = state.error.map_or(Ok(()), Err);
-                self.shared
-                    .finish_op(state.job.batch, state.job.op.len, result);
+                self.shared.finish_op(state.job.batch, state.job.op.len, result);
             }
         }
     }
