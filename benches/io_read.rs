@@ -2,7 +2,8 @@
 //! page cache plays no part): io_uring at several queue depths vs pread×4 vs one synchronous
 //! pread thread. Prints GB/s; not a criterion bench because one sample is seconds of disk time.
 //!
-//! `cargo bench --bench io_read -- [file GiB = 2] [GiB read per config = 1]`
+//! `cargo bench --bench io_read -- [file GiB = 2] [GiB read per config = 1] [min KiB = 1024]
+//! [max KiB = 3072]`. CPU seconds are the whole process's (user + system) during the run.
 //! The file goes to `$MOERUN_IO_BENCH_DIR` (default: the temp dir), which must be on a disk.
 
 use std::io::Write;
@@ -20,6 +21,8 @@ fn main() {
     let args: Vec<f64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let file_gib = args.first().copied().unwrap_or(2.0);
     let read_gib = args.get(1).copied().unwrap_or(1.0);
+    let min_len = args.get(2).map_or(MIB, |k| (*k as usize) << 10);
+    let max_len = args.get(3).map_or(3 * MIB, |k| (*k as usize) << 10).max(min_len + 1);
     let dir = std::env::var_os("MOERUN_IO_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     let tmp = tempfile::Builder::new().prefix("io_read").tempdir_in(dir).expect("tempdir");
     let path = tmp.path().join("big.bin");
@@ -39,27 +42,35 @@ fn main() {
         ("uring QD32 split 256KiB", IoBackend::Uring, 32, 0, 256 * 1024),
     ];
     let target = (read_gib * (1u64 << 30) as f64) as u64;
-    println!("file {file_gib} GiB, {read_gib} GiB of random 1-3 MiB extents per config, O_DIRECT");
+    println!(
+        "file {file_gib} GiB, {read_gib} GiB of random {}-{} KiB extents per config, O_DIRECT",
+        min_len >> 10,
+        max_len >> 10
+    );
     for round in 0..2 {
         for &(name, backend, queue_depth, pread_threads, split_bytes) in configs {
             let cfg = IoConfig { backend, queue_depth, direct: true, pread_threads };
             let svc = IoService::open_tuned(&path, cfg, IoTuning { split_bytes }).expect("open");
             assert!(svc.direct(), "O_DIRECT refused: put MOERUN_IO_BENCH_DIR on a disk");
-            let gbs = run(&svc, file_len, target, 1000 + round);
+            let cpu0 = cpu_seconds();
+            let gbs = run(&svc, file_len, target, 1000 + round, (min_len, max_len));
+            let cpu = cpu_seconds() - cpu0;
             let s = svc.stats();
             println!(
-                "round {round}  {name:<24} {gbs:6.2} GB/s  ({} ops, busy {:.2} s)",
-                s.ops, s.busy_s
+                "round {round}  {name:<24} {gbs:6.2} GB/s  ({} ops, busy {:.2} s, cpu {:.2} s/GB)",
+                s.ops,
+                s.busy_s,
+                cpu / (s.bytes as f64 / 1e9)
             );
         }
     }
 }
 
 /// Reads random extents until `target` bytes, BATCH ops per ticket, WINDOW tickets in flight.
-fn run(svc: &IoService, file_len: usize, target: u64, seed: u64) -> f64 {
+fn run(svc: &IoService, file_len: usize, target: u64, seed: u64, lens: (usize, usize)) -> f64 {
     let mut rng = SplitMix64::new(seed);
     let mut bufs: Vec<Vec<AlignedBuf>> = (0..WINDOW)
-        .map(|_| (0..BATCH).map(|_| AlignedBuf::new(3 * MIB + 8192).expect("alloc")).collect())
+        .map(|_| (0..BATCH).map(|_| AlignedBuf::new(lens.1 + 8192).expect("alloc")).collect())
         .collect();
     let mut tickets = std::collections::VecDeque::new();
     let (mut bytes, mut slot) = (0u64, 0usize);
@@ -71,7 +82,7 @@ fn run(svc: &IoService, file_len: usize, target: u64, seed: u64) -> f64 {
         let ops: Vec<ReadOp> = bufs[slot]
             .iter_mut()
             .map(|b| {
-                let len = MIB + (rng.next_u64() as usize) % (2 * MIB);
+                let len = lens.0 + (rng.next_u64() as usize) % (lens.1 - lens.0);
                 let off = rng.next_u64() % (file_len - len) as u64;
                 let (aoff, alen, _) = align_extent(off, len as u64);
                 bytes += alen as u64;
@@ -86,6 +97,15 @@ fn run(svc: &IoService, file_len: usize, target: u64, seed: u64) -> f64 {
         svc.wait(t).expect("read");
     }
     bytes as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass; zeroed is a valid rusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a live rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn write_file(path: &std::path::Path, len: usize) {
