@@ -332,6 +332,7 @@ mod tests {
     #[test]
     fn align_extent_cases() {
         // (offset, len) -> (aligned offset, aligned len, pad)
+        #[allow(clippy::type_complexity)]
         let cases: &[((u64, u64), (u64, usize, usize))] = &[
             ((0, 0), (0, 0, 0)),
             ((0, 1), (0, 4096, 0)),
@@ -359,7 +360,7 @@ mod tests {
             let mut b = AlignedBuf::new(len).expect("alloc");
             assert_eq!(b.as_ptr() as usize % ALIGN, 0);
             assert_eq!(b.len(), len);
-            assert!(b.capacity() >= len.max(1) && b.capacity() % ALIGN == 0);
+            assert!(b.capacity() >= len.max(1) && b.capacity().is_multiple_of(ALIGN));
             assert!(b.as_slice().iter().all(|&x| x == 0));
             b.as_mut_slice().fill(7);
             assert!(b.as_slice().iter().all(|&x| x == 7));

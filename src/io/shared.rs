@@ -84,7 +84,9 @@ impl Shared {
             return Ok(());
         }
         if self.direct
-            && (op.file_offset % a != 0 || op.len % ALIGN != 0 || op.dst as usize % ALIGN != 0)
+            && !(op.file_offset.is_multiple_of(a)
+                && op.len.is_multiple_of(ALIGN)
+                && (op.dst as usize).is_multiple_of(ALIGN))
         {
             return Err(IoError::Misaligned {
                 path: self.path.clone(),
@@ -133,7 +135,7 @@ impl Shared {
             unsafe { std::ptr::write_bytes(chunk.dst.add(done), 0, chunk.len - done) };
             return Next::Done;
         }
-        if last == 0 || (self.direct && done % ALIGN != 0) {
+        if last == 0 || (self.direct && !done.is_multiple_of(ALIGN)) {
             return Next::Fail(IoError::ShortRead {
                 path: self.path.clone(),
                 offset: op.file_offset,
