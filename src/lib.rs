@@ -8,6 +8,7 @@ pub mod chat;
 pub mod engine;
 pub mod experts;
 pub mod gguf;
+pub mod io;
 pub mod layers;
 pub mod llama_log;
 pub mod lowprec;
