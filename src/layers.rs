@@ -122,6 +122,7 @@ pub enum Logits {
 
 /// Observes routing decisions (statistics, traces, the expert cache).
 pub trait RouteObserver {
+    /// `token` is the absolute position of the token in its session.
     fn route(&mut self, layer: usize, token: usize, route: &Route);
 }
 
@@ -159,7 +160,7 @@ impl Forward<'_> {
         }
         for (l, layer) in m.layers.iter().enumerate() {
             self.attention(l, layer, pos0, n, kv, s);
-            self.ffn(l, layer, n, s, obs)?;
+            self.ffn(l, layer, pos0, n, s, obs)?;
         }
         // Final norm and head over the requested rows.
         let rows: Vec<usize> = match want {
@@ -266,7 +267,7 @@ impl Forward<'_> {
         s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
     }
 
-    fn ffn(&mut self, l: usize, layer: &Layer, n: usize, s: &mut Scratch, obs: &mut dyn RouteObserver) -> Result<(), ProviderError> {
+    fn ffn(&mut self, l: usize, layer: &Layer, pos0: usize, n: usize, s: &mut Scratch, obs: &mut dyn RouteObserver) -> Result<(), ProviderError> {
         let m = self.model;
         let hp = &m.hp;
         let d = hp.n_embd;
@@ -289,7 +290,7 @@ impl Forward<'_> {
                 let routes: Vec<Route> = (0..n)
                     .map(|t| {
                         let r = route(&mut s.logits_r[t * hp.n_expert..(t + 1) * hp.n_expert], k, &hp.router);
-                        obs.route(l, t, &r);
+                        obs.route(l, pos0 + t, &r);
                         r
                     })
                     .collect();

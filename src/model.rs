@@ -83,13 +83,16 @@ pub struct Layer {
     pub ffn: Ffn,
 }
 
-/// Which weights get a resident copy in a faster interleaved layout at load (Q4_0 today, with
-/// ggml's repacked GEMV/GEMM — what llama.cpp does for every Q4_0 weight).
+/// Which weights are copied out of the file mapping into resident memory at load. Q4_0 copies
+/// are repacked for ggml's interleaved GEMV/GEMM (what llama.cpp does for every Q4_0 weight);
+/// other types are copied as they are. A resident weight never touches the mapping again, so
+/// the file can change under a running engine without a SIGBUS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
-pub enum Repack {
-    /// Every weight is read from the file mapping.
+pub enum Resident {
+    /// Every weight is read from the file mapping (zero copies).
     None,
-    /// Attention, output and shared-expert weights (the always-resident part).
+    /// Everything but the routed experts: embeddings, attention, output, shared experts — the
+    /// part every token needs. Routed experts come from the mapping or the expert cache.
     Dense,
     /// Dense weights and every routed expert (needs RAM for the whole model).
     #[default]
@@ -99,11 +102,11 @@ pub enum Repack {
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    pub repack: Repack,
+    pub resident: Resident,
 }
 
-/// Resident copies of weights in interleaved layouts, keyed by their file offset.
-struct Resident {
+/// Resident copies of weights, keyed by their file offset.
+struct ResidentCopies {
     buf: memmap2::MmapMut,
     index: HashMap<u64, (usize, Layout)>,
 }
@@ -116,7 +119,7 @@ pub struct Model {
     pub output_norm: Vec<f32>,
     pub output: WeightDesc,
     pub layers: Vec<Layer>,
-    resident: Option<Resident>,
+    resident: Option<ResidentCopies>,
 }
 
 struct Loader<'a> {
@@ -238,7 +241,7 @@ impl Model {
     pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Model, ArchError> {
         let file = Arc::new(GgufFile::open(path)?);
         let mut m = Model::from_file(file)?;
-        m.make_resident(opts.repack)?;
+        m.make_resident(opts.resident)?;
         Ok(m)
     }
 
@@ -334,12 +337,13 @@ impl Model {
         Ok(Model { file, spec, hp, tok_embd, output_norm, output, layers, resident: None })
     }
 
-    /// The weights `repack` selects, in load order.
-    fn repack_set(&self, repack: Repack) -> Vec<WeightDesc> {
+    /// The weights `which` selects, in load order.
+    fn resident_set(&self, which: Resident) -> Vec<WeightDesc> {
         let mut ws = Vec::new();
-        if repack == Repack::None {
+        if which == Resident::None {
             return ws;
         }
+        ws.push(self.tok_embd);
         if self.output.offset != self.tok_embd.offset {
             ws.push(self.output);
         }
@@ -347,23 +351,24 @@ impl Model {
             ws.extend([l.wq, l.wk, l.wv, l.wo]);
             match &l.ffn {
                 Ffn::Dense(e) => ws.extend([e.gate, e.up, e.down]),
-                Ffn::Moe { experts, shared, .. } => {
+                Ffn::Moe { router, experts, shared } => {
+                    ws.push(*router);
                     if let Some(sh) = shared {
                         ws.extend([sh.ffn.gate, sh.ffn.up, sh.ffn.down]);
                     }
-                    if repack == Repack::All {
+                    if which == Resident::All {
                         ws.extend(experts.iter().flat_map(|e| [e.gate, e.up, e.down]));
                     }
                 }
             }
         }
-        ws.retain(|w| repack::repackable(w.ty, w.rows, w.cols).is_some());
         ws
     }
 
-    /// Copy the selected weights into one anonymous (huge-page advised) buffer, repacked.
-    fn make_resident(&mut self, repack: Repack) -> Result<(), ArchError> {
-        let ws = self.repack_set(repack);
+    /// Copy the selected weights into one anonymous (huge-page advised) buffer, repacking the
+    /// ones a faster layout exists for. The token embedding stays plain: rows are looked up.
+    fn make_resident(&mut self, which: Resident) -> Result<(), ArchError> {
+        let ws = self.resident_set(which);
         let total: u64 = ws.iter().map(|w| w.bytes).sum();
         if total == 0 {
             return Ok(());
@@ -375,21 +380,31 @@ impl Model {
         // Huge pages cut TLB misses when streaming gigabytes of weights; a hint, so ignore failure.
         let _ = buf.advise(memmap2::Advice::HugePage);
         let mut index = HashMap::with_capacity(ws.len());
-        let mut at = 0usize;
+        let (mut at, mut repacked) = (0usize, 0usize);
         for w in &ws {
             let n = w.bytes as usize;
             let src = &self.file.bytes()[w.offset as usize..w.offset as usize + n];
-            repack::repack_q4_0x8(src, w.rows, w.cols, &mut buf[at..at + n]);
-            index.insert(w.offset, (at, Layout::Q4_0x8));
+            let layout = match repack::repackable(w.ty, w.rows, w.cols) {
+                Some(Layout::Q4_0x8) if w.offset != self.tok_embd.offset => {
+                    repack::repack_q4_0x8(src, w.rows, w.cols, &mut buf[at..at + n]);
+                    repacked += 1;
+                    Layout::Q4_0x8
+                }
+                _ => {
+                    buf[at..at + n].copy_from_slice(src);
+                    Layout::Plain
+                }
+            };
+            index.insert(w.offset, (at, layout));
             at += n;
         }
         tracing::info!(
-            "repacked {} weights ({:.1} MiB) for ggml's interleaved kernels in {:.2} s",
+            "{} weights ({:.1} MiB) resident, {repacked} repacked for ggml's interleaved kernels, in {:.2} s",
             ws.len(),
             total as f64 / 1048576.0,
             t0.elapsed().as_secs_f64()
         );
-        self.resident = Some(Resident { buf, index });
+        self.resident = Some(ResidentCopies { buf, index });
         Ok(())
     }
 
@@ -403,20 +418,31 @@ impl Model {
         &self.file.bytes()[w.offset as usize..(w.offset + w.bytes) as usize]
     }
 
-    /// A weight in ggml's plain layout, straight from the mapping (row lookups, dequantization).
+    /// A weight in ggml's plain layout (row lookups, dequantization): its resident plain copy,
+    /// else the mapping.
     pub fn plain_mat(&self, w: &WeightDesc) -> MatRef<'_> {
-        w.mat(self.bytes_of(w))
+        match self.resident_copy(w) {
+            Some((data, Layout::Plain)) => w.mat(data),
+            _ => w.mat(self.bytes_of(w)),
+        }
     }
 
-    /// A weight for multiplication: its resident repacked copy if it has one, else the mapping.
+    /// A weight for multiplication: its resident copy (repacked or plain) if it has one, else
+    /// the mapping.
     pub fn mat(&self, w: &WeightDesc) -> MatRef<'_> {
-        if let Some(r) = &self.resident {
-            if let Some(&(at, layout)) = r.index.get(&w.offset) {
-                let data = &r.buf[at..at + w.bytes as usize];
-                return MatRef::repacked(w.ty, w.rows, w.cols, data, layout).expect("resident copies are validated at load");
+        match self.resident_copy(w) {
+            Some((data, Layout::Plain)) => w.mat(data),
+            Some((data, layout)) => {
+                MatRef::repacked(w.ty, w.rows, w.cols, data, layout).expect("resident copies are validated at load")
             }
+            None => w.mat(self.bytes_of(w)),
         }
-        self.plain_mat(w)
+    }
+
+    fn resident_copy(&self, w: &WeightDesc) -> Option<(&[u8], Layout)> {
+        let r = self.resident.as_ref()?;
+        let &(at, layout) = r.index.get(&w.offset)?;
+        Some((&r.buf[at..at + w.bytes as usize], layout))
     }
 
     /// Per-layer routed experts, if the layer is MoE.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use moerun::engine::{argmax, Engine, EngineConfig, KvType};
 use moerun::layers::Logits;
-use moerun::model::{LoadOptions, Model, Repack};
+use moerun::model::{LoadOptions, Model, Resident};
 use moerun::reference::{LlamaReference, ReferenceConfig};
 use moerun::rng::SplitMix64;
 use serde::Serialize;
@@ -30,9 +30,9 @@ pub struct Args {
     /// Measured repeats (after one warm-up run).
     #[arg(short, long, default_value_t = 3)]
     repeats: usize,
-    /// Which weights get a resident repacked copy (Q4_0 → ggml's interleaved kernels).
-    #[arg(long, value_enum, default_value_t = Repack::All)]
-    repack: Repack,
+    /// Which weights are copied into resident memory (Q4_0 repacked for ggml's interleaved kernels).
+    #[arg(long, value_enum, default_value_t = Resident::All)]
+    resident: Resident,
     /// Also run the linked llama.cpp (reference) and print both and the ratio.
     #[arg(long)]
     compare: bool,
@@ -76,7 +76,7 @@ struct Report {
     prompt_tokens: usize,
     gen_tokens: usize,
     repeats: usize,
-    repack: Repack,
+    resident: Resident,
     rss_anon_mib_peak: Option<f64>,
     resident_weights_mib: f64,
     kv_cache_mib: f64,
@@ -110,7 +110,7 @@ fn time_run(prompt: &[u32], n_gen: usize, mut prefill: impl FnMut(&[u32]) -> any
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
-    let model = Arc::new(Model::load_with(&path, LoadOptions { repack: a.repack })?);
+    let model = Arc::new(Model::load_with(&path, LoadOptions { resident: a.resident })?);
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
     let mut engine = Engine::new(Arc::clone(&model), EngineConfig { threads, n_ctx, kv_type: KvType::F16, ..Default::default() });
@@ -202,7 +202,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prompt_tokens: prompt.len(),
         gen_tokens: a.n_gen,
         repeats: a.repeats,
-        repack: a.repack,
+        resident: a.resident,
         rss_anon_mib_peak: rss,
         resident_weights_mib: model.resident_bytes() as f64 / 1048576.0,
         kv_cache_mib: kv_mib,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, KvType, SamplerConfig};
-use moerun::model::{LoadOptions, Model, Repack};
+use moerun::model::{LoadOptions, Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
 #[derive(clap::Args, Debug)]
@@ -45,9 +45,9 @@ pub struct Args {
     /// Do not add BOS even if the model's metadata asks for it.
     #[arg(long)]
     no_bos: bool,
-    /// Which weights get a resident repacked copy (Q4_0 → ggml's interleaved kernels).
-    #[arg(long, value_enum, default_value_t = Repack::All)]
-    repack: Repack,
+    /// Which weights are copied into resident memory (Q4_0 repacked for ggml's interleaved kernels).
+    #[arg(long, value_enum, default_value_t = Resident::All)]
+    resident: Resident,
     /// Print one JSON object (ids, text, top logits, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -56,7 +56,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Tokenizer::from_gguf(&path)?;
-    let model = Arc::new(Model::load_with(&path, LoadOptions { repack: a.repack })?);
+    let model = Arc::new(Model::load_with(&path, LoadOptions { resident: a.resident })?);
     let mut cfg = EngineConfig { n_ctx: a.ctx_size, kv_type: a.kv_type, ..Default::default() };
     if let Some(t) = a.threads {
         cfg.threads = t.max(1);

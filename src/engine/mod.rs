@@ -2,6 +2,7 @@
 //! front doors drive it through `Engine` and `Session`.
 
 pub mod kv;
+pub mod offload;
 pub mod sampler;
 
 use std::sync::Arc;
@@ -73,6 +74,24 @@ pub struct Engine {
     scratch: Scratch,
     cfg: EngineConfig,
     n_ctx: usize,
+    offload: Option<offload::Offload>,
+    trace: Option<TraceObserver>,
+}
+
+/// Writes every routing decision to a trace file (`--trace`).
+struct TraceObserver {
+    writer: crate::experts::trace::TraceWriter,
+    /// The first write error (reported by `finish_trace`).
+    error: Option<String>,
+}
+
+impl RouteObserver for TraceObserver {
+    fn route(&mut self, layer: usize, token: usize, route: &crate::layers::Route) {
+        let experts: Vec<u16> = route.experts.iter().map(|&e| e as u16).collect();
+        if let Err(e) = self.writer.record(token as u64, layer as u16, &experts, &route.weights) {
+            self.error.get_or_insert(e.to_string());
+        }
+    }
 }
 
 /// Timing of one `generate` call.
@@ -145,7 +164,48 @@ impl Engine {
             n => n,
         };
         let pool = ThreadPool::new(cfg.threads);
-        Engine { model, pool, scratch: Scratch::default(), cfg, n_ctx }
+        Engine { model, pool, scratch: Scratch::default(), cfg, n_ctx, offload: None, trace: None }
+    }
+
+    /// Serve routed experts from a budgeted cache instead of the model's memory.
+    pub fn set_offload(&mut self, off: offload::Offload) {
+        self.offload = Some(off);
+    }
+
+    pub fn offload(&self) -> Option<&offload::Offload> {
+        self.offload.as_ref()
+    }
+
+    pub fn offload_mut(&mut self) -> Option<&mut offload::Offload> {
+        self.offload.as_mut()
+    }
+
+    /// Record every routing decision to `path` (JSON lines, see `experts::trace`).
+    pub fn trace_to(&mut self, path: &std::path::Path) -> Result<(), crate::experts::trace::TraceError> {
+        let m = &self.model;
+        let experts_bytes = (0..m.hp.n_layer).filter_map(|l| m.experts(l)).flatten().map(|e| e.bytes()).max().unwrap_or(0);
+        let header = crate::experts::trace::TraceHeader {
+            model: m.file.path().display().to_string(),
+            n_layers: m.hp.n_layer,
+            n_experts: m.hp.n_expert,
+            top_k: m.hp.n_expert_used,
+            expert_bytes_high: experts_bytes,
+            expert_bytes_low: 0,
+        };
+        let writer = crate::experts::trace::TraceWriter::create(path, &header)?;
+        self.trace = Some(TraceObserver { writer, error: None });
+        Ok(())
+    }
+
+    /// Flush and close the trace, if one is being written.
+    pub fn finish_trace(&mut self) -> Result<(), String> {
+        match self.trace.take() {
+            Some(t) => match t.error {
+                Some(e) => Err(e),
+                None => t.writer.finish().map(|_| ()).map_err(|e| e.to_string()),
+            },
+            None => Ok(()),
+        }
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -171,7 +231,19 @@ impl Engine {
     /// Evaluate `tokens` after what `sess` holds; returns the requested logits.
     pub fn eval(&mut self, sess: &mut Session, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
         let model = Arc::clone(&self.model);
-        self.eval_with(sess, tokens, want, &mut ModelExperts(&model), &mut ())
+        let mut off = self.offload.take();
+        let mut trace = self.trace.take();
+        let obs: &mut dyn RouteObserver = match trace.as_mut() {
+            Some(t) => t,
+            None => &mut (),
+        };
+        let r = match off.as_mut() {
+            Some(o) => self.eval_with(sess, tokens, want, o, obs),
+            None => self.eval_with(sess, tokens, want, &mut ModelExperts(&model), obs),
+        };
+        self.offload = off;
+        self.trace = trace;
+        r
     }
 
     /// `eval` with an explicit expert source and routing observer.

@@ -186,6 +186,16 @@ impl ExpertCache {
         }
     }
 
+    /// Forget `key`'s resident copy (its load failed, so the slot holds garbage): the slot
+    /// becomes free and the next plan loads the expert again.
+    pub fn invalidate(&mut self, key: ExpertKey) {
+        let Some(i) = self.index(key) else { return };
+        if let Some((p, slot)) = self.resident[i].take() {
+            self.pool_mut(p).slots[slot as usize] = None;
+            self.used[pool_index(p)] -= 1;
+        }
+    }
+
     /// Forget the per-sequence records (HOBBIT's R, F, H and T). Residency, the LRU clock and
     /// LFU's lifetime counts stay.
     pub fn reset_sequence(&mut self) {
