@@ -24,6 +24,9 @@ pub enum ReferenceError {
 pub struct ReferenceConfig {
     pub n_ctx: u32,
     pub threads: i32,
+    /// llama.cpp's default: copy weights into repacked CPU buffers (`use_extra_bufts`). Off, it
+    /// reads every weight through the mmap, as it must when the model exceeds RAM.
+    pub repack: bool,
 }
 
 /// A libllama model and context.
@@ -46,6 +49,7 @@ impl LlamaReference {
         unsafe {
             let mut mp = sys::llama_model_default_params();
             mp.n_gpu_layers = 0;
+            mp.use_extra_bufts = cfg.repack;
             let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
             if model.is_null() {
                 return Err(ReferenceError::Load { path: path.display().to_string() });

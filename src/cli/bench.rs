@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use moerun::engine::{argmax, Engine, EngineConfig, KvType};
 use moerun::layers::Logits;
-use moerun::model::{LoadOptions, Model, Resident};
+use moerun::model::{Model, Resident};
 use moerun::reference::{LlamaReference, ReferenceConfig};
 use moerun::rng::SplitMix64;
 use serde::Serialize;
@@ -36,9 +36,24 @@ pub struct Args {
     /// Also run the linked llama.cpp (reference) and print both and the ratio.
     #[arg(long)]
     compare: bool,
+    /// Run only this engine (for runs in separate processes, e.g. under a memory cap).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// Let llama.cpp repack weights into its own buffers (its default); off, it streams every
+    /// weight through mmap as it must when the model exceeds RAM.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    llama_repack: bool,
+    #[command(flatten)]
+    offload: super::offload_args::OffloadArgs,
     /// Where to write the JSON results (default: bench-results/bench-<unix time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    Moerun,
+    Llama,
 }
 
 /// Median and spread of one measure.
@@ -80,8 +95,16 @@ struct Report {
     rss_anon_mib_peak: Option<f64>,
     resident_weights_mib: f64,
     kv_cache_mib: f64,
-    moerun: Side,
+    moerun: Option<Side>,
+    expert_cache: Option<moerun::engine::offload::OffloadStats>,
+    /// Expert bytes read per generated or prompt token.
+    expert_bytes_read_per_token: Option<f64>,
+    /// Seconds waiting for expert reads per token.
+    stall_s_per_token: Option<f64>,
+    /// Measured read throughput of the expert cache (bytes / seconds with reads in flight).
+    io_gb_s: Option<f64>,
     llama_cpp: Option<Side>,
+    llama_repack: bool,
     decode_ratio: Option<f64>,
     prefill_ratio: Option<f64>,
 }
@@ -110,10 +133,15 @@ fn time_run(prompt: &[u32], n_gen: usize, mut prefill: impl FnMut(&[u32]) -> any
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
-    let model = Arc::new(Model::load_with(&path, LoadOptions { resident: a.resident })?);
+    let run_ours = a.only != Some(Only::Llama);
+    let run_llama = a.compare || a.only == Some(Only::Llama);
+    let model = Arc::new(Model::load_with(&path, a.offload.load_options(if run_ours { a.resident } else { moerun::model::Resident::None }))?);
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
-    let mut engine = Engine::new(Arc::clone(&model), EngineConfig { threads, n_ctx, kv_type: KvType::F16, ..Default::default() });
+    let mut engine = Engine::new(Arc::clone(&model), EngineConfig { threads: if run_ours { threads } else { 1 }, n_ctx, kv_type: KvType::F16, ..Default::default() });
+    if run_ours {
+        a.offload.apply(&mut engine, &model, &path)?;
+    }
     // A fixed pseudo-random prompt over the vocabulary (the same for both engines).
     let mut rng = SplitMix64::new(42);
     let n_vocab = model.hp.n_vocab as u64;
@@ -122,7 +150,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     eprintln!("bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats", path.display(), threads, prompt.len(), a.n_gen, a.repeats);
     let mut rss: Option<f64> = None;
     let mut ours = (Vec::new(), Vec::new());
-    for i in 0..=a.repeats {
+    for i in 0..=(if run_ours { a.repeats } else { 0 }) {
+        if !run_ours {
+            break;
+        }
         let mut sess = engine.new_session();
         let sref = &mut sess;
         let eng = &mut engine;
@@ -154,11 +185,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let kv_mib = engine.new_session().kv.bytes() as f64 / (1024.0 * 1024.0);
-    let moerun_side = Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) };
+    let moerun_side = run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
+    let cache = engine.offload().map(|o| o.stats());
+    let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
     drop(engine);
 
-    let llama_side = if a.compare {
-        let mut r = LlamaReference::load(&path, ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32 })?;
+    let llama_side = if run_llama {
+        let mut r = LlamaReference::load(&path, ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32, repack: a.llama_repack })?;
         let mut theirs = (Vec::new(), Vec::new());
         for i in 0..=a.repeats {
             r.clear();
@@ -180,18 +213,38 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
 
     println!("{:<10} {:>26} {:>26}", "engine", "prefill tok/s [min–max]", "decode tok/s [min–max]");
-    for s in std::iter::once(&moerun_side).chain(llama_side.as_ref()) {
+    for s in moerun_side.iter().chain(llama_side.as_ref()) {
         println!("{:<10} {:>26} {:>26}", s.name, s.prefill_tok_s.show(), s.decode_tok_s.show());
     }
-    let ratio = |f: fn(&Side) -> f64| llama_side.as_ref().map(|l| f(&moerun_side) / f(l).max(1e-9));
+    let ratio = |f: fn(&Side) -> f64| match (&moerun_side, &llama_side) {
+        (Some(m), Some(l)) => Some(f(m) / f(l).max(1e-9)),
+        _ => None,
+    };
     let decode_ratio = ratio(|s| s.decode_tok_s.median);
     let prefill_ratio = ratio(|s| s.prefill_tok_s.median);
     if let (Some(d), Some(p)) = (decode_ratio, prefill_ratio) {
         println!("{:<10} {:>26} {:>26}", "ratio", format!("{p:.3}×"), format!("{d:.3}×"));
     }
+    let per_token = cache.as_ref().map(|c| (c.bytes_read_high + c.bytes_read_low) as f64 / tokens_run);
+    let stall = cache.as_ref().map(|c| c.stall_s / tokens_run);
+    let io_gb_s = cache.as_ref().filter(|c| c.io_busy_s > 0.0).map(|c| (c.bytes_read_high + c.bytes_read_low) as f64 / c.io_busy_s / 1e9);
+    if let Some(c) = &cache {
+        println!(
+            "expert cache: {} high slots ({:.1} MiB), hit rate {:.1}%, {:.2} MiB read per token (high {} loads, low {} loads, {} skipped), stall {:.1} ms/token, reads at {:.2} GB/s",
+            c.slots_high,
+            c.budget_bytes as f64 / 1048576.0,
+            100.0 * c.hit_rate,
+            per_token.unwrap_or(0.0) / 1048576.0,
+            c.loads_high,
+            c.loads_low,
+            c.skips,
+            1000.0 * stall.unwrap_or(0.0),
+            io_gb_s.unwrap_or(0.0)
+        );
+    }
     if let Some(r) = rss {
         println!(
-            "moerun peak anonymous RSS: {r:.1} MiB = resident repacked weights {:.1} MiB + KV cache {kv_mib:.1} MiB + the rest (other weights stay in the file mapping)",
+            "moerun peak anonymous RSS: {r:.1} MiB = resident weights {:.1} MiB + KV cache {kv_mib:.1} MiB + expert slots + the rest (other weights stay in the file mapping)",
             model.resident_bytes() as f64 / 1048576.0
         );
     }
@@ -207,7 +260,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         resident_weights_mib: model.resident_bytes() as f64 / 1048576.0,
         kv_cache_mib: kv_mib,
         moerun: moerun_side,
+        expert_cache: cache,
+        expert_bytes_read_per_token: per_token,
+        stall_s_per_token: stall,
+        io_gb_s,
         llama_cpp: llama_side,
+        llama_repack: a.llama_repack,
         decode_ratio,
         prefill_ratio,
     };

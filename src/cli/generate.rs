@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, KvType, SamplerConfig};
-use moerun::model::{LoadOptions, Model, Resident};
+use moerun::model::{Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
 #[derive(clap::Args, Debug)]
@@ -51,17 +51,20 @@ pub struct Args {
     /// Print one JSON object (ids, text, top logits, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    offload: super::offload_args::OffloadArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Tokenizer::from_gguf(&path)?;
-    let model = Arc::new(Model::load_with(&path, LoadOptions { resident: a.resident })?);
+    let model = Arc::new(Model::load_with(&path, a.offload.load_options(a.resident))?);
     let mut cfg = EngineConfig { n_ctx: a.ctx_size, kv_type: a.kv_type, ..Default::default() };
     if let Some(t) = a.threads {
         cfg.threads = t.max(1);
     }
-    let mut engine = Engine::new(model, cfg);
+    let mut engine = Engine::new(Arc::clone(&model), cfg);
+    a.offload.apply(&mut engine, &model, &path)?;
     let prompt = tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
@@ -103,6 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "generated_tokens": g.timings.generated_tokens,
             "prefill_tok_s": g.timings.prefill_tok_s(),
             "decode_tok_s": g.timings.decode_tok_s(),
+            "expert_cache": engine.offload().map(|o| o.stats()),
         });
         writeln!(stdout, "{out}")?;
     } else {
@@ -115,6 +119,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             g.timings.generated_tokens,
             g.timings.decode_tok_s()
         );
+        if let Some(o) = engine.offload() {
+            let st = o.stats();
+            let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
+            eprintln!(
+                "[expert cache: hit rate {:.1}%, {:.2} MiB read per token (high {:.2}, low {:.2}), {:.1} ms stall per token, {} skipped]",
+                100.0 * st.hit_rate,
+                (st.bytes_read_high + st.bytes_read_low) as f64 / steps / 1048576.0,
+                st.bytes_read_high as f64 / steps / 1048576.0,
+                st.bytes_read_low as f64 / steps / 1048576.0,
+                1000.0 * st.stall_s / steps,
+                st.skips
+            );
+        }
     }
+    engine.finish_trace().map_err(anyhow::Error::msg)?;
     Ok(())
 }

