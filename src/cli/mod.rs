@@ -7,7 +7,9 @@ mod generate;
 mod inspect;
 mod offload_args;
 mod prepare;
+mod quality;
 mod serve;
+mod sim;
 mod synth;
 mod tokenize;
 
@@ -47,6 +49,10 @@ pub enum Command {
     Synth(synth::Args),
     /// Write the low-precision sidecar: every routed expert requantized to a low type.
     Prepare(prepare::Args),
+    /// Replay a routing trace through cache policies offline (hit rate, miss penalty).
+    Sim(sim::Args),
+    /// Perplexity and top-1 agreement of cache/mixed-precision settings vs full precision.
+    Quality(quality::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -71,6 +77,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Prepare(a) => prepare::run(a),
+        Command::Sim(a) => sim::run(a),
+        Command::Quality(a) => quality::run(a),
     }
 }
 

@@ -1,0 +1,86 @@
+//! `moerun sim`: replay a routing trace (`--trace`) through cache policies at given budgets,
+//! offline, and compare hit rates and bytes-weighted miss penalties.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use moerun::engine::offload::{parse_budget, Budget};
+use moerun::experts::sim::{config_for, simulate};
+use moerun::experts::trace::read_trace;
+use moerun::experts::{PolicyKind, DEFAULT_HOBBIT_WEIGHTS};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A trace written by `--trace`.
+    trace: PathBuf,
+    /// Budgets to try: sizes or shares of all experts (e.g. 25%,50%).
+    #[arg(long, value_delimiter = ',', default_value = "25%,50%")]
+    budgets: Vec<String>,
+    /// Policies to compare.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "lru,lfu,hobbit,fate")]
+    policies: Vec<PolicyKind>,
+    /// HOBBIT's term weights w_lru,w_lfu,w_lhu,w_fld.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_HOBBIT_WEIGHTS)]
+    hobbit_weights: Vec<f32>,
+    /// Layers Fate pins.
+    #[arg(long, default_value_t = 1)]
+    pin_layers: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.hobbit_weights.len() != 4 {
+        anyhow::bail!("--hobbit-weights takes four numbers: w_lru,w_lfu,w_lhu,w_fld");
+    }
+    let (header, records) = read_trace(&a.trace)?;
+    let all = (header.n_layers * header.n_experts) as u64 * header.expert_bytes_high;
+    let mut rows = Vec::new();
+    if !a.json {
+        println!("{} — {} records, {} layers × {} experts (top-{})", a.trace.display(), records.len(), header.n_layers, header.n_experts, header.top_k);
+        println!("{:>8} {:>8} {:>9} {:>8} {:>16} {:>10}", "budget", "policy", "hit rate", "misses", "miss MiB", "vs LRU");
+    }
+    for b in &a.budgets {
+        let bytes = match parse_budget(b).map_err(anyhow::Error::msg).with_context(|| format!("budget '{b}'"))? {
+            Budget::Bytes(x) => x,
+            Budget::Share(f) => ((header.n_layers * header.n_experts) as f64 * f).round() as u64 * header.expert_bytes_high,
+        };
+        let mut lru_penalty = None;
+        for &p in &a.policies {
+            let mut cfg = config_for(&header, bytes);
+            cfg.policy = p;
+            cfg.hobbit_weights = [a.hobbit_weights[0], a.hobbit_weights[1], a.hobbit_weights[2], a.hobbit_weights[3]];
+            if p == PolicyKind::Fate {
+                cfg.pinned_layers = a.pin_layers;
+            }
+            let r = match simulate(cfg, &header, &records) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{b} {p:?}: {e}");
+                    continue;
+                }
+            };
+            if p == PolicyKind::Lru {
+                lru_penalty = Some(r.miss_penalty_bytes);
+            }
+            let vs = lru_penalty.map(|l| format!("{:+.1}%", 100.0 * (r.miss_penalty_bytes as f64 / l.max(1) as f64 - 1.0))).unwrap_or_default();
+            if !a.json {
+                println!(
+                    "{:>8} {:>8} {:>8.1}% {:>8} {:>16.1} {:>10}",
+                    b,
+                    format!("{p:?}").to_lowercase(),
+                    100.0 * r.hit_rate,
+                    r.misses,
+                    r.miss_penalty_bytes as f64 / 1048576.0,
+                    vs
+                );
+            }
+            rows.push(serde_json::json!({"budget": b, "budget_bytes": bytes, "share_of_experts": bytes as f64 / all as f64, "policy": p, "result": r}));
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
