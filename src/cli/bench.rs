@@ -43,6 +43,10 @@ pub struct Args {
     /// weight through mmap as it must when the model exceeds RAM.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     llama_repack: bool,
+    /// Run the expert cache at each of these budgets (e.g. 10%,25%,50%,100%) and plot decode
+    /// tok/s and hit rate against budget (PNG and JSON in bench-results/).
+    #[arg(long, value_delimiter = ',', value_name = "BUDGETS")]
+    sweep: Option<Vec<String>>,
     #[command(flatten)]
     offload: super::offload_args::OffloadArgs,
     /// Where to write the JSON results (default: bench-results/bench-<unix time>.json).
@@ -58,21 +62,21 @@ enum Only {
 
 /// Median and spread of one measure.
 #[derive(Debug, Clone, Serialize)]
-struct Stat {
-    median: f64,
+pub(super) struct Stat {
+    pub(super) median: f64,
     min: f64,
     max: f64,
     runs: Vec<f64>,
 }
 
 impl Stat {
-    fn of(mut runs: Vec<f64>) -> Stat {
+    pub(super) fn of(mut runs: Vec<f64>) -> Stat {
         runs.sort_by(|a, b| a.total_cmp(b));
         let median = if runs.is_empty() { 0.0 } else { runs[runs.len() / 2] };
         Stat { median, min: runs.first().copied().unwrap_or(0.0), max: runs.last().copied().unwrap_or(0.0), runs }
     }
 
-    fn show(&self) -> String {
+    pub(super) fn show(&self) -> String {
         format!("{:8.2}  [{:.2}–{:.2}]", self.median, self.min, self.max)
     }
 }
@@ -117,6 +121,40 @@ fn rss_anon_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Warm up once, then time `repeats` runs of our engine: ((prefill tok/s, decode tok/s) per
+/// run, peak anonymous RSS in MiB while a session was alive).
+pub(super) fn measure_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize, repeats: usize) -> anyhow::Result<((Vec<f64>, Vec<f64>), Option<f64>)> {
+    let mut rss: Option<f64> = None;
+    let mut ours = (Vec::new(), Vec::new());
+    for i in 0..=repeats {
+        let mut sess = engine.new_session();
+        let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
+        let (pf, dec) = time_run(
+            prompt,
+            n_gen,
+            |p| {
+                let mut c = cell.borrow_mut();
+                let (e, s) = &mut *c;
+                Ok(e.eval(s, p, Logits::Last)?)
+            },
+            |id| {
+                let mut c = cell.borrow_mut();
+                let (e, s) = &mut *c;
+                Ok(e.eval(s, &[id], Logits::Last)?)
+            },
+        )?;
+        rss = match (rss, rss_anon_mib()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if i > 0 {
+            ours.0.push(pf);
+            ours.1.push(dec);
+        }
+    }
+    Ok((ours, rss))
+}
+
 /// One timed run: (prefill tok/s, decode tok/s), greedy.
 fn time_run(prompt: &[u32], n_gen: usize, mut prefill: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>, mut step: impl FnMut(u32) -> anyhow::Result<Vec<f32>>) -> anyhow::Result<(f64, f64)> {
     let t0 = Instant::now();
@@ -148,42 +186,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let prompt: Vec<u32> = (0..a.prompt.max(1)).map(|_| (rng.next_u64() % n_vocab) as u32).collect();
 
     eprintln!("bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats", path.display(), threads, prompt.len(), a.n_gen, a.repeats);
-    let mut rss: Option<f64> = None;
-    let mut ours = (Vec::new(), Vec::new());
-    for i in 0..=(if run_ours { a.repeats } else { 0 }) {
-        if !run_ours {
-            break;
-        }
-        let mut sess = engine.new_session();
-        let sref = &mut sess;
-        let eng = &mut engine;
-        let (pf, dec) = {
-            let cell = std::cell::RefCell::new((eng, sref));
-            time_run(
-                &prompt,
-                a.n_gen,
-                |p| {
-                    let mut c = cell.borrow_mut();
-                    let (e, s) = &mut *c;
-                    Ok(e.eval(s, p, Logits::Last)?)
-                },
-                |id| {
-                    let mut c = cell.borrow_mut();
-                    let (e, s) = &mut *c;
-                    Ok(e.eval(s, &[id], Logits::Last)?)
-                },
-            )?
-        };
-        // Peak anonymous memory while a session (KV cache, scratch) is alive.
-        rss = match (rss, rss_anon_mib()) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        if i > 0 {
-            ours.0.push(pf);
-            ours.1.push(dec);
-        }
+    if let Some(list) = &a.sweep {
+        return super::sweep::run(&a.offload, list, &model, &path, &prompt, a.n_gen, a.repeats, threads, n_ctx);
     }
+    let (runs, rss) = if run_ours { measure_ours(&mut engine, &prompt, a.n_gen, a.repeats)? } else { ((Vec::new(), Vec::new()), None) };
+    let ours = runs;
     let kv_mib = engine.new_session().kv.bytes() as f64 / (1024.0 * 1024.0);
     let moerun_side = run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
     let cache = engine.offload().map(|o| o.stats());

@@ -10,6 +10,7 @@ mod prepare;
 mod quality;
 mod serve;
 mod sim;
+mod sweep;
 mod synth;
 mod tokenize;
 

@@ -1,0 +1,145 @@
+//! `moerun bench --sweep`: decode speed and hit rate of the expert cache across budgets, as a
+//! table, JSON and a PNG plot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use moerun::engine::offload::{parse_budget, Budget, Offload};
+use moerun::engine::{Engine, EngineConfig};
+use moerun::model::Model;
+use plotters::prelude::*;
+
+use super::bench::{measure_ours, Stat};
+use super::offload_args::OffloadArgs;
+
+#[derive(serde::Serialize)]
+struct Point {
+    budget: String,
+    budget_mib: f64,
+    share_of_experts: f64,
+    decode_tok_s: Stat,
+    prefill_tok_s: Stat,
+    hit_rate: f64,
+    mib_read_per_token: f64,
+    stall_ms_per_token: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    args: &OffloadArgs,
+    budgets: &[String],
+    model: &Arc<Model>,
+    path: &Path,
+    prompt: &[u32],
+    n_gen: usize,
+    repeats: usize,
+    threads: usize,
+    n_ctx: usize,
+) -> anyhow::Result<()> {
+    let mut points = Vec::new();
+    println!("{:>8} {:>10} {:>22} {:>9} {:>12} {:>10}", "budget", "MiB", "decode tok/s [min–max]", "hit rate", "MiB/token", "stall ms");
+    for b in budgets {
+        let mut a = args.clone();
+        a.expert_budget = Some(b.clone());
+        a.memory_budget = None;
+        let mut engine = Engine::new(Arc::clone(model), EngineConfig { threads, n_ctx, ..Default::default() });
+        let kv = engine.new_session().kv.bytes() as u64;
+        let cfg = a.config(model, path, kv)?.context("a sweep budget")?;
+        engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
+        let ((pf, dec), _) = measure_ours(&mut engine, prompt, n_gen, repeats)?;
+        let st = engine.offload().map(|o| o.stats()).context("offload stats")?;
+        let tokens = ((prompt.len() + n_gen) * (repeats + 1)) as f64;
+        let share = match parse_budget(b) {
+            Ok(Budget::Share(f)) => f,
+            _ => st.budget_bytes as f64 / model.expert_bytes().max(1) as f64,
+        };
+        let p = Point {
+            budget: b.clone(),
+            budget_mib: st.budget_bytes as f64 / 1048576.0,
+            share_of_experts: share,
+            decode_tok_s: Stat::of(dec),
+            prefill_tok_s: Stat::of(pf),
+            hit_rate: st.hit_rate,
+            mib_read_per_token: (st.bytes_read_high + st.bytes_read_low) as f64 / tokens / 1048576.0,
+            stall_ms_per_token: 1000.0 * st.stall_s / tokens,
+        };
+        println!(
+            "{:>8} {:>10.1} {:>22} {:>8.1}% {:>12.2} {:>10.2}",
+            p.budget,
+            p.budget_mib,
+            p.decode_tok_s.show(),
+            100.0 * p.hit_rate,
+            p.mib_read_per_token,
+            p.stall_ms_per_token
+        );
+        points.push(p);
+    }
+    std::fs::create_dir_all("bench-results").context("creating bench-results/")?;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let json = PathBuf::from(format!("bench-results/sweep-{t}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(&points)?).with_context(|| format!("writing {}", json.display()))?;
+    let png = json.with_extension("png");
+    plot(&points, &png, &path.display().to_string())?;
+    eprintln!("wrote {} and {}", json.display(), png.display());
+    Ok(())
+}
+
+/// A font for the plot's text: plotters renders glyphs from a font we register ourselves.
+fn register_font() -> bool {
+    const CANDIDATES: &[&str] = &[
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    ];
+    for c in CANDIDATES {
+        if let Ok(bytes) = std::fs::read(c) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn plot(points: &[Point], png: &Path, title: &str) -> anyhow::Result<()> {
+    let labels = register_font();
+    if !labels {
+        tracing::warn!("no TrueType font found: the plot has no labels");
+    }
+    let root = BitMapBackend::new(png, (960, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let max_tok = points.iter().map(|p| p.decode_tok_s.median).fold(1.0, f64::max) * 1.15;
+    let xs: Vec<f64> = points.iter().map(|p| 100.0 * p.share_of_experts).collect();
+    let xmax = xs.iter().copied().fold(1.0, f64::max) * 1.05;
+    let mut b = ChartBuilder::on(&root);
+    b.margin(20);
+    if labels {
+        b.caption(format!("expert cache sweep: {title}"), ("sans-serif", 20)).x_label_area_size(40).y_label_area_size(60).right_y_label_area_size(60);
+    }
+    let mut chart = b
+        .build_cartesian_2d(0.0..xmax, 0.0..max_tok)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+        .set_secondary_coord(0.0..xmax, 0.0..100.0);
+    if labels {
+        chart.configure_mesh().x_desc("expert budget (% of all experts)").y_desc("decode tok/s").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        chart.configure_secondary_axes().y_desc("hit rate (%)").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    let tok: Vec<(f64, f64)> = xs.iter().zip(points).map(|(&x, p)| (x, p.decode_tok_s.median)).collect();
+    let hit: Vec<(f64, f64)> = xs.iter().zip(points).map(|(&x, p)| (x, 100.0 * p.hit_rate)).collect();
+    let s1 = chart.draw_series(LineSeries::new(tok.clone(), BLUE.stroke_width(3))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    if labels {
+        s1.label("decode tok/s").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    }
+    chart.draw_series(tok.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let s2 = chart.draw_secondary_series(LineSeries::new(hit.clone(), RED.stroke_width(3))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    if labels {
+        s2.label("hit rate %").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    chart.draw_secondary_series(hit.iter().map(|&p| Circle::new(p, 4, RED.filled()))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
