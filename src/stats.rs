@@ -82,6 +82,26 @@ impl ExpertCacheStats {
     pub fn absent() -> ExpertCacheStats {
         ExpertCacheStats::default()
     }
+
+    /// The figures of a running cache; `tokens` is how many tokens it served (for per-token
+    /// bytes). The precision mix is over the experts loaded so far.
+    pub fn of(o: &crate::engine::offload::OffloadStats, tokens: u64) -> ExpertCacheStats {
+        let loads = (o.loads_high + o.loads_low + o.skips).max(1) as f64;
+        let mix = BTreeMap::from([
+            ("high".to_string(), o.loads_high as f64 / loads),
+            ("low".to_string(), o.loads_low as f64 / loads),
+            ("skip".to_string(), o.skips as f64 / loads),
+        ]);
+        ExpertCacheStats {
+            enabled: true,
+            hit_rate: Some(o.hit_rate),
+            bytes_moved_per_token: (tokens > 0).then(|| (o.bytes_read_high + o.bytes_read_low) as f64 / tokens as f64),
+            resident_bytes: None,
+            budget_bytes: Some(o.budget_bytes),
+            precision_mix: Some(mix),
+            predictor_accuracy: None,
+        }
+    }
 }
 
 /// How one generation ended, for the counters.

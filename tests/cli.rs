@@ -106,3 +106,19 @@ fn damaged_or_foreign_files_get_clear_errors() {
     let (ok, _, err) = moerun(&["inspect", foreign.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("foreign.gguf") && err.contains("unknown architecture 'mamba9'"), "{err}");
 }
+
+#[test]
+fn generate_with_an_expert_cache_gives_the_same_tokens_and_reports_the_cache() {
+    let args = ["generate", "-p", "Iterators in Rust are lazy, which means", "-n", "24", "--temp", "0", "--no-bos", "--json", "-t", "2"];
+    let plain = json(&args);
+    let mut with_cache = args.to_vec();
+    with_cache.extend(["--expert-budget", "25%", "--policy", "hobbit"]);
+    let cached = json(&with_cache);
+    assert_eq!(plain["ids"], cached["ids"]);
+    assert!(plain["expert_cache"].is_null());
+    let hit = cached["expert_cache"]["hit_rate"].as_f64().expect("hit_rate");
+    assert!((0.0..1.0).contains(&hit), "{hit}");
+    assert!(cached["expert_cache"]["bytes_read_high"].as_u64().expect("bytes") > 0);
+    let (ok, _, err) = moerun(&["generate", "-p", "x", "--expert-budget", "12 parsecs"]);
+    assert!(!ok && err.contains("parsecs"), "{err}");
+}

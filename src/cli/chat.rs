@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use moerun::chat::{reuse_prefix, ChatError, ChatFormat, Conversation, Turn};
-use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, KvType, SamplerConfig, Session, StopReason};
+use moerun::engine::{Engine, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
 use moerun::model::Model;
 use moerun::stats::{Counters, ExpertCacheStats, MoeFacts, Outcome};
 use moerun::tokenizer::{StreamDecoder, Tokenizer};
@@ -29,29 +29,12 @@ pub struct Args {
     /// Keep generating through end-of-turn tokens (until -n or the context is full).
     #[arg(long)]
     ignore_eos: bool,
-    /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temp: f32,
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
-    min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
-    /// Random seed (default: time-based).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Compute threads (default: available cores, at most 8).
-    #[arg(short, long)]
-    threads: Option<usize>,
-    /// Context length (default: the model's, at most 4096).
-    #[arg(short = 'c', long, default_value_t = 0)]
-    ctx_size: usize,
-    /// KV cache type.
-    #[arg(long, value_enum, default_value_t = KvType::F16)]
-    kv_type: KvType,
+    #[command(flatten)]
+    sampling: super::common_args::SamplingArgs,
+    #[command(flatten)]
+    engine: super::common_args::EngineArgs,
+    #[command(flatten)]
+    offload: super::offload_args::OffloadArgs,
 }
 
 const HELP: &str = "/reset forgets the conversation, /stats shows what the engine did, /quit leaves (or Ctrl-D); Ctrl-C stops an answer";
@@ -59,27 +42,14 @@ const HELP: &str = "/reset forgets the conversation, /stats shows what the engin
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
-    let model = Arc::new(Model::load(&path)?);
+    let model = Arc::new(Model::load_with(&path, a.offload.load_options(moerun::model::Resident::All))?);
     let name = model.file.get_str("general.name").ok().flatten().unwrap_or("model").to_string();
     let facts = MoeFacts::of(&model);
-    let mut cfg = EngineConfig { n_ctx: a.ctx_size, kv_type: a.kv_type, ..Default::default() };
-    if let Some(t) = a.threads {
-        cfg.threads = t.max(1);
-    }
-    let engine = Engine::new(model, cfg);
+    let cfg = a.engine.config();
+    let mut engine = Engine::new(Arc::clone(&model), cfg);
+    a.offload.apply(&mut engine, &model, &path)?;
     let sess = engine.new_session();
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-    });
-    let sampler = SamplerConfig {
-        temperature: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        seed,
-        ..Default::default()
-    };
+    let sampler = a.sampling.config();
     let format = ChatFormat::new(Arc::clone(&tok))?;
     let mut chat = Chat {
         engine,
@@ -284,9 +254,9 @@ impl Chat {
             _ => {}
         }
         let t = &g.timings;
-        let hit = match ExpertCacheStats::absent().hit_rate {
+        let hit = match self.cache_stats().hit_rate {
             Some(h) => format!("{:.1}%", 100.0 * h),
-            None => "n/a (no expert cache yet)".to_string(),
+            None => "n/a (no expert cache: all experts resident)".to_string(),
         };
         self.io.note(
             &format!(
@@ -303,12 +273,17 @@ impl Chat {
         Ok(())
     }
 
+    fn cache_stats(&self) -> ExpertCacheStats {
+        let tokens = self.counters.prompt_tokens + self.counters.generated_tokens;
+        self.engine.offload().map(|o| ExpertCacheStats::of(&o.stats(), tokens)).unwrap_or_else(ExpertCacheStats::absent)
+    }
+
     fn print_stats(&self) {
         let f = &self.facts;
         let c = &self.counters;
         let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
         let opt_pct = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{:.1}%", 100.0 * r));
-        let cache = ExpertCacheStats::absent();
+        let cache = self.cache_stats();
         let reused_pct = if c.prompt_tokens > 0 { 100.0 * c.prompt_tokens_reused as f64 / c.prompt_tokens as f64 } else { 0.0 };
         let lines = [
             format!("model        {}: {} MoE layers × {} experts, {} per token", self.name, f.n_layer_moe, f.n_expert, f.experts_per_token),

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, KvType, SamplerConfig};
+use moerun::engine::{Engine, Flow, GenerateOptions};
 use moerun::model::{Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
@@ -19,29 +19,10 @@ pub struct Args {
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 128)]
     n_predict: usize,
-    /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temp: f32,
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
-    min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
-    /// Random seed (default: time-based).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Compute threads (default: available cores, at most 8).
-    #[arg(short, long)]
-    threads: Option<usize>,
-    /// Context length (default: the model's, at most 4096).
-    #[arg(short = 'c', long, default_value_t = 0)]
-    ctx_size: usize,
-    /// KV cache type.
-    #[arg(long, value_enum, default_value_t = KvType::F16)]
-    kv_type: KvType,
+    #[command(flatten)]
+    sampling: super::common_args::SamplingArgs,
+    #[command(flatten)]
+    engine: super::common_args::EngineArgs,
     /// Do not add BOS even if the model's metadata asks for it.
     #[arg(long)]
     no_bos: bool,
@@ -59,25 +40,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Tokenizer::from_gguf(&path)?;
     let model = Arc::new(Model::load_with(&path, a.offload.load_options(a.resident))?);
-    let mut cfg = EngineConfig { n_ctx: a.ctx_size, kv_type: a.kv_type, ..Default::default() };
-    if let Some(t) = a.threads {
-        cfg.threads = t.max(1);
-    }
+    let cfg = a.engine.config();
     let mut engine = Engine::new(Arc::clone(&model), cfg);
     a.offload.apply(&mut engine, &model, &path)?;
     let prompt = tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-    });
-    let sampler = SamplerConfig {
-        temperature: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        seed,
-        ..Default::default()
-    };
+    let sampler = a.sampling.config();
     let is_eog = |id: u32| tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: a.n_predict, sampler, is_eog: &is_eog };
     let mut sess = engine.new_session();

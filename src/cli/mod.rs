@@ -3,6 +3,7 @@
 
 mod bench;
 mod chat;
+mod common_args;
 mod generate;
 mod inspect;
 mod offload_args;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use moerun::engine::{EngineConfig, KvType};
 use moerun::model::Model;
 use moerun::server::{Server, ServerConfig, DEFAULT_MAX_BODY, DEFAULT_QUEUE};
 use moerun::tokenizer::Tokenizer;
@@ -33,31 +32,26 @@ pub struct Args {
     /// Largest request body in bytes; larger is answered 413.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY)]
     max_body: usize,
-    /// Compute threads (default: available cores, at most 8).
-    #[arg(short, long)]
-    threads: Option<usize>,
-    /// Context length (default: the model's, at most 4096).
-    #[arg(short = 'c', long, default_value_t = 0)]
-    ctx_size: usize,
-    /// KV cache type.
-    #[arg(long, value_enum, default_value_t = KvType::F16)]
-    kv_type: KvType,
+    #[command(flatten)]
+    engine: super::common_args::EngineArgs,
+    #[command(flatten)]
+    offload: super::offload_args::OffloadArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
-    let model = Arc::new(Model::load(&path)?);
-    let mut engine = EngineConfig { n_ctx: a.ctx_size, kv_type: a.kv_type, ..Default::default() };
-    if let Some(t) = a.threads {
-        engine.threads = t.max(1);
-    }
+    let model = Arc::new(Model::load_with(&path, a.offload.load_options(moerun::model::Resident::All))?);
+    let engine = a.engine.config();
+    let kv = moerun::engine::session_kv_bytes(&model, &engine);
+    let offload = a.offload.config(&model, &path, kv)?;
     let cfg = ServerConfig {
         model_id: a.model_id,
         api_key: a.api_key,
         queue_capacity: a.queue.max(1),
         max_body_bytes: a.max_body,
         engine,
+        offload,
     };
     let server = Server::new(model, tok, cfg)?;
     // The engine has its own compute threads; the runtime only moves bytes.

@@ -157,12 +157,26 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// The context length an engine with `cfg` uses for `model`.
+pub fn context_length(model: &Model, cfg: &EngineConfig) -> usize {
+    match cfg.n_ctx {
+        0 => model.hp.n_ctx_train.min(DEFAULT_MAX_CTX),
+        n => n,
+    }
+}
+
+/// Bytes of one session's KV cache for `model` under `cfg`.
+pub fn session_kv_bytes(model: &Model, cfg: &EngineConfig) -> u64 {
+    let elem = match cfg.kv_type {
+        KvType::F16 => 2,
+        KvType::F32 => 4,
+    };
+    (2 * model.hp.n_layer * context_length(model, cfg) * model.hp.kv_dim() * elem) as u64
+}
+
 impl Engine {
     pub fn new(model: Arc<Model>, cfg: EngineConfig) -> Engine {
-        let n_ctx = match cfg.n_ctx {
-            0 => model.hp.n_ctx_train.min(DEFAULT_MAX_CTX),
-            n => n,
-        };
+        let n_ctx = context_length(&model, &cfg);
         let pool = ThreadPool::new(cfg.threads);
         Engine { model, pool, scratch: Scratch::default(), cfg, n_ctx, offload: None, trace: None }
     }

@@ -93,7 +93,7 @@ pub async fn moe_stats(State(st): St) -> Json<serde_json::Value> {
             "decode_tok_s": c.decode_tok_s(),
         },
         "moe": st.facts,
-        "expert_cache": ExpertCacheStats::absent(),
+        "expert_cache": s.cache.as_ref().map(|o| ExpertCacheStats::of(o, c.prompt_tokens + c.generated_tokens)).unwrap_or_else(ExpertCacheStats::absent),
     }))
 }
 

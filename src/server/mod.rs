@@ -42,6 +42,8 @@ pub struct ServerConfig {
     /// Largest request body accepted; larger gets 413.
     pub max_body_bytes: usize,
     pub engine: EngineConfig,
+    /// Serve routed experts from a budgeted cache (`None`: all resident).
+    pub offload: Option<crate::engine::offload::OffloadConfig>,
 }
 
 pub const DEFAULT_QUEUE: usize = 64;
@@ -55,6 +57,7 @@ impl Default for ServerConfig {
             queue_capacity: DEFAULT_QUEUE,
             max_body_bytes: DEFAULT_MAX_BODY,
             engine: EngineConfig::default(),
+            offload: None,
         }
     }
 }
@@ -69,6 +72,8 @@ pub enum ServerError {
     Io(std::io::Error),
     #[error("the engine thread panicked")]
     WorkerPanicked,
+    #[error("expert cache: {0}")]
+    Offload(String),
 }
 
 /// What every handler sees.
@@ -104,7 +109,10 @@ impl Server {
         let aliases = stem.into_iter().filter(|s| *s != model_id).collect();
         let facts = MoeFacts::of(&model);
         let format = ChatFormat::new(Arc::clone(&tok))?;
-        let engine = Engine::new(model, cfg.engine.clone());
+        let mut engine = Engine::new(Arc::clone(&model), cfg.engine.clone());
+        if let Some(oc) = &cfg.offload {
+            engine.set_offload(crate::engine::offload::Offload::new(model, oc).map_err(|e| ServerError::Offload(e.to_string()))?);
+        }
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
         let stats = SharedStats::default();
         let (queue, worker) = worker::spawn(engine, tok, cfg.queue_capacity, stats.clone()).map_err(ServerError::Spawn)?;

@@ -45,6 +45,8 @@ pub struct EngineStats {
     pub busy: bool,
     /// Requests turned away because the queue was full.
     pub rejected: u64,
+    /// The expert cache's counters after the last job, if the engine has one.
+    pub cache: Option<crate::engine::offload::OffloadStats>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -116,6 +118,7 @@ fn run(mut engine: Engine, tok: &Tokenizer, mut rx: mpsc::Receiver<Job>, stats: 
             let mut s = stats.lock();
             s.busy = false;
             s.counters.record(end.outcome, job.prompt.len(), end.reused, &end.timings);
+            s.cache = engine.offload().map(|o| o.stats());
         }
         // Sent after the counters are updated, so a client that has its answer sees them.
         if let Some(last) = end.last {
