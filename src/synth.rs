@@ -154,6 +154,30 @@ pub enum SynthError {
 }
 
 impl SynthConfig {
+    /// A small model of `arch` for tests: 2 layers, hidden 256, 8 heads of 32 (4 kv), 4 experts
+    /// of width 512 (shared expert 512), top-2, vocabulary 512, context 256. Rows are whole
+    /// K-quant blocks, so every type fits. Override fields with struct-update syntax.
+    pub fn small(arch: &str, weight_type: GgmlType) -> SynthConfig {
+        SynthConfig {
+            arch: arch.into(),
+            n_layer: 2,
+            n_embd: 256,
+            n_head: 8,
+            n_head_kv: 4,
+            head_dim: 32,
+            n_ff_exp: 512,
+            n_ff_shexp: 512,
+            n_expert: 4,
+            n_expert_used: 2,
+            n_vocab: 512,
+            n_ctx: 256,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+            weight_type,
+            seed: 7,
+        }
+    }
+
     fn plan(&self) -> Result<Vec<Planned>, SynthError> {
         let a = self.arch.as_str();
         if !["llama", "qwen2moe", "qwen3moe", "olmoe"].contains(&a) {
@@ -360,25 +384,9 @@ mod tests {
     use super::*;
     use crate::model::Model;
 
+    /// Smaller still than `small`: rows of 64, too short for K-quants.
     fn tiny(arch: &str, ty: GgmlType) -> SynthConfig {
-        SynthConfig {
-            arch: arch.into(),
-            n_layer: 2,
-            n_embd: 64,
-            n_head: 4,
-            n_head_kv: 2,
-            head_dim: 16,
-            n_ff_exp: 64,
-            n_ff_shexp: 96,
-            n_expert: 4,
-            n_expert_used: 2,
-            n_vocab: 300,
-            n_ctx: 128,
-            rope_freq_base: 10000.0,
-            rms_eps: 1e-5,
-            weight_type: ty,
-            seed: 7,
-        }
+        SynthConfig { n_embd: 64, n_head: 4, n_head_kv: 2, head_dim: 16, n_ff_exp: 64, n_ff_shexp: 96, n_vocab: 300, ..SynthConfig::small(arch, ty) }
     }
 
     #[test]

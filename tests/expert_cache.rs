@@ -72,22 +72,13 @@ fn every_budget_and_policy_gives_the_all_resident_answer_on_a_synth_model() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("qwen3moe.gguf");
     let cfg = SynthConfig {
-        arch: "qwen3moe".into(),
         n_layer: 4,
-        n_embd: 256,
-        n_head: 8,
-        n_head_kv: 4,
-        head_dim: 32,
         n_ff_exp: 256,
-        n_ff_shexp: 0,
         n_expert: 16,
         n_expert_used: 4,
-        n_vocab: 512,
-        n_ctx: 256,
-        rope_freq_base: 10000.0,
         rms_eps: 1e-6,
-        weight_type: GgmlType::Q4_0,
         seed: 5,
+        ..SynthConfig::small("qwen3moe", GgmlType::Q4_0)
     };
     cfg.write(&path, &mut |_, _| {}).expect("synth");
     check(&path, &[3, 100, 200, 7, 42, 9, 300, 11], 1);

@@ -16,24 +16,7 @@ const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/rustdoc-moe-Q
 
 /// Two MoE layers of four experts, rows of 256 and 512 values (whole K-quant blocks).
 fn tiny(seed: u64) -> SynthConfig {
-    SynthConfig {
-        arch: "llama".into(),
-        n_layer: 2,
-        n_embd: 256,
-        n_head: 4,
-        n_head_kv: 2,
-        head_dim: 64,
-        n_ff_exp: 512,
-        n_ff_shexp: 0,
-        n_expert: 4,
-        n_expert_used: 2,
-        n_vocab: 300,
-        n_ctx: 128,
-        rope_freq_base: 10000.0,
-        rms_eps: 1e-5,
-        weight_type: GgmlType::Q8_0,
-        seed,
-    }
+    SynthConfig { n_head: 4, n_head_kv: 2, head_dim: 64, n_ff_shexp: 0, n_vocab: 300, n_ctx: 128, seed, ..SynthConfig::small("llama", GgmlType::Q8_0) }
 }
 
 fn load(path: &Path) -> Model {

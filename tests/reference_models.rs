@@ -14,23 +14,14 @@ use moerun::synth::SynthConfig;
 
 fn config(arch: &str, ty: GgmlType) -> SynthConfig {
     SynthConfig {
-        arch: arch.into(),
         n_layer: 3,
-        n_embd: 256,
-        n_head: 8,
         // OLMoE has no grouped-query attention (llama.cpp sizes its k-norm by n_embd).
         n_head_kv: if arch == "olmoe" { 8 } else { 4 },
-        head_dim: 32,
         n_ff_exp: 256,
-        n_ff_shexp: 512,
         n_expert: 8,
-        n_expert_used: 2,
-        n_vocab: 512,
-        n_ctx: 256,
-        rope_freq_base: 10000.0,
         rms_eps: 1e-6,
-        weight_type: ty,
         seed: 11,
+        ..SynthConfig::small(arch, ty)
     }
 }
 

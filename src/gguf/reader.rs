@@ -45,13 +45,7 @@ impl TensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
-    version: u32,
-    metadata: Vec<(String, Value)>,
-    key_index: HashMap<String, usize>,
-    tensors: Vec<TensorInfo>,
-    tensor_index: HashMap<String, usize>,
-    alignment: u64,
-    data_offset: u64,
+    header: Header,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -59,11 +53,11 @@ impl std::fmt::Debug for GgufFile {
         // Metadata can hold hundreds of thousands of vocabulary strings: show only the counts.
         f.debug_struct("GgufFile")
             .field("path", &self.path)
-            .field("version", &self.version)
-            .field("n_metadata", &self.metadata.len())
-            .field("n_tensors", &self.tensors.len())
-            .field("alignment", &self.alignment)
-            .field("data_offset", &self.data_offset)
+            .field("version", &self.header.version)
+            .field("n_metadata", &self.header.metadata.len())
+            .field("n_tensors", &self.header.tensors.len())
+            .field("alignment", &self.header.alignment)
+            .field("data_offset", &self.header.data_offset)
             .finish()
     }
 }
@@ -89,13 +83,7 @@ impl GgufFile {
         Ok(GgufFile {
             path,
             mmap,
-            version: header.version,
-            metadata: header.metadata,
-            key_index: header.key_index,
-            tensors: header.tensors,
-            tensor_index: header.tensor_index,
-            alignment: header.alignment,
-            data_offset: header.data_offset,
+            header,
         })
     }
 
@@ -104,25 +92,25 @@ impl GgufFile {
     }
 
     pub fn version(&self) -> u32 {
-        self.version
+        self.header.version
     }
 
     pub fn alignment(&self) -> u64 {
-        self.alignment
+        self.header.alignment
     }
 
     /// Absolute start of the tensor data section.
     pub fn data_offset(&self) -> u64 {
-        self.data_offset
+        self.header.data_offset
     }
 
     /// All key/value pairs in file order.
     pub fn metadata(&self) -> &[(String, Value)] {
-        &self.metadata
+        &self.header.metadata
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.key_index.get(key).map(|&i| &self.metadata[i].1)
+        self.header.key_index.get(key).map(|&i| &self.header.metadata[i].1)
     }
 
     /// A non-negative integer of any width; `Ok(None)` if the key is absent.
@@ -165,11 +153,11 @@ impl GgufFile {
 
     /// The tensor table in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
-        &self.tensors
+        &self.header.tensors
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensor_index.get(name).map(|&i| &self.tensors[i])
+        self.header.tensor_index.get(name).map(|&i| &self.header.tensors[i])
     }
 
     /// The tensor's bytes, straight from the mapping.
