@@ -43,9 +43,9 @@ pub struct Args {
     /// weight through mmap as it must when the model exceeds RAM.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     llama_repack: bool,
-    /// Run the expert cache at each of these budgets (e.g. 10%,25%,50%,100%) and plot decode
-    /// tok/s and hit rate against budget (PNG and JSON in bench-results/).
-    #[arg(long, value_delimiter = ',', value_name = "BUDGETS")]
+    /// Run the expert cache at each of these budgets (default 10%,25%,50%,75%,100%) and plot
+    /// decode tok/s and hit rate against budget (PNG and JSON in bench-results/).
+    #[arg(long, value_delimiter = ',', value_name = "BUDGETS", num_args = 0.., default_missing_value = "10%,25%,50%,75%,100%")]
     sweep: Option<Vec<String>>,
     #[command(flatten)]
     offload: super::offload_args::OffloadArgs,

@@ -18,7 +18,7 @@ const OVERHEAD: u64 = 64 << 20;
 pub struct OffloadArgs {
     /// Hold routed experts in a RAM cache of this size (e.g. 2GiB, 1500MB, or 25% of the model's
     /// experts); misses stream from the file with io_uring and O_DIRECT.
-    #[arg(long, value_name = "SIZE|PCT")]
+    #[arg(long, visible_alias = "budget", value_name = "SIZE|PCT")]
     pub expert_budget: Option<String>,
     /// Total memory budget: the expert cache gets what is left after the resident dense
     /// weights, the KV cache and a small overhead.
