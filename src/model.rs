@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use crate::arch::{self, tn, tn_expert, ArchError, ArchSpec, HParams, QkNorm, TensorKind};
 use crate::backend::cpu::repack::{self, Layout};
 use crate::backend::cpu::{kernels, MatRef};
+use crate::backend::{cpu_supports, Op};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 
 /// A 2-D weight (or one expert's slice of a stacked 3-D tensor) inside the file.
@@ -147,7 +148,7 @@ impl Loader<'_> {
     }
 
     fn check_matmul(&self, t: &TensorInfo) -> Result<(), ArchError> {
-        if !kernels(t.ggml_type).is_some_and(|k| k.can_matmul()) {
+        if !cpu_supports(Op::MatMul, t.ggml_type) {
             return Err(ArchError::UnsupportedType {
                 path: self.path.clone(),
                 tensor: t.name.clone(),
@@ -192,7 +193,7 @@ impl Loader<'_> {
     }
 
     fn f32_data(&self, t: &TensorInfo) -> Result<Vec<f32>, ArchError> {
-        let k = kernels(t.ggml_type).filter(|k| k.can_dequantize()).ok_or_else(|| ArchError::UnsupportedType {
+        let k = kernels(t.ggml_type).filter(|_| cpu_supports(Op::GetRows, t.ggml_type)).ok_or_else(|| ArchError::UnsupportedType {
             path: self.path.clone(),
             tensor: t.name.clone(),
             ty: t.ggml_type.name(),

@@ -23,13 +23,6 @@ impl std::fmt::Display for Op {
     }
 }
 
-/// Errors raised by a backend.
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error("{backend} backend does not support {op} on {dtype} weights")]
-    Unsupported { op: Op, backend: &'static str, dtype: &'static str },
-}
-
 /// Whether the CPU backend can run `op` on weights of type `ty`.
 pub fn cpu_supports(op: Op, ty: GgmlType) -> bool {
     cpu::kernels(ty).is_some_and(|k| match op {
