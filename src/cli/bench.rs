@@ -127,32 +127,48 @@ pub(super) fn measure_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize, re
     let mut rss: Option<f64> = None;
     let mut ours = (Vec::new(), Vec::new());
     for i in 0..=repeats {
-        let mut sess = engine.new_session();
-        let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
-        let (pf, dec) = time_run(
-            prompt,
-            n_gen,
-            |p| {
-                let mut c = cell.borrow_mut();
-                let (e, s) = &mut *c;
-                Ok(e.eval(s, p, Logits::Last)?)
-            },
-            |id| {
-                let mut c = cell.borrow_mut();
-                let (e, s) = &mut *c;
-                Ok(e.eval(s, &[id], Logits::Last)?)
-            },
-        )?;
-        rss = match (rss, rss_anon_mib()) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        let (pf, dec) = time_ours(engine, prompt, n_gen)?;
+        rss = max_rss(rss);
         if i > 0 {
             ours.0.push(pf);
             ours.1.push(dec);
         }
     }
     Ok((ours, rss))
+}
+
+fn max_rss(rss: Option<f64>) -> Option<f64> {
+    match (rss, rss_anon_mib()) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// One timed greedy run of our engine in a fresh session.
+fn time_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
+    let mut sess = engine.new_session();
+    let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
+    time_run(
+        prompt,
+        n_gen,
+        |p| {
+            let mut c = cell.borrow_mut();
+            let (e, s) = &mut *c;
+            Ok(e.eval(s, p, Logits::Last)?)
+        },
+        |id| {
+            let mut c = cell.borrow_mut();
+            let (e, s) = &mut *c;
+            Ok(e.eval(s, &[id], Logits::Last)?)
+        },
+    )
+}
+
+/// One timed greedy run of the linked llama.cpp from an empty context.
+fn time_llama(r: &mut LlamaReference, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
+    r.clear();
+    let cell = std::cell::RefCell::new(r);
+    time_run(prompt, n_gen, |p| Ok(cell.borrow_mut().decode(p)?), |id| Ok(cell.borrow_mut().decode(&[id])?))
 }
 
 /// One timed run: (prefill tok/s, decode tok/s), greedy.
@@ -189,48 +205,67 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(list) = &a.sweep {
         return super::sweep::run(&a.offload, list, &model, &path, &prompt, a.n_gen, a.repeats, threads, n_ctx);
     }
-    let (runs, rss) = if run_ours { measure_ours(&mut engine, &prompt, a.n_gen, a.repeats)? } else { ((Vec::new(), Vec::new()), None) };
-    let ours = runs;
+    // Side by side, the engines alternate run by run (the order flips each repeat), so drift in
+    // the machine's speed — other tenants of the host, thermal state — hits both alike; the ratio
+    // is the median of the paired runs' ratios.
+    let mut ours = (Vec::new(), Vec::new());
+    let mut theirs = (Vec::new(), Vec::new());
+    let mut rss = None;
+    if run_ours {
+        // Warm-up, and our peak RSS before llama.cpp's buffers share the process.
+        time_ours(&mut engine, &prompt, a.n_gen)?;
+        rss = max_rss(rss);
+    }
+    let mut llama = if run_llama {
+        let mut r = LlamaReference::load(&path, ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32, repack: a.llama_repack })?;
+        time_llama(&mut r, &prompt, a.n_gen)?;
+        Some(r)
+    } else {
+        None
+    };
+    for i in 0..a.repeats {
+        let llama_first = i % 2 == 1;
+        if llama_first {
+            if let Some(r) = llama.as_mut() {
+                let (pf, dec) = time_llama(r, &prompt, a.n_gen)?;
+                theirs.0.push(pf);
+                theirs.1.push(dec);
+            }
+        }
+        if run_ours {
+            let (pf, dec) = time_ours(&mut engine, &prompt, a.n_gen)?;
+            ours.0.push(pf);
+            ours.1.push(dec);
+            if llama.is_none() {
+                rss = max_rss(rss);
+            }
+        }
+        if !llama_first {
+            if let Some(r) = llama.as_mut() {
+                let (pf, dec) = time_llama(r, &prompt, a.n_gen)?;
+                theirs.0.push(pf);
+                theirs.1.push(dec);
+            }
+        }
+    }
+    drop(llama);
+    let paired = |a: &[f64], b: &[f64]| (!a.is_empty() && a.len() == b.len()).then(|| Stat::of(a.iter().zip(b).map(|(x, y)| x / y.max(1e-9)).collect()).median);
+    let decode_ratio = paired(&ours.1, &theirs.1);
+    let prefill_ratio = paired(&ours.0, &theirs.0);
     let kv_mib = engine.new_session().kv.bytes() as f64 / (1024.0 * 1024.0);
     let moerun_side = run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
     let cache = engine.offload().map(|o| o.stats());
     let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
     drop(engine);
-
-    let llama_side = if run_llama {
-        let mut r = LlamaReference::load(&path, ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32, repack: a.llama_repack })?;
-        let mut theirs = (Vec::new(), Vec::new());
-        for i in 0..=a.repeats {
-            r.clear();
-            let cell = std::cell::RefCell::new(&mut r);
-            let (pf, dec) = time_run(
-                &prompt,
-                a.n_gen,
-                |p| Ok(cell.borrow_mut().decode(p)?),
-                |id| Ok(cell.borrow_mut().decode(&[id])?),
-            )?;
-            if i > 0 {
-                theirs.0.push(pf);
-                theirs.1.push(dec);
-            }
-        }
-        Some(Side { name: "llama.cpp", prefill_tok_s: Stat::of(theirs.0), decode_tok_s: Stat::of(theirs.1) })
-    } else {
-        None
-    };
+    let llama_side = run_llama.then(|| Side { name: "llama.cpp", prefill_tok_s: Stat::of(theirs.0), decode_tok_s: Stat::of(theirs.1) });
 
     println!("{:<10} {:>26} {:>26}", "engine", "prefill tok/s [min–max]", "decode tok/s [min–max]");
     for s in moerun_side.iter().chain(llama_side.as_ref()) {
         println!("{:<10} {:>26} {:>26}", s.name, s.prefill_tok_s.show(), s.decode_tok_s.show());
     }
-    let ratio = |f: fn(&Side) -> f64| match (&moerun_side, &llama_side) {
-        (Some(m), Some(l)) => Some(f(m) / f(l).max(1e-9)),
-        _ => None,
-    };
-    let decode_ratio = ratio(|s| s.decode_tok_s.median);
-    let prefill_ratio = ratio(|s| s.prefill_tok_s.median);
     if let (Some(d), Some(p)) = (decode_ratio, prefill_ratio) {
         println!("{:<10} {:>26} {:>26}", "ratio", format!("{p:.3}×"), format!("{d:.3}×"));
+        println!("(ratio: median over the {} paired runs; the engines alternate run by run)", a.repeats);
     }
     let per_token = cache.as_ref().map(|c| (c.bytes_read_high + c.bytes_read_low) as f64 / tokens_run);
     let stall = cache.as_ref().map(|c| c.stall_s / tokens_run);

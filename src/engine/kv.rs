@@ -1,7 +1,7 @@
 //! The KV cache: per layer, one row of K and one of V per position, stored as f16 (llama.cpp's
 //! default) or f32. Invariant: rows `0..len` hold the keys/values of the tokens seen so far.
 
-use crate::backend::cpu::ggml::{f16_to_f32, f32_to_f16};
+use crate::backend::cpu::ggml::f16_to_f32;
 use crate::backend::cpu::kernels;
 use crate::gguf::GgmlType;
 
@@ -109,12 +109,7 @@ impl KvCache {
             let off = p * self.kv_dim * self.head_bytes / hd + h * self.head_bytes;
             let v = &self.v[l][off..off + self.head_bytes];
             match self.ty {
-                KvType::F16 => {
-                    for (a, b) in acc16.iter_mut().zip(v.chunks_exact(2)) {
-                        let x = f16_to_f32(u16::from_ne_bytes([b[0], b[1]]));
-                        *a = f32_to_f16(x.mul_add(vs, f16_to_f32(*a)));
-                    }
-                }
+                KvType::F16 => crate::backend::cpu::ops::mad_f16(acc16, v, vs),
                 KvType::F32 => {
                     for (a, b) in out.iter_mut().zip(v.chunks_exact(4)) {
                         *a += f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) * vs;
@@ -133,7 +128,7 @@ impl KvCache {
 
     fn scale_acc(&self, out: &mut [f32], acc16: &mut [u16], ms: f32) {
         match self.ty {
-            KvType::F16 => acc16.iter_mut().for_each(|a| *a = f32_to_f16(f16_to_f32(*a) * ms)),
+            KvType::F16 => crate::backend::cpu::ops::scale_f16(acc16, ms),
             KvType::F32 => out.iter_mut().for_each(|a| *a *= ms),
         }
     }

@@ -117,20 +117,12 @@ impl Rope {
 /// the logits of `rustdoc-moe`.)
 pub fn dot_f16(k: &[u8], q: &[u8]) -> f32 {
     assert_eq!(k.len(), q.len());
-    let h = |b: &[u8], i: usize| super::ggml::f16_to_f32(u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]));
     let n = k.len() / 2;
     let np = n & !63;
     let mut sum = 0f64;
     if np > 0 {
         let mut acc = [[0f32; 16]; 4];
-        for i in (0..np).step_by(64) {
-            for (j, a) in acc.iter_mut().enumerate() {
-                for (l, v) in a.iter_mut().enumerate() {
-                    let e = i + 16 * j + l;
-                    *v = h(k, e).mul_add(h(q, e), *v);
-                }
-            }
-        }
+        simd::fma_blocks_f16(&k[..2 * np], &q[..2 * np], &mut acc);
         let [a0, a1, a2, a3] = &mut acc;
         for l in 0..16 {
             a0[l] += a2[l];
@@ -141,10 +133,124 @@ pub fn dot_f16(k: &[u8], q: &[u8]) -> f32 {
         }
         sum = lane_tree_sum(a0) as f64;
     }
+    let h = |b: &[u8], i: usize| f16_at(b, i);
     for e in np..n {
         sum += (h(k, e) * h(q, e)) as f64;
     }
     sum as f32
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    super::ggml::f16_to_f32(u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]))
+}
+
+/// `acc[i] = f16(v[i]·s + acc[i])` over f16 values (raw native-endian bytes for `v`): ggml's
+/// `vec_mad_f16`, one fused multiply-add and one round-to-nearest-even per element.
+pub fn mad_f16(acc: &mut [u16], v: &[u8], s: f32) {
+    assert_eq!(2 * acc.len(), v.len());
+    let done = simd::mad_f16(acc, v, s);
+    for i in done..acc.len() {
+        acc[i] = super::ggml::f32_to_f16(f16_at(v, i).mul_add(s, super::ggml::f16_to_f32(acc[i])));
+    }
+}
+
+/// `acc[i] = f16(acc[i]·s)`: ggml's `vec_scale_f16`.
+pub fn scale_f16(acc: &mut [u16], s: f32) {
+    let done = simd::scale_f16(acc, s);
+    for a in &mut acc[done..] {
+        *a = super::ggml::f32_to_f16(super::ggml::f16_to_f32(*a) * s);
+    }
+}
+
+/// Vector forms of the f16 helpers. Each lane does exactly the scalar arithmetic (F16C
+/// conversions are exact one way and round to nearest even the other, like `half`), so results
+/// are bit-identical to the portable loops; those remain for targets without AVX2/FMA/F16C.
+mod simd {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    mod imp {
+        use std::arch::x86_64::*;
+
+        /// Four 16-lane accumulators over whole blocks of 64 elements (`k.len() % 128 == 0`).
+        pub fn fma_blocks_f16(k: &[u8], q: &[u8], acc: &mut [[f32; 16]; 4]) {
+            debug_assert!(k.len() == q.len() && k.len() % 128 == 0);
+            // SAFETY: the target features are enabled at compile time (cfg above); every load
+            // reads 16 bytes inside `k`/`q` (i + 32·j + 16·h + 16 ≤ len), every store 32 bytes
+            // inside one `[f32; 16]` half.
+            unsafe {
+                let mut r = [[_mm256_setzero_ps(); 2]; 4];
+                for i in (0..k.len()).step_by(128) {
+                    for (j, rj) in r.iter_mut().enumerate() {
+                        for (hh, rh) in rj.iter_mut().enumerate() {
+                            let o = i + 32 * j + 16 * hh;
+                            let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(o) as *const __m128i));
+                            let qv = _mm256_cvtph_ps(_mm_loadu_si128(q.as_ptr().add(o) as *const __m128i));
+                            *rh = _mm256_fmadd_ps(kv, qv, *rh);
+                        }
+                    }
+                }
+                for (j, rj) in r.iter().enumerate() {
+                    _mm256_storeu_ps(acc[j].as_mut_ptr(), rj[0]);
+                    _mm256_storeu_ps(acc[j].as_mut_ptr().add(8), rj[1]);
+                }
+            }
+        }
+
+        /// Whole groups of 8; returns how many elements were done.
+        pub fn mad_f16(acc: &mut [u16], v: &[u8], s: f32) -> usize {
+            let n = acc.len() & !7;
+            // SAFETY: features as above; loads/stores of 8 u16 within `acc[..n]` and `v[..2n]`.
+            unsafe {
+                let sv = _mm256_set1_ps(s);
+                for i in (0..n).step_by(8) {
+                    let a = _mm256_cvtph_ps(_mm_loadu_si128(acc.as_ptr().add(i) as *const __m128i));
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(2 * i) as *const __m128i));
+                    let r = _mm256_fmadd_ps(x, sv, a);
+                    _mm_storeu_si128(acc.as_mut_ptr().add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+                }
+            }
+            n
+        }
+
+        pub fn scale_f16(acc: &mut [u16], s: f32) -> usize {
+            let n = acc.len() & !7;
+            // SAFETY: features as above; loads/stores of 8 u16 within `acc[..n]`.
+            unsafe {
+                let sv = _mm256_set1_ps(s);
+                for i in (0..n).step_by(8) {
+                    let a = _mm256_cvtph_ps(_mm_loadu_si128(acc.as_ptr().add(i) as *const __m128i));
+                    _mm_storeu_si128(acc.as_mut_ptr().add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(a, sv)));
+                }
+            }
+            n
+        }
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    mod imp {
+        use super::super::f16_at;
+
+        pub fn fma_blocks_f16(k: &[u8], q: &[u8], acc: &mut [[f32; 16]; 4]) {
+            for i in (0..k.len() / 2).step_by(64) {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    for (l, v) in a.iter_mut().enumerate() {
+                        let e = i + 16 * j + l;
+                        *v = f16_at(k, e).mul_add(f16_at(q, e), *v);
+                    }
+                }
+            }
+        }
+
+        pub fn mad_f16(_acc: &mut [u16], _v: &[u8], _s: f32) -> usize {
+            0
+        }
+
+        pub fn scale_f16(_acc: &mut [u16], _s: f32) -> usize {
+            0
+        }
+    }
+
+    pub use imp::*;
 }
 
 /// Sum of SIMD lanes by halving (`_mm512_reduce_add_ps`'s order); `a.len()` a power of two.
@@ -213,6 +319,38 @@ mod tests {
         let r = |x: f32| super::super::ggml::f16_to_f32(super::super::ggml::f32_to_f16(x)) as f64;
         let want: f64 = a.iter().zip(&b).map(|(&x, &y)| r(x) * r(y)).sum();
         assert_eq!(dot_f16(&ka, &qb), want as f32);
+    }
+
+    /// The vector f16 helpers give the portable loops' bits exactly.
+    #[test]
+    fn f16_helpers_match_scalar_bits() {
+        use super::super::ggml::{f16_to_f32, f32_to_f16};
+        let a: Vec<f32> = (0..200).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let b: Vec<f32> = (0..200).map(|i| (i as f32 * 0.11).cos() * 2.0).collect();
+        for n in [8, 64, 128, 133, 200] {
+            let (ka, qb) = (f16_bytes(&a[..n]), f16_bytes(&b[..n]));
+            let mut acc = [[0f32; 16]; 4];
+            let np = n & !63;
+            for i in (0..np).step_by(64) {
+                for (j, r) in acc.iter_mut().enumerate() {
+                    for (l, v) in r.iter_mut().enumerate() {
+                        let e = i + 16 * j + l;
+                        *v = f16_to_f32(f32_to_f16(a[e])).mul_add(f16_to_f32(f32_to_f16(b[e])), *v);
+                    }
+                }
+            }
+            let mut got = [[0f32; 16]; 4];
+            simd::fma_blocks_f16(&ka[..2 * np], &qb[..2 * np], &mut got);
+            assert_eq!(got, acc, "n = {n}");
+            let mut acc16: Vec<u16> = a[..n].iter().map(|&x| f32_to_f16(x * 0.5)).collect();
+            let mut want = acc16.clone();
+            mad_f16(&mut acc16, &qb, 0.731);
+            want.iter_mut().zip(&b[..n]).for_each(|(w, &x)| *w = f32_to_f16(f16_to_f32(f32_to_f16(x)).mul_add(0.731, f16_to_f32(*w))));
+            assert_eq!(acc16, want, "n = {n}");
+            scale_f16(&mut acc16, 0.377);
+            want.iter_mut().for_each(|w| *w = f32_to_f16(f16_to_f32(*w) * 0.377));
+            assert_eq!(acc16, want, "n = {n}");
+        }
     }
 
     #[test]
