@@ -25,6 +25,21 @@ pub struct Args {
     /// Layers Fate pins.
     #[arg(long, default_value_t = 1)]
     pin_layers: usize,
+    /// HOBBIT mixed precision in the replay: load a miss at low precision once the cumulative
+    /// gate weight of higher-ranked experts passes T1 (needs --t2 and a low size).
+    #[arg(long, requires = "t2")]
+    t1: Option<f32>,
+    /// Skip a miss once the cumulative gate weight of higher-ranked experts passes T2.
+    #[arg(long, requires = "t1")]
+    t2: Option<f32>,
+    /// Bytes of a low-precision expert as a share of a high one (e.g. 0.53 for Q4_0 copies of
+    /// Q8_0 experts); default: from the trace (recorded with --low). Low misses weigh this much
+    /// in the bytes-weighted miss penalty.
+    #[arg(long)]
+    low_ratio: Option<f64>,
+    /// Share of the budget for low-precision slots when mixed precision is on.
+    #[arg(long, default_value_t = 0.25)]
+    low_share: f32,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -34,7 +49,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.hobbit_weights.len() != 4 {
         anyhow::bail!("--hobbit-weights takes four numbers: w_lru,w_lfu,w_lhu,w_fld");
     }
-    let (header, records) = read_trace(&a.trace)?;
+    let (mut header, records) = read_trace(&a.trace)?;
+    if let Some(r) = a.low_ratio {
+        if !(r > 0.0 && r < 1.0) {
+            anyhow::bail!("--low-ratio {r}: a low-precision expert must be smaller than a high one (0 < ratio < 1)");
+        }
+        header.expert_bytes_low = ((header.expert_bytes_high as f64 * r).round() as u64).max(1);
+    }
+    let thresholds = a.t1.zip(a.t2);
+    if thresholds.is_some() && header.expert_bytes_low == 0 {
+        anyhow::bail!("--t1/--t2 need low-precision copies: the trace was recorded without --low, so give --low-ratio");
+    }
     let all = (header.n_layers * header.n_experts) as u64 * header.expert_bytes_high;
     let mut rows = Vec::new();
     if !a.json {
@@ -50,6 +75,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for &p in &a.policies {
             let mut cfg = config_for(&header, bytes);
             cfg.policy = p;
+            cfg.thresholds = thresholds;
+            cfg.low_share = a.low_share;
             cfg.hobbit_weights = [a.hobbit_weights[0], a.hobbit_weights[1], a.hobbit_weights[2], a.hobbit_weights[3]];
             if p == PolicyKind::Fate {
                 cfg.pinned_layers = a.pin_layers;
