@@ -4,6 +4,7 @@
 
 use crate::arch::{Gating, QkNorm, RouterConfig};
 use crate::backend::cpu::ops::{self, Rope};
+use crate::backend::cpu::repack::GEMM_TOKENS;
 use crate::backend::cpu::{kernels, matmul_batch, MatJob, MatRef, QActs, SharedOut, ThreadPool};
 use crate::engine::kv::KvCache;
 use crate::model::{Ffn, Layer, Model};
@@ -108,6 +109,11 @@ pub struct Scratch {
     moe: Vec<f32>,
     acts: QActs,
     set: ActSet,
+    /// Per expert of a wave with enough tokens for the GEMM kernels: its tokens' activations
+    /// gathered and converted (gate/up inputs, then down inputs).
+    gathered: Vec<ActSet>,
+    gathered_down: Vec<ActSet>,
+    rows_tmp: Vec<f32>,
     angles: Vec<f32>,
 }
 
@@ -368,9 +374,25 @@ impl Forward<'_> {
         let na = starts[groups.len()];
         let tokens: Vec<usize> = groups.iter().flatten().map(|&a| assign[a].0).collect();
         let n_ff = views[0][0].rows;
+        // An expert serving at least GEMM_TOKENS tokens gets its own activations, gathered, so
+        // its weights are read once per 4 tokens (the GEMM kernels) instead of once per token.
+        let gathered = |i: usize| starts[i + 1] - starts[i] >= GEMM_TOKENS;
+        while s.gathered.len() < views.len() {
+            s.gathered.push(ActSet::default());
+            s.gathered_down.push(ActSet::default());
+        }
+        for (i, v) in views.iter().enumerate() {
+            if gathered(i) {
+                s.rows_tmp.clear();
+                for &t in &tokens[starts[i]..starts[i + 1]] {
+                    s.rows_tmp.extend_from_slice(&s.h[t * d..(t + 1) * d]);
+                }
+                s.gathered[i].prepare(&[v[0], v[1]], &s.rows_tmp, d);
+            }
+        }
         // gate and up for every assignment: [na, 2·n_ff] (gate | up).
         s.gate_up.resize(na * 2 * n_ff, 0.0);
-        let gate_up_ws: Vec<MatRef> = views.iter().flat_map(|v| [v[0], v[1]]).collect();
+        let gate_up_ws: Vec<MatRef> = views.iter().enumerate().filter(|&(i, _)| !gathered(i)).flat_map(|(_, v)| [v[0], v[1]]).collect();
         s.set.prepare(&gate_up_ws, &s.h, d);
         {
             let out = SharedOut::new(&mut s.gate_up);
@@ -379,14 +401,8 @@ impl Forward<'_> {
             for (i, v) in views.iter().enumerate() {
                 let toks = &tokens[starts[i]..starts[i + 1]];
                 for (j, off) in [(0usize, 0usize), (1, n_ff)] {
-                    jobs.push(MatJob {
-                        w: v[j],
-                        act: set.get(&v[j]),
-                        tokens: Some(toks),
-                        out: &out,
-                        out_stride: 2 * n_ff,
-                        out_offset: starts[i] * 2 * n_ff + off,
-                    });
+                    let (act, tokens) = if gathered(i) { (s.gathered[i].get(&v[j]), None) } else { (set.get(&v[j]), Some(toks)) };
+                    jobs.push(MatJob { w: v[j], act, tokens, out: &out, out_stride: 2 * n_ff, out_offset: starts[i] * 2 * n_ff + off });
                 }
             }
             matmul_batch(self.pool, &jobs);
@@ -397,7 +413,12 @@ impl Forward<'_> {
         }
         // Down projections: the activations differ per assignment.
         let par: Vec<f32> = s.gate_up.chunks_exact(2 * n_ff).flat_map(|r| r[..n_ff].iter().copied()).collect();
-        let down_ws: Vec<MatRef> = views.iter().map(|v| v[2]).collect();
+        for (i, v) in views.iter().enumerate() {
+            if gathered(i) {
+                s.gathered_down[i].prepare(&[v[2]], &par[starts[i] * n_ff..starts[i + 1] * n_ff], n_ff);
+            }
+        }
+        let down_ws: Vec<MatRef> = views.iter().enumerate().filter(|&(i, _)| !gathered(i)).map(|(_, v)| v[2]).collect();
         s.set.prepare(&down_ws, &par, n_ff);
         s.down.resize(na * d, 0.0);
         let ids: Vec<usize> = (0..na).collect();
@@ -406,13 +427,9 @@ impl Forward<'_> {
         let jobs: Vec<MatJob> = views
             .iter()
             .enumerate()
-            .map(|(i, v)| MatJob {
-                w: v[2],
-                act: set.get(&v[2]),
-                tokens: Some(&ids[starts[i]..starts[i + 1]]),
-                out: &out,
-                out_stride: d,
-                out_offset: starts[i] * d,
+            .map(|(i, v)| {
+                let (act, tokens) = if gathered(i) { (s.gathered_down[i].get(&v[2]), None) } else { (set.get(&v[2]), Some(&ids[starts[i]..starts[i + 1]])) };
+                MatJob { w: v[2], act, tokens, out: &out, out_stride: d, out_offset: starts[i] * d }
             })
             .collect();
         matmul_batch(self.pool, &jobs);
