@@ -18,4 +18,5 @@ pub mod rng;
 pub mod server;
 pub mod stats;
 pub mod synth;
+pub mod sysmem;
 pub mod tokenizer;

@@ -96,9 +96,15 @@ pub enum Resident {
     /// part every token needs. Routed experts come from the mapping or the expert cache.
     Dense,
     /// Dense weights and every routed expert (needs RAM for the whole model).
-    #[default]
     All,
+    /// `all` when the whole model fits in the memory this process may still take (with 1 GiB
+    /// to spare), else `dense`.
+    #[default]
+    Auto,
 }
+
+/// Headroom `Resident::Auto` keeps free beyond the model's bytes.
+const AUTO_HEADROOM: u64 = 1 << 30;
 
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default)]
@@ -121,6 +127,8 @@ pub struct Model {
     pub output: WeightDesc,
     pub layers: Vec<Layer>,
     resident: Option<ResidentCopies>,
+    /// What was made resident (`Auto` resolved).
+    resident_mode: Resident,
 }
 
 struct Loader<'a> {
@@ -335,7 +343,7 @@ impl Model {
                 ffn,
             });
         }
-        Ok(Model { file, spec, hp, tok_embd, output_norm, output, layers, resident: None })
+        Ok(Model { file, spec, hp, tok_embd, output_norm, output, layers, resident: None, resident_mode: Resident::None })
     }
 
     /// The weights `which` selects, in load order.
@@ -369,6 +377,21 @@ impl Model {
     /// Copy the selected weights into one anonymous (huge-page advised) buffer, repacking the
     /// ones a faster layout exists for. The token embedding stays plain: rows are looked up.
     fn make_resident(&mut self, which: Resident) -> Result<(), ArchError> {
+        let which = match which {
+            Resident::Auto => {
+                let all: u64 = self.resident_set(Resident::All).iter().map(|w| w.bytes).sum();
+                let room = crate::sysmem::available();
+                let pick = if room.is_some_and(|r| all + AUTO_HEADROOM <= r) { Resident::All } else { Resident::Dense };
+                tracing::info!(
+                    "resident auto: the model's weights take {:.1} MiB, {} available → {pick:?}",
+                    all as f64 / 1048576.0,
+                    room.map_or("unknown".to_string(), |r| format!("{:.1} MiB", r as f64 / 1048576.0))
+                );
+                pick
+            }
+            w => w,
+        };
+        self.resident_mode = which;
         let ws = self.resident_set(which);
         let total: u64 = ws.iter().map(|w| w.bytes).sum();
         if total == 0 {
@@ -407,6 +430,11 @@ impl Model {
         );
         self.resident = Some(ResidentCopies { buf, index });
         Ok(())
+    }
+
+    /// Which weights were made resident (`Auto` resolved to `All` or `Dense`).
+    pub fn resident_mode(&self) -> Resident {
+        self.resident_mode
     }
 
     /// Bytes held in resident (repacked) copies.

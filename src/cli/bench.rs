@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(short, long, default_value_t = 3)]
     repeats: usize,
     /// Which weights are copied into resident memory (Q4_0 repacked for ggml's interleaved kernels).
-    #[arg(long, value_enum, default_value_t = Resident::All)]
+    #[arg(long, value_enum, default_value_t = Resident::Auto)]
     resident: Resident,
     /// Also run the linked llama.cpp (reference) and print both and the ratio.
     #[arg(long)]
@@ -286,7 +286,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if let Some(r) = rss {
         println!(
-            "moerun peak anonymous RSS: {r:.1} MiB = resident weights {:.1} MiB + KV cache {kv_mib:.1} MiB + expert slots + the rest (other weights stay in the file mapping)",
+            "moerun peak anonymous RSS: {r:.1} MiB = resident weights ({:?}) {:.1} MiB + KV cache {kv_mib:.1} MiB + expert slots + the rest (other weights stay in the file mapping)",
+            model.resident_mode(),
             model.resident_bytes() as f64 / 1048576.0
         );
     }
@@ -297,7 +298,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prompt_tokens: prompt.len(),
         gen_tokens: a.n_gen,
         repeats: a.repeats,
-        resident: a.resident,
+        resident: model.resident_mode(),
         rss_anon_mib_peak: rss,
         resident_weights_mib: model.resident_bytes() as f64 / 1048576.0,
         kv_cache_mib: kv_mib,

@@ -42,7 +42,7 @@ const HELP: &str = "/reset forgets the conversation, /stats shows what the engin
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
-    let model = Arc::new(Model::load_with(&path, a.offload.load_options(moerun::model::Resident::All))?);
+    let model = Arc::new(Model::load_with(&path, a.offload.load_options(moerun::model::Resident::Auto))?);
     let name = model.file.get_str("general.name").ok().flatten().unwrap_or("model").to_string();
     let facts = MoeFacts::of(&model);
     let cfg = a.engine.config();

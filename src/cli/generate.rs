@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long)]
     no_bos: bool,
     /// Which weights are copied into resident memory (Q4_0 repacked for ggml's interleaved kernels).
-    #[arg(long, value_enum, default_value_t = Resident::All)]
+    #[arg(long, value_enum, default_value_t = Resident::Auto)]
     resident: Resident,
     /// Print one JSON object (ids, text, top logits, timings) instead of streaming text.
     #[arg(long)]

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Decode speed under a memory cap (issue 4): moerun's expert cache against llama.cpp streaming
+# the same GGUF through mmap, each run in its own process inside a memory cgroup, with the page
+# cache dropped before each. Needs root (cgroups, drop_caches). Results: bench-results/capped-*.json
+#
+#   benches/capped.sh MODEL [CAP=2G] [BUDGET=1800MiB] [POLICY=lru] [REPEATS=3]
+#
+# e.g. after `moerun synth --preset qwen3moe --layers 12 --type q4_0 -o scratch/qwen3moe-12L-q4_0.gguf`:
+#   benches/capped.sh scratch/qwen3moe-12L-q4_0.gguf 2G 1800MiB lru
+set -euo pipefail
+model=${1:?usage: benches/capped.sh MODEL [CAP] [BUDGET] [POLICY] [REPEATS]}
+cap=${2:-2G}
+budget=${3:-1800MiB}
+policy=${4:-lru}
+repeats=${5:-3}
+bin=${MOERUN:-target/release/moerun}
+bytes=$(numfmt --from=iec "$cap")
+if [ -d /sys/fs/cgroup/memory ]; then # cgroup v1
+    cg=/sys/fs/cgroup/memory/moerun-cap
+    mkdir -p "$cg"
+    echo "$bytes" >"$cg/memory.limit_in_bytes"
+    peak() { cat "$cg/memory.max_usage_in_bytes"; echo 0 >"$cg/memory.max_usage_in_bytes"; }
+else # cgroup v2 (the parent must delegate +memory)
+    cg=/sys/fs/cgroup/moerun-cap
+    mkdir -p "$cg"
+    echo "$bytes" >"$cg/memory.max"
+    peak() { cat "$cg/memory.peak" 2>/dev/null || echo "?"; }
+fi
+mkdir -p bench-results
+run() {
+    local name=$1
+    shift
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    echo "== $name (cap $cap)"
+    sh -c 'echo $$ >"$0/cgroup.procs"; exec "$@"' "$cg" "$bin" bench -m "$model" -t 2 -r "$repeats" -p 16 -n 32 \
+        --json "bench-results/capped-$name.json" "$@" || echo "$name: exit $? (137 = killed by the cap)"
+    echo "$name: cgroup peak $(peak) bytes"
+}
+run "moerun-$policy" --only moerun --memory-budget "$budget" --policy "$policy"
+run llama-mmap --only llama --llama-repack false
+run llama-default --only llama
