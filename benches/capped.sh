@@ -5,6 +5,9 @@
 #
 #   benches/capped.sh MODEL [CAP=2G] [BUDGET=1800MiB] [POLICY=lru] [REPEATS=3]
 #
+# Extra moerun flags go in MOERUN_ARGS (e.g. MOERUN_ARGS="--low q2_K --t1 0.6 --t2 0.9" for
+# HOBBIT mixed precision after `moerun prepare MODEL --low q2_K`); ONLY=moerun skips llama.cpp.
+#
 # e.g. after `moerun synth --preset qwen3moe --layers 12 --type q4_0 -o scratch/qwen3moe-12L-q4_0.gguf`:
 #   benches/capped.sh scratch/qwen3moe-12L-q4_0.gguf 2G 1800MiB lru
 set -euo pipefail
@@ -37,6 +40,9 @@ run() {
         --json "bench-results/capped-$name.json" "$@" || echo "$name: exit $? (137 = killed by the cap)"
     echo "$name: cgroup peak $(peak) bytes"
 }
-run "moerun-$policy" --only moerun --memory-budget "$budget" --policy "$policy"
-run llama-mmap --only llama --llama-repack false
-run llama-default --only llama
+# shellcheck disable=SC2086 # MOERUN_ARGS is a list of flags
+run "moerun-$policy${MOERUN_ARGS:+-mixed}" --only moerun --memory-budget "$budget" --policy "$policy" ${MOERUN_ARGS:-}
+if [ "${ONLY:-}" != moerun ]; then
+    run llama-mmap --only llama --llama-repack false
+    run llama-default --only llama
+fi
