@@ -3,7 +3,8 @@
 //! never formats for a terminal, never speaks HTTP.
 //!
 //! Invariant: no number is made up. Figures that need the expert cache (hit rate, bytes moved,
-//! precision mix, predictor accuracy) are `None` — `null` in JSON — until that cache exists.
+//! precision mix) are `None` — `null` in JSON — when the run has no cache (every expert in RAM or
+//! the mapping); predictor accuracy stays `None` until a predictor exists.
 
 use std::collections::BTreeMap;
 
@@ -59,8 +60,8 @@ impl MoeFacts {
     }
 }
 
-/// The expert cache's figures. There is no expert cache yet (experts are read straight from the
-/// file mapping), so [`ExpertCacheStats::absent`] is all `None`.
+/// The expert cache's figures ([`ExpertCacheStats::of`] an `Offload`'s statistics); without a cache,
+/// [`ExpertCacheStats::absent`] is all `None`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ExpertCacheStats {
     /// Whether an expert cache is in use.
