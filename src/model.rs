@@ -405,7 +405,19 @@ impl Model {
         let _ = buf.advise(memmap2::Advice::HugePage);
         let mut index = HashMap::with_capacity(ws.len());
         let (mut at, mut repacked) = (0usize, 0usize);
-        for w in &ws {
+        // Read ahead one weight while copying the one before, and drop each copied range from
+        // the process (cold loads read at the disk's pace instead of one page fault at a time,
+        // and RSS does not count the model twice).
+        // Releases go in batches: each one flushes TLBs.
+        const RELEASE_BATCH: u64 = 256 << 20;
+        let mut pending: Vec<(u64, u64)> = Vec::new();
+        if let Some(w) = ws.first() {
+            self.file.will_need(w.offset, w.bytes);
+        }
+        for (i, w) in ws.iter().enumerate() {
+            if let Some(next) = ws.get(i + 1) {
+                self.file.will_need(next.offset, next.bytes);
+            }
             let n = w.bytes as usize;
             let src = &self.file.bytes()[w.offset as usize..w.offset as usize + n];
             let layout = match repack::repackable(w.ty, w.rows, w.cols) {
@@ -419,9 +431,14 @@ impl Model {
                     Layout::Plain
                 }
             };
+            pending.push((w.offset, w.bytes));
+            if pending.iter().map(|p| p.1).sum::<u64>() >= RELEASE_BATCH {
+                pending.drain(..).for_each(|(o, l)| self.file.release(o, l));
+            }
             index.insert(w.offset, (at, layout));
             at += n;
         }
+        pending.drain(..).for_each(|(o, l)| self.file.release(o, l));
         tracing::info!(
             "{} weights ({:.1} MiB) resident, {repacked} repacked for ggml's interleaved kernels, in {:.2} s",
             ws.len(),

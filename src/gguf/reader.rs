@@ -175,6 +175,31 @@ impl GgufFile {
     pub fn bytes(&self) -> &[u8] {
         &self.mmap
     }
+
+    /// Hint that `len` bytes from `offset` will be read soon: the kernel starts reading them
+    /// ahead. Out-of-range requests and refusals are ignored (it is only a hint).
+    pub fn will_need(&self, offset: u64, len: u64) {
+        if let Some((o, l)) = self.range(offset, len) {
+            let _ = self.mmap.advise_range(memmap2::Advice::WillNeed, o, l);
+        }
+    }
+
+    /// Drop the pages of `len` bytes from `offset` from this process's memory (after copying
+    /// them out): they stay in the page cache while the kernel likes, and a later read faults
+    /// them in again from the file with the same bytes.
+    pub fn release(&self, offset: u64, len: u64) {
+        if let Some((o, l)) = self.range(offset, len) {
+            // SAFETY: the mapping is a read-only shared file mapping: MADV_DONTNEED only unmaps
+            // its pages, and any later access re-reads the unchanged file, so every `&[u8]`
+            // handed out keeps its contents.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, o, l) };
+        }
+    }
+
+    fn range(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
+        let end = offset.checked_add(len)?;
+        (end <= self.mmap.len() as u64 && len > 0).then_some((offset as usize, len as usize))
+    }
 }
 
 /// A value's kind, plus the value itself when it is short, for error messages.
