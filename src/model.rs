@@ -403,42 +403,43 @@ impl Model {
             .map_err(|e| ArchError::Resident { path: path.clone(), bytes: total, reason: e.to_string() })?;
         // Huge pages cut TLB misses when streaming gigabytes of weights; a hint, so ignore failure.
         let _ = buf.advise(memmap2::Advice::HugePage);
+        // Each weight's layout and place in the buffer, decided up front.
         let mut index = HashMap::with_capacity(ws.len());
-        let (mut at, mut repacked) = (0usize, 0usize);
-        // Read ahead one weight while copying the one before, and drop each copied range from
-        // the process (cold loads read at the disk's pace instead of one page fault at a time,
-        // and RSS does not count the model twice).
-        // Releases go in batches: each one flushes TLBs.
-        const RELEASE_BATCH: u64 = 256 << 20;
-        let mut pending: Vec<(u64, u64)> = Vec::new();
-        if let Some(w) = ws.first() {
-            self.file.will_need(w.offset, w.bytes);
-        }
-        for (i, w) in ws.iter().enumerate() {
-            if let Some(next) = ws.get(i + 1) {
-                self.file.will_need(next.offset, next.bytes);
-            }
-            let n = w.bytes as usize;
-            let src = &self.file.bytes()[w.offset as usize..w.offset as usize + n];
+        let mut at = 0usize;
+        let mut jobs: Vec<(&WeightDesc, Layout, &mut [u8])> = Vec::with_capacity(ws.len());
+        let mut rest: &mut [u8] = &mut buf;
+        for w in &ws {
             let layout = match repack::repackable(w.ty, w.rows, w.cols) {
-                Some(Layout::Q4_0x8) if w.offset != self.tok_embd.offset => {
-                    repack::repack_q4_0x8(src, w.rows, w.cols, &mut buf[at..at + n]);
-                    repacked += 1;
-                    Layout::Q4_0x8
-                }
-                _ => {
-                    buf[at..at + n].copy_from_slice(src);
-                    Layout::Plain
-                }
+                Some(Layout::Q4_0x8) if w.offset != self.tok_embd.offset => Layout::Q4_0x8,
+                _ => Layout::Plain,
             };
-            pending.push((w.offset, w.bytes));
-            if pending.iter().map(|p| p.1).sum::<u64>() >= RELEASE_BATCH {
-                pending.drain(..).for_each(|(o, l)| self.file.release(o, l));
-            }
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(w.bytes as usize);
+            rest = tail;
+            jobs.push((w, layout, dst));
             index.insert(w.offset, (at, layout));
-            at += n;
+            at += w.bytes as usize;
         }
-        pending.drain(..).for_each(|(o, l)| self.file.release(o, l));
+        let repacked = jobs.iter().filter(|j| j.1 == Layout::Q4_0x8).count();
+        // A few threads each copy a contiguous share of the weights (repacking is CPU work, and
+        // several readers keep the disk busy on a cold load).
+        let n_threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+        let share = total.div_ceil(n_threads as u64);
+        let mut groups: Vec<Vec<(&WeightDesc, Layout, &mut [u8])>> = Vec::new();
+        let mut acc = u64::MAX;
+        for j in jobs {
+            if acc >= share {
+                groups.push(Vec::new());
+                acc = 0;
+            }
+            acc += j.0.bytes;
+            groups.last_mut().expect("a group was just pushed").push(j);
+        }
+        let file = &self.file;
+        std::thread::scope(|sc| {
+            for g in groups {
+                sc.spawn(move || copy_weights(file, g));
+            }
+        });
         tracing::info!(
             "{} weights ({:.1} MiB) resident, {repacked} repacked for ggml's interleaved kernels, in {:.2} s",
             ws.len(),
@@ -449,6 +450,39 @@ impl Model {
         Ok(())
     }
 
+}
+
+/// Copy (or repack) weights out of the mapping into their resident places, in order. Reads one
+/// weight ahead (MADV_WILLNEED) while copying the one before, and drops copied ranges from the
+/// mapping in batches (MADV_DONTNEED; each flushes TLBs): cold loads read at the disk's pace
+/// instead of one page fault at a time, and RSS does not count the model twice.
+fn copy_weights(file: &GgufFile, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
+    const RELEASE_BATCH: u64 = 256 << 20;
+    let (mut pending, mut pending_bytes) = (Vec::new(), 0u64);
+    if let Some(j) = jobs.first() {
+        file.will_need(j.0.offset, j.0.bytes);
+    }
+    let mut it = jobs.into_iter().peekable();
+    while let Some((w, layout, dst)) = it.next() {
+        if let Some(next) = it.peek() {
+            file.will_need(next.0.offset, next.0.bytes);
+        }
+        let src = &file.bytes()[w.offset as usize..(w.offset + w.bytes) as usize];
+        match layout {
+            Layout::Q4_0x8 => repack::repack_q4_0x8(src, w.rows, w.cols, dst),
+            _ => dst.copy_from_slice(src),
+        }
+        pending.push((w.offset, w.bytes));
+        pending_bytes += w.bytes;
+        if pending_bytes >= RELEASE_BATCH {
+            pending.drain(..).for_each(|(o, l)| file.release(o, l));
+            pending_bytes = 0;
+        }
+    }
+    pending.into_iter().for_each(|(o, l)| file.release(o, l));
+}
+
+impl Model {
     /// Which weights were made resident (`Auto` resolved to `All` or `Dense`).
     pub fn resident_mode(&self) -> Resident {
         self.resident_mode
