@@ -109,10 +109,11 @@ pub struct Scratch {
     moe: Vec<f32>,
     acts: QActs,
     set: ActSet,
-    /// Per expert of a wave with enough tokens for the GEMM kernels: its tokens' activations
-    /// gathered and converted (gate/up inputs, then down inputs).
+    /// Per expert of a wave with enough tokens for the GEMM kernels: its tokens' gate/up inputs,
+    /// gathered and converted.
     gathered: Vec<ActSet>,
-    gathered_down: Vec<ActSet>,
+    /// Per expert of a wave: its down inputs, converted.
+    down_acts: Vec<ActSet>,
     rows_tmp: Vec<f32>,
     angles: Vec<f32>,
 }
@@ -379,7 +380,7 @@ impl Forward<'_> {
         let gathered = |i: usize| starts[i + 1] - starts[i] >= GEMM_TOKENS;
         while s.gathered.len() < views.len() {
             s.gathered.push(ActSet::default());
-            s.gathered_down.push(ActSet::default());
+            s.down_acts.push(ActSet::default());
         }
         for (i, v) in views.iter().enumerate() {
             if gathered(i) {
@@ -411,26 +412,18 @@ impl Forward<'_> {
             let (g, u) = row.split_at_mut(n_ff);
             ops::swiglu_inplace(g, u);
         }
-        // Down projections: the activations differ per assignment.
+        // Down projections: the activations differ per assignment and each expert's are one
+        // contiguous segment, converted on their own (GEMM kernels wherever 4+ rows).
         let par: Vec<f32> = s.gate_up.chunks_exact(2 * n_ff).flat_map(|r| r[..n_ff].iter().copied()).collect();
         for (i, v) in views.iter().enumerate() {
-            if gathered(i) {
-                s.gathered_down[i].prepare(&[v[2]], &par[starts[i] * n_ff..starts[i + 1] * n_ff], n_ff);
-            }
+            s.down_acts[i].prepare(&[v[2]], &par[starts[i] * n_ff..starts[i + 1] * n_ff], n_ff);
         }
-        let down_ws: Vec<MatRef> = views.iter().enumerate().filter(|&(i, _)| !gathered(i)).map(|(_, v)| v[2]).collect();
-        s.set.prepare(&down_ws, &par, n_ff);
         s.down.resize(na * d, 0.0);
-        let ids: Vec<usize> = (0..na).collect();
         let out = SharedOut::new(&mut s.down);
-        let set = &s.set;
         let jobs: Vec<MatJob> = views
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                let (act, tokens) = if gathered(i) { (s.gathered_down[i].get(&v[2]), None) } else { (set.get(&v[2]), Some(&ids[starts[i]..starts[i + 1]])) };
-                MatJob { w: v[2], act, tokens, out: &out, out_stride: d, out_offset: starts[i] * d }
-            })
+            .map(|(i, v)| MatJob { w: v[2], act: s.down_acts[i].get(&v[2]), tokens: None, out: &out, out_stride: d, out_offset: starts[i] * d })
             .collect();
         matmul_batch(self.pool, &jobs);
     }

@@ -434,10 +434,10 @@ impl Model {
             acc += j.0.bytes;
             groups.last_mut().expect("a group was just pushed").push(j);
         }
-        let file = &self.file;
+        let me = &*self;
         std::thread::scope(|sc| {
             for g in groups {
-                sc.spawn(move || copy_weights(file, g));
+                sc.spawn(move || copy_weights(me, g));
             }
         });
         tracing::info!(
@@ -450,39 +450,6 @@ impl Model {
         Ok(())
     }
 
-}
-
-/// Copy (or repack) weights out of the mapping into their resident places, in order. Reads one
-/// weight ahead (MADV_WILLNEED) while copying the one before, and drops copied ranges from the
-/// mapping in batches (MADV_DONTNEED; each flushes TLBs): cold loads read at the disk's pace
-/// instead of one page fault at a time, and RSS does not count the model twice.
-fn copy_weights(file: &GgufFile, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
-    const RELEASE_BATCH: u64 = 256 << 20;
-    let (mut pending, mut pending_bytes) = (Vec::new(), 0u64);
-    if let Some(j) = jobs.first() {
-        file.will_need(j.0.offset, j.0.bytes);
-    }
-    let mut it = jobs.into_iter().peekable();
-    while let Some((w, layout, dst)) = it.next() {
-        if let Some(next) = it.peek() {
-            file.will_need(next.0.offset, next.0.bytes);
-        }
-        let src = &file.bytes()[w.offset as usize..(w.offset + w.bytes) as usize];
-        match layout {
-            Layout::Q4_0x8 => repack::repack_q4_0x8(src, w.rows, w.cols, dst),
-            _ => dst.copy_from_slice(src),
-        }
-        pending.push((w.offset, w.bytes));
-        pending_bytes += w.bytes;
-        if pending_bytes >= RELEASE_BATCH {
-            pending.drain(..).for_each(|(o, l)| file.release(o, l));
-            pending_bytes = 0;
-        }
-    }
-    pending.into_iter().for_each(|(o, l)| file.release(o, l));
-}
-
-impl Model {
     /// Which weights were made resident (`Auto` resolved to `All` or `Dense`).
     pub fn resident_mode(&self) -> Resident {
         self.resident_mode
@@ -556,4 +523,35 @@ impl Model {
         let embd_total = if tied { 0 } else { self.tok_embd.bytes };
         self.total_bytes() - self.expert_bytes() - embd_total + embd_row + per_expert
     }
+}
+
+/// Copy (or repack) weights out of the mapping into their resident places, in order. Reads one
+/// weight ahead (MADV_WILLNEED) while copying the one before, and drops copied ranges from the
+/// mapping in batches (MADV_DONTNEED; each flushes TLBs): cold loads read at the disk's pace
+/// instead of one page fault at a time, and RSS does not count the model twice.
+fn copy_weights(model: &Model, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
+    let file = &model.file;
+    const RELEASE_BATCH: u64 = 256 << 20;
+    let (mut pending, mut pending_bytes) = (Vec::new(), 0u64);
+    if let Some(j) = jobs.first() {
+        file.will_need(j.0.offset, j.0.bytes);
+    }
+    let mut it = jobs.into_iter().peekable();
+    while let Some((w, layout, dst)) = it.next() {
+        if let Some(next) = it.peek() {
+            file.will_need(next.0.offset, next.0.bytes);
+        }
+        let src = model.bytes_of(w);
+        match layout {
+            Layout::Q4_0x8 => repack::repack_q4_0x8(src, w.rows, w.cols, dst),
+            _ => dst.copy_from_slice(src),
+        }
+        pending.push((w.offset, w.bytes));
+        pending_bytes += w.bytes;
+        if pending_bytes >= RELEASE_BATCH {
+            pending.drain(..).for_each(|(o, l)| file.release(o, l));
+            pending_bytes = 0;
+        }
+    }
+    pending.into_iter().for_each(|(o, l)| file.release(o, l));
 }

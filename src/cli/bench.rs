@@ -224,27 +224,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None
     };
     for i in 0..a.repeats {
-        let llama_first = i % 2 == 1;
-        if llama_first {
-            if let Some(r) = llama.as_mut() {
-                let (pf, dec) = time_llama(r, &prompt, a.n_gen)?;
-                theirs.0.push(pf);
-                theirs.1.push(dec);
-            }
-        }
-        if run_ours {
-            let (pf, dec) = time_ours(&mut engine, &prompt, a.n_gen)?;
-            ours.0.push(pf);
-            ours.1.push(dec);
-            if llama.is_none() {
-                rss = max_rss(rss);
-            }
-        }
-        if !llama_first {
-            if let Some(r) = llama.as_mut() {
-                let (pf, dec) = time_llama(r, &prompt, a.n_gen)?;
-                theirs.0.push(pf);
-                theirs.1.push(dec);
+        // Even repeats run ours first, odd ones llama.cpp first.
+        for llama_turn in [i % 2 == 1, i % 2 == 0] {
+            match (llama_turn, llama.as_mut()) {
+                (true, Some(r)) => {
+                    let (pf, dec) = time_llama(r, &prompt, a.n_gen)?;
+                    theirs.0.push(pf);
+                    theirs.1.push(dec);
+                }
+                (false, r) if run_ours => {
+                    let (pf, dec) = time_ours(&mut engine, &prompt, a.n_gen)?;
+                    ours.0.push(pf);
+                    ours.1.push(dec);
+                    if r.is_none() {
+                        rss = max_rss(rss);
+                    }
+                }
+                _ => {}
             }
         }
     }

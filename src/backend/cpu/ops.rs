@@ -133,9 +133,8 @@ pub fn dot_f16(k: &[u8], q: &[u8]) -> f32 {
         }
         sum = lane_tree_sum(a0) as f64;
     }
-    let h = |b: &[u8], i: usize| f16_at(b, i);
     for e in np..n {
-        sum += (h(k, e) * h(q, e)) as f64;
+        sum += (f16_at(k, e) * f16_at(q, e)) as f64;
     }
     sum as f32
 }
