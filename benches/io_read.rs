@@ -69,9 +69,8 @@ fn main() {
 /// Reads random extents until `target` bytes, BATCH ops per ticket, WINDOW tickets in flight.
 fn run(svc: &IoService, file_len: usize, target: u64, seed: u64, lens: (usize, usize)) -> f64 {
     let mut rng = SplitMix64::new(seed);
-    let mut bufs: Vec<Vec<AlignedBuf>> = (0..WINDOW)
-        .map(|_| (0..BATCH).map(|_| AlignedBuf::new(lens.1 + 8192).expect("alloc")).collect())
-        .collect();
+    let mut bufs: Vec<Vec<AlignedBuf>> =
+        (0..WINDOW).map(|_| (0..BATCH).map(|_| AlignedBuf::new(lens.1 + 8192).expect("alloc")).collect()).collect();
     let mut tickets = std::collections::VecDeque::new();
     let (mut bytes, mut slot) = (0u64, 0usize);
     let t0 = Instant::now();

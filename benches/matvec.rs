@@ -40,8 +40,12 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(data.len() as u64));
         let mut acts = QActs::new();
         let mut out = vec![0f32; ROWS];
-        g.bench_function(BenchmarkId::new("pool2", ty.name()), |b| b.iter(|| matmul(&pool, w, &x, &mut acts, &mut out)));
-        g.bench_function(BenchmarkId::new("single", ty.name()), |b| b.iter(|| matmul(&one, w, &x, &mut acts, &mut out)));
+        g.bench_function(BenchmarkId::new("pool2", ty.name()), |b| {
+            b.iter(|| matmul(&pool, w, &x, &mut acts, &mut out))
+        });
+        g.bench_function(BenchmarkId::new("single", ty.name()), |b| {
+            b.iter(|| matmul(&one, w, &x, &mut acts, &mut out))
+        });
         if repack::repackable(ty, ROWS, COLS).is_some() {
             let mut packed = vec![0u8; data.len()];
             repack::repack_q4_0x8(&data, ROWS, COLS, &mut packed);

@@ -214,12 +214,8 @@ impl Forward<'_> {
                 .collect();
             matmul_batch(self.pool, &jobs);
         }
-        let rope = Rope {
-            style: m.spec.rope,
-            n_dims: hp.n_rot,
-            freq_base: hp.rope_freq_base,
-            freq_scale: hp.rope_freq_scale,
-        };
+        let rope =
+            Rope { style: m.spec.rope, n_dims: hp.n_rot, freq_base: hp.rope_freq_base, freq_scale: hp.rope_freq_scale };
         s.angles.resize(hp.n_rot, 0.0);
         for t in 0..n {
             let row = &mut s.qkv[t * width..(t + 1) * width];
@@ -274,7 +270,15 @@ impl Forward<'_> {
         s.x.iter_mut().zip(&s.o).for_each(|(x, o)| *x += o);
     }
 
-    fn ffn(&mut self, l: usize, layer: &Layer, pos0: usize, n: usize, s: &mut Scratch, obs: &mut dyn RouteObserver) -> Result<(), ProviderError> {
+    fn ffn(
+        &mut self,
+        l: usize,
+        layer: &Layer,
+        pos0: usize,
+        n: usize,
+        s: &mut Scratch,
+        obs: &mut dyn RouteObserver,
+    ) -> Result<(), ProviderError> {
         let m = self.model;
         let hp = &m.hp;
         let d = hp.n_embd;
@@ -393,7 +397,8 @@ impl Forward<'_> {
         }
         // gate and up for every assignment: [na, 2·n_ff] (gate | up).
         s.gate_up.resize(na * 2 * n_ff, 0.0);
-        let gate_up_ws: Vec<MatRef> = views.iter().enumerate().filter(|&(i, _)| !gathered(i)).flat_map(|(_, v)| [v[0], v[1]]).collect();
+        let gate_up_ws: Vec<MatRef> =
+            views.iter().enumerate().filter(|&(i, _)| !gathered(i)).flat_map(|(_, v)| [v[0], v[1]]).collect();
         s.set.prepare(&gate_up_ws, &s.h, d);
         {
             let out = SharedOut::new(&mut s.gate_up);
@@ -402,8 +407,16 @@ impl Forward<'_> {
             for (i, v) in views.iter().enumerate() {
                 let toks = &tokens[starts[i]..starts[i + 1]];
                 for (j, off) in [(0usize, 0usize), (1, n_ff)] {
-                    let (act, tokens) = if gathered(i) { (s.gathered[i].get(&v[j]), None) } else { (set.get(&v[j]), Some(toks)) };
-                    jobs.push(MatJob { w: v[j], act, tokens, out: &out, out_stride: 2 * n_ff, out_offset: starts[i] * 2 * n_ff + off });
+                    let (act, tokens) =
+                        if gathered(i) { (s.gathered[i].get(&v[j]), None) } else { (set.get(&v[j]), Some(toks)) };
+                    jobs.push(MatJob {
+                        w: v[j],
+                        act,
+                        tokens,
+                        out: &out,
+                        out_stride: 2 * n_ff,
+                        out_offset: starts[i] * 2 * n_ff + off,
+                    });
                 }
             }
             matmul_batch(self.pool, &jobs);
@@ -423,7 +436,14 @@ impl Forward<'_> {
         let jobs: Vec<MatJob> = views
             .iter()
             .enumerate()
-            .map(|(i, v)| MatJob { w: v[2], act: s.down_acts[i].get(&v[2]), tokens: None, out: &out, out_stride: d, out_offset: starts[i] * d })
+            .map(|(i, v)| MatJob {
+                w: v[2],
+                act: s.down_acts[i].get(&v[2]),
+                tokens: None,
+                out: &out,
+                out_stride: d,
+                out_offset: starts[i] * d,
+            })
             .collect();
         matmul_batch(self.pool, &jobs);
     }

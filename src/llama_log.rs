@@ -63,10 +63,7 @@ struct LineBuffer {
 
 impl LineBuffer {
     const fn new() -> LineBuffer {
-        LineBuffer {
-            level: Level::Info,
-            text: String::new(),
-        }
+        LineBuffer { level: Level::Info, text: String::new() }
     }
 
     /// Adds one fragment; calls `emit` for every line it completes (without the newline, empty
@@ -161,13 +158,7 @@ mod tests {
     #[test]
     fn a_new_level_flushes_an_unfinished_line() {
         let got = lines(&[(Some(Level::Warn), "half"), (Some(Level::Info), "next\n")]);
-        assert_eq!(
-            got,
-            vec![
-                (Level::Warn, "half".to_owned()),
-                (Level::Info, "next".to_owned())
-            ]
-        );
+        assert_eq!(got, vec![(Level::Warn, "half".to_owned()), (Level::Info, "next".to_owned())]);
     }
 
     #[test]

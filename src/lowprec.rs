@@ -107,7 +107,14 @@ fn plan(model: &Model) -> Vec<Planned> {
         let Some(ex) = model.experts(l) else { continue };
         let Some(first) = ex.first() else { continue };
         for (which, w) in mats(first).into_iter().enumerate() {
-            out.push(Planned { layer: l, which, name: tn(STACKED[which], Some(l)), cols: w.cols, rows: w.rows, n_expert: ex.len() });
+            out.push(Planned {
+                layer: l,
+                which,
+                name: tn(STACKED[which], Some(l)),
+                cols: w.cols,
+                rows: w.rows,
+                n_expert: ex.len(),
+            });
         }
     }
     out
@@ -119,7 +126,11 @@ fn source_tensors(model: &Model, l: usize, n_expert: usize) -> Vec<&TensorInfo> 
     if f.tensor(&tn(TensorKind::FfnUpExps, Some(l))).is_some() {
         return STACKED.iter().filter_map(|&k| f.tensor(&tn(k, Some(l)))).collect();
     }
-    PER_EXPERT.iter().flat_map(|&k| (0..n_expert).map(move |e| tn_expert(k, l, e))).filter_map(|n| f.tensor(&n)).collect()
+    PER_EXPERT
+        .iter()
+        .flat_map(|&k| (0..n_expert).map(move |e| tn_expert(k, l, e)))
+        .filter_map(|n| f.tensor(&n))
+        .collect()
 }
 
 /// FNV-1a, 64 bit: stable across platforms and releases (unlike `DefaultHasher`).
@@ -180,8 +191,30 @@ fn check_low_type(low: GgmlType) -> Result<(), LowPrecError> {
     // The types `ggml_quantize_chunk` has a case for (anything else aborts inside ggml).
     let quantizable = matches!(
         low,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | MXFP4 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | TQ1_0 | TQ2_0
-            | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ3_S | IQ2_S | IQ1_S | IQ1_M | IQ4_NL | IQ4_XS
+        F32 | F16
+            | BF16
+            | Q4_0
+            | Q4_1
+            | Q5_0
+            | Q5_1
+            | Q8_0
+            | MXFP4
+            | Q2_K
+            | Q3_K
+            | Q4_K
+            | Q5_K
+            | Q6_K
+            | TQ1_0
+            | TQ2_0
+            | IQ2_XXS
+            | IQ2_XS
+            | IQ3_XXS
+            | IQ3_S
+            | IQ2_S
+            | IQ1_S
+            | IQ1_M
+            | IQ4_NL
+            | IQ4_XS
     );
     if !quantizable {
         return refuse("ggml cannot quantize to it");
@@ -199,8 +232,17 @@ fn check_low_type(low: GgmlType) -> Result<(), LowPrecError> {
 /// Requantizes `n` rows of `cols` values from `src` (rows of `k.ty`) into `dst` (rows of `low`),
 /// splitting the rows over up to `threads` threads. `f32` is scratch for at least `n * cols`
 /// values. `ggml_quantize_init(low)` must have run.
-fn requantize_rows(k: &Kernels, low: GgmlType, cols: usize, src: &[u8], f32: &mut [f32], dst: &mut [u8], threads: usize) {
-    let (src_rb, low_rb) = (k.ty.row_bytes(cols as u64).unwrap_or(0) as usize, low.row_bytes(cols as u64).unwrap_or(0) as usize);
+fn requantize_rows(
+    k: &Kernels,
+    low: GgmlType,
+    cols: usize,
+    src: &[u8],
+    f32: &mut [f32],
+    dst: &mut [u8],
+    threads: usize,
+) {
+    let (src_rb, low_rb) =
+        (k.ty.row_bytes(cols as u64).unwrap_or(0) as usize, low.row_bytes(cols as u64).unwrap_or(0) as usize);
     let n = src.len() / src_rb.max(1);
     assert!(src_rb > 0 && low_rb > 0 && src.len() == n * src_rb && dst.len() == n * low_rb && f32.len() >= n * cols);
     let per = n.div_ceil(threads.max(1)).max(1);
@@ -232,7 +274,8 @@ fn requantize_rows(k: &Kernels, low: GgmlType, cols: usize, src: &[u8], f32: &mu
         return;
     }
     std::thread::scope(|s| {
-        let parts = src.chunks(per * src_rb).zip(f32[..n * cols].chunks_mut(per * cols)).zip(dst.chunks_mut(per * low_rb));
+        let parts =
+            src.chunks(per * src_rb).zip(f32[..n * cols].chunks_mut(per * cols)).zip(dst.chunks_mut(per * low_rb));
         for ((src, f32), dst) in parts {
             s.spawn(move || work(src, f32, dst));
         }
@@ -242,7 +285,12 @@ fn requantize_rows(k: &Kernels, low: GgmlType, cols: usize, src: &[u8], f32: &mu
 /// Writes a sidecar at `out` holding every routed expert of `model` requantized to `low`,
 /// calling `progress(source_bytes_done, source_bytes_total)` as it goes. The file is written
 /// under a temporary name next to `out` and renamed when complete, so `out` is never half-written.
-pub fn prepare(model: &Model, low: GgmlType, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), LowPrecError> {
+pub fn prepare(
+    model: &Model,
+    low: GgmlType,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), LowPrecError> {
     let src_path = model.file.path().to_path_buf();
     check_low_type(low)?;
     let plan = plan(model);
@@ -260,7 +308,9 @@ pub fn prepare(model: &Model, low: GgmlType, out: &Path, progress: &mut dyn FnMu
             });
         }
         let ex = model.experts(p.layer).unwrap_or_default();
-        if let Some(w) = ex.iter().map(|e| mats(e)[p.which]).find(|w| !kernels(w.ty).is_some_and(|k| k.can_dequantize())) {
+        if let Some(w) =
+            ex.iter().map(|e| mats(e)[p.which]).find(|w| !kernels(w.ty).is_some_and(|k| k.can_dequantize()))
+        {
             return Err(LowPrecError::SourceType { path: src_path, tensor: p.name.clone(), ty: w.ty.name() });
         }
     }
@@ -277,8 +327,9 @@ pub fn prepare(model: &Model, low: GgmlType, out: &Path, progress: &mut dyn FnMu
     ];
     let descs: Vec<(&str, GgmlType, [u64; 3])> = plan.iter().map(|p| (p.name.as_str(), low, p.shape())).collect();
     let tmp = partial_path(out);
-    let result = write_sidecar(model, low, &plan, &metadata, &descs, &tmp, progress)
-        .and_then(|()| std::fs::rename(&tmp, out).map_err(|source| LowPrecError::Io { path: out.to_path_buf(), source }));
+    let result = write_sidecar(model, low, &plan, &metadata, &descs, &tmp, progress).and_then(|()| {
+        std::fs::rename(&tmp, out).map_err(|source| LowPrecError::Io { path: out.to_path_buf(), source })
+    });
     if result.is_err() {
         // Best effort: the error that matters is the one being returned.
         let _ = std::fs::remove_file(&tmp);
@@ -369,7 +420,9 @@ impl LowPrecSidecar {
             return Err(LowPrecError::BadKey { path: p(), key: KEY_LOW_TYPE, reason: format!("is {low}: {reason}") });
         }
         let expected = fingerprint(model);
-        let found = file.get_u64(KEY_SOURCE_FINGERPRINT)?.ok_or(LowPrecError::NotSidecar { path: p(), key: KEY_SOURCE_FINGERPRINT })?;
+        let found = file
+            .get_u64(KEY_SOURCE_FINGERPRINT)?
+            .ok_or(LowPrecError::NotSidecar { path: p(), key: KEY_SOURCE_FINGERPRINT })?;
         if found != expected {
             return Err(LowPrecError::WrongModel {
                 path: p(),
@@ -379,7 +432,9 @@ impl LowPrecSidecar {
             });
         }
         let expected = model.file.bytes().len() as u64;
-        let found = file.get_u64(KEY_SOURCE_FILE_BYTES)?.ok_or(LowPrecError::NotSidecar { path: p(), key: KEY_SOURCE_FILE_BYTES })?;
+        let found = file
+            .get_u64(KEY_SOURCE_FILE_BYTES)?
+            .ok_or(LowPrecError::NotSidecar { path: p(), key: KEY_SOURCE_FILE_BYTES })?;
         if found != expected {
             return Err(LowPrecError::WrongModel {
                 path: p(),
@@ -391,12 +446,18 @@ impl LowPrecSidecar {
 
         let plan = plan(model);
         if let Some(extra) = file.tensors().iter().find(|t| !plan.iter().any(|p| p.name == t.name)) {
-            return Err(LowPrecError::BadTensor { path: p(), tensor: extra.name.clone(), reason: "is not a routed-expert tensor of this model".into() });
+            return Err(LowPrecError::BadTensor {
+                path: p(),
+                tensor: extra.name.clone(),
+                reason: "is not a routed-expert tensor of this model".into(),
+            });
         }
         let mut experts: Vec<Option<Vec<[WeightDesc; 3]>>> = vec![None; model.layers.len()];
         for pl in &plan {
             let bad = |reason: String| LowPrecError::BadTensor { path: p(), tensor: pl.name.clone(), reason };
-            let t = file.tensor(&pl.name).ok_or_else(|| LowPrecError::MissingTensor { path: p(), tensor: pl.name.clone() })?;
+            let t = file
+                .tensor(&pl.name)
+                .ok_or_else(|| LowPrecError::MissingTensor { path: p(), tensor: pl.name.clone() })?;
             if t.ggml_type != low {
                 return Err(bad(format!("is {}, but {KEY_LOW_TYPE} says {low}", t.ggml_type)));
             }
@@ -407,9 +468,12 @@ impl LowPrecSidecar {
             if per == 0 || t.size != per * pl.n_expert as u64 {
                 return Err(bad(format!("is {} bytes, {} experts of {} bytes expected", t.size, pl.n_expert, per)));
             }
-            let layer = experts[pl.layer].get_or_insert_with(|| vec![[WeightDesc { ty: low, rows: 0, cols: 0, offset: 0, bytes: 0 }; 3]; pl.n_expert]);
+            let layer = experts[pl.layer].get_or_insert_with(|| {
+                vec![[WeightDesc { ty: low, rows: 0, cols: 0, offset: 0, bytes: 0 }; 3]; pl.n_expert]
+            });
             for (e, slot) in layer.iter_mut().enumerate() {
-                slot[pl.which] = WeightDesc { ty: low, rows: pl.rows, cols: pl.cols, offset: t.offset + e as u64 * per, bytes: per };
+                slot[pl.which] =
+                    WeightDesc { ty: low, rows: pl.rows, cols: pl.cols, offset: t.offset + e as u64 * per, bytes: per };
             }
         }
         let bytes_per_expert = experts.iter().flatten().flatten().next().map_or(0, |m| m.iter().map(|w| w.bytes).sum());
@@ -460,7 +524,12 @@ mod tests {
 
     #[test]
     fn low_types_ggml_cannot_make_alone_are_refused() {
-        for (ty, why) in [(GgmlType::IQ2_XXS, "importance matrix"), (GgmlType::IQ1_S, "importance matrix"), (GgmlType::Q8_K, "cannot quantize"), (GgmlType::I32, "cannot quantize")] {
+        for (ty, why) in [
+            (GgmlType::IQ2_XXS, "importance matrix"),
+            (GgmlType::IQ1_S, "importance matrix"),
+            (GgmlType::Q8_K, "cannot quantize"),
+            (GgmlType::I32, "cannot quantize"),
+        ] {
             let err = check_low_type(ty).expect_err(ty.name());
             assert!(err.to_string().contains(why) && err.to_string().contains(ty.name()), "{err}");
         }

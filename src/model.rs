@@ -201,11 +201,13 @@ impl Loader<'_> {
     }
 
     fn f32_data(&self, t: &TensorInfo) -> Result<Vec<f32>, ArchError> {
-        let k = kernels(t.ggml_type).filter(|_| cpu_supports(Op::GetRows, t.ggml_type)).ok_or_else(|| ArchError::UnsupportedType {
-            path: self.path.clone(),
-            tensor: t.name.clone(),
-            ty: t.ggml_type.name(),
-            op: "dequantize",
+        let k = kernels(t.ggml_type).filter(|_| cpu_supports(Op::GetRows, t.ggml_type)).ok_or_else(|| {
+            ArchError::UnsupportedType {
+                path: self.path.clone(),
+                tensor: t.name.clone(),
+                ty: t.ggml_type.name(),
+                op: "dequantize",
+            }
         })?;
         let mut out = vec![0f32; t.n_elements() as usize];
         k.dequantize(self.file.tensor_data(t), &mut out);
@@ -290,19 +292,29 @@ impl Model {
             let t = |k| tn(k, Some(l));
             let (q_norm, k_norm) = match spec.qk_norm {
                 QkNorm::None => (None, None),
-                QkNorm::PerHead => {
-                    (Some(ld.vec(&t(TensorKind::AttnQNorm), hp.head_dim)?), Some(ld.vec(&t(TensorKind::AttnKNorm), hp.head_dim)?))
+                QkNorm::PerHead => (
+                    Some(ld.vec(&t(TensorKind::AttnQNorm), hp.head_dim)?),
+                    Some(ld.vec(&t(TensorKind::AttnKNorm), hp.head_dim)?),
+                ),
+                QkNorm::Full => {
+                    (Some(ld.vec(&t(TensorKind::AttnQNorm), q)?), Some(ld.vec(&t(TensorKind::AttnKNorm), kv)?))
                 }
-                QkNorm::Full => (Some(ld.vec(&t(TensorKind::AttnQNorm), q)?), Some(ld.vec(&t(TensorKind::AttnKNorm), kv)?)),
             };
             let (bq, bk, bv) = if spec.attn_bias {
-                (ld.opt_vec(&t(TensorKind::AttnQBias), q)?, ld.opt_vec(&t(TensorKind::AttnKBias), kv)?, ld.opt_vec(&t(TensorKind::AttnVBias), kv)?)
+                (
+                    ld.opt_vec(&t(TensorKind::AttnQBias), q)?,
+                    ld.opt_vec(&t(TensorKind::AttnKBias), kv)?,
+                    ld.opt_vec(&t(TensorKind::AttnVBias), kv)?,
+                )
             } else {
                 (None, None, None)
             };
             let ffn = if file.tensor(&t(TensorKind::FfnGateInp)).is_some() {
                 if hp.n_expert == 0 {
-                    return Err(ArchError::MissingKey { path: path.clone(), key: format!("{}.expert_count", spec.name) });
+                    return Err(ArchError::MissingKey {
+                        path: path.clone(),
+                        key: format!("{}.expert_count", spec.name),
+                    });
                 }
                 let router = ld.mat(&t(TensorKind::FfnGateInp), d, hp.n_expert)?;
                 let experts = ld.experts(l, &hp, n_ff_exp)?;
@@ -343,7 +355,17 @@ impl Model {
                 ffn,
             });
         }
-        Ok(Model { file, spec, hp, tok_embd, output_norm, output, layers, resident: None, resident_mode: Resident::None })
+        Ok(Model {
+            file,
+            spec,
+            hp,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            resident: None,
+            resident_mode: Resident::None,
+        })
     }
 
     /// The weights `which` selects, in load order.
@@ -399,8 +421,11 @@ impl Model {
         }
         let path = self.file.path().display().to_string();
         let t0 = std::time::Instant::now();
-        let mut buf = memmap2::MmapMut::map_anon(total as usize)
-            .map_err(|e| ArchError::Resident { path: path.clone(), bytes: total, reason: e.to_string() })?;
+        let mut buf = memmap2::MmapMut::map_anon(total as usize).map_err(|e| ArchError::Resident {
+            path: path.clone(),
+            bytes: total,
+            reason: e.to_string(),
+        })?;
         // Huge pages cut TLB misses when streaming gigabytes of weights; a hint, so ignore failure.
         let _ = buf.advise(memmap2::Advice::HugePage);
         // Each weight's layout and place in the buffer, decided up front.

@@ -183,7 +183,12 @@ impl SynthConfig {
         if !["llama", "qwen2moe", "qwen3moe", "olmoe"].contains(&a) {
             return Err(SynthError::UnknownArch(self.arch.clone()));
         }
-        let (d, q, kv, hd) = (self.n_embd as u64, (self.n_head * self.head_dim) as u64, (self.n_head_kv * self.head_dim) as u64, self.head_dim as u64);
+        let (d, q, kv, hd) = (
+            self.n_embd as u64,
+            (self.n_head * self.head_dim) as u64,
+            (self.n_head_kv * self.head_dim) as u64,
+            self.head_dim as u64,
+        );
         let (f, e, v) = (self.n_ff_exp as u64, self.n_expert as u64, self.n_vocab as u64);
         let w = self.weight_type;
         let std = 0.02f32;
@@ -232,7 +237,11 @@ impl SynthConfig {
         }
         for p in &out {
             if p.shape[0] % p.ty.block_size() != 0 {
-                return Err(SynthError::BadShape { ty: p.ty.name(), cols: p.shape[0] as usize, block: p.ty.block_size() });
+                return Err(SynthError::BadShape {
+                    ty: p.ty.name(),
+                    cols: p.shape[0] as usize,
+                    block: p.ty.block_size(),
+                });
             }
             if !kernels(p.ty).is_some_and(|k| k.can_dequantize()) && p.ty != GgmlType::F32 {
                 return Err(SynthError::Unsupported(p.ty.name()));
@@ -276,8 +285,10 @@ impl SynthConfig {
     /// Write the model to `path`, calling `progress(bytes_done, bytes_total)` as it goes.
     pub fn write(&self, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(), SynthError> {
         let plan = self.plan()?;
-        let descs: Vec<(&str, GgmlType, &[u64])> = plan.iter().map(|p| (p.name.as_str(), p.ty, p.shape.as_slice())).collect();
-        let total: u64 = plan.iter().map(|p| p.ty.row_bytes(p.shape[0]).unwrap_or(0) * p.shape[1..].iter().product::<u64>()).sum();
+        let descs: Vec<(&str, GgmlType, &[u64])> =
+            plan.iter().map(|p| (p.name.as_str(), p.ty, p.shape.as_slice())).collect();
+        let total: u64 =
+            plan.iter().map(|p| p.ty.row_bytes(p.shape[0]).unwrap_or(0) * p.shape[1..].iter().product::<u64>()).sum();
         let mut w = GgufStreamWriter::new(path, &self.metadata(), &descs)?;
         let mut done = 0u64;
         for (i, p) in plan.iter().enumerate() {
@@ -386,7 +397,16 @@ mod tests {
 
     /// Smaller still than `small`: rows of 64, too short for K-quants.
     fn tiny(arch: &str, ty: GgmlType) -> SynthConfig {
-        SynthConfig { n_embd: 64, n_head: 4, n_head_kv: 2, head_dim: 16, n_ff_exp: 64, n_ff_shexp: 96, n_vocab: 300, ..SynthConfig::small(arch, ty) }
+        SynthConfig {
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 16,
+            n_ff_exp: 64,
+            n_ff_shexp: 96,
+            n_vocab: 300,
+            ..SynthConfig::small(arch, ty)
+        }
     }
 
     #[test]

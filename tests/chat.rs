@@ -23,7 +23,8 @@ fn format() -> ChatFormat {
 fn the_second_turn_reuses_the_first_turns_kv() {
     let fmt = format();
     let tok = Arc::clone(fmt.tokenizer());
-    let mut engine = Engine::new(Arc::new(Model::load(&bundled()).unwrap()), EngineConfig { threads: 1, ..Default::default() });
+    let mut engine =
+        Engine::new(Arc::new(Model::load(&bundled()).unwrap()), EngineConfig { threads: 1, ..Default::default() });
     let mut sess = engine.new_session();
     let mut conv = Conversation::new(Some("You answer questions about Rust.".into()));
     let is_eog = |id: u32| tok.is_eog(id);
@@ -54,12 +55,20 @@ fn the_oldest_turns_go_when_the_context_is_full() {
     let fmt = format();
     let mut conv = Conversation::new(Some("Be brief.".into()));
     for i in 0..10 {
-        conv.push(Turn { user: format!("Question number {i} about lifetimes?"), assistant: format!("Answer number {i}: they are regions.") });
+        conv.push(Turn {
+            user: format!("Question number {i} about lifetimes?"),
+            assistant: format!("Answer number {i}: they are regions."),
+        });
     }
     let all = conv.prompt("Last question?", &fmt, 10_000).unwrap();
     assert_eq!(all.dropped_turns, 0);
     let fit = conv.prompt("Last question?", &fmt, all.ids.len() / 2).unwrap();
-    assert!(fit.dropped_turns > 0 && fit.ids.len() <= all.ids.len() / 2, "{} dropped, {} tokens", fit.dropped_turns, fit.ids.len());
+    assert!(
+        fit.dropped_turns > 0 && fit.ids.len() <= all.ids.len() / 2,
+        "{} dropped, {} tokens",
+        fit.dropped_turns,
+        fit.ids.len()
+    );
     assert_eq!(conv.turns().len(), 10 - fit.dropped_turns);
     // The newest turns are the ones kept.
     assert_eq!(conv.turns().last().unwrap().user, "Question number 9 about lifetimes?");
@@ -80,14 +89,16 @@ fn chat_piped(args: &[&str], input: &str) -> (String, String) {
         .expect("run moerun");
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     (stdout, stderr)
 }
 
 #[test]
 fn piped_chat_prints_answers_on_stdout_and_the_rest_on_stderr() {
-    let (stdout, stderr) = chat_piped(&["--temp", "0", "-t", "1"], "What is a trait?\n\n/stats\nWhat is a crate?\n/quit\nnot read\n");
+    let (stdout, stderr) =
+        chat_piped(&["--temp", "0", "-t", "1"], "What is a trait?\n\n/stats\nWhat is a crate?\n/quit\nnot read\n");
     assert!(stdout.contains("trait"), "{stdout}");
     assert_eq!(stderr.matches("expert hit rate n/a").count(), 2, "{stderr}");
     assert!(stderr.contains("expert cache none yet"), "{stderr}");

@@ -9,7 +9,11 @@ use moerun::gguf::GgufFile;
 
 fn moerun(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_moerun")).args(args).output().expect("run moerun");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn json(args: &[&str]) -> serde_json::Value {
@@ -57,9 +61,16 @@ fn inspect_reports_architecture_and_bytes_that_add_up() {
         let tensor_bytes: u64 = g.tensors().iter().map(|t| t.size).sum();
         let total = v["bytes_total"].as_u64().expect("bytes_total");
         assert_eq!(total, tensor_bytes, "{file}: bytes_total is the tensor data");
-        assert_eq!(v["bytes_dense"].as_u64().expect("dense") + v["bytes_experts"].as_u64().expect("experts"), total, "{file}");
+        assert_eq!(
+            v["bytes_dense"].as_u64().expect("dense") + v["bytes_experts"].as_u64().expect("experts"),
+            total,
+            "{file}"
+        );
         let data_len = std::fs::metadata(&path).expect("stat").len() - g.data_offset();
-        assert!(total <= data_len && data_len - total < 32 * g.tensors().len() as u64, "{file}: {total} vs data section {data_len}");
+        assert!(
+            total <= data_len && data_len - total < 32 * g.tensors().len() as u64,
+            "{file}: {total} vs data section {data_len}"
+        );
         let per = v["bytes_per_expert"].as_u64().expect("per expert");
         assert_eq!(per * layers * experts, v["bytes_experts"].as_u64().expect("experts"), "{file}");
     }
@@ -75,9 +86,24 @@ fn inspect_without_a_model_uses_the_bundled_one() {
 #[test]
 fn generate_json_gives_llama_cpp_greedy_tokens() {
     let Some(root) = common::fixtures() else { return };
-    let (gguf, r) = common::ref_pairs(&root).into_iter().find(|(g, _)| g.ends_with("rustdoc-moe-Q8_0.gguf")).expect("rustdoc ref");
+    let (gguf, r) =
+        common::ref_pairs(&root).into_iter().find(|(g, _)| g.ends_with("rustdoc-moe-Q8_0.gguf")).expect("rustdoc ref");
     let c = &r.cases[0];
-    let v = json(&["generate", "-m", gguf.to_str().expect("utf-8"), "-p", &c.prompt_text, "-n", "32", "--temp", "0", "--no-bos", "--json", "-t", "2"]);
+    let v = json(&[
+        "generate",
+        "-m",
+        gguf.to_str().expect("utf-8"),
+        "-p",
+        &c.prompt_text,
+        "-n",
+        "32",
+        "--temp",
+        "0",
+        "--no-bos",
+        "--json",
+        "-t",
+        "2",
+    ]);
     let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).expect("ids");
     assert_eq!(ids, c.greedy_ids);
     let top: Vec<(u32, f32)> = serde_json::from_value(v["top_logits"].clone()).expect("top_logits");
@@ -109,7 +135,19 @@ fn damaged_or_foreign_files_get_clear_errors() {
 
 #[test]
 fn generate_with_an_expert_cache_gives_the_same_tokens_and_reports_the_cache() {
-    let args = ["generate", "-p", "Iterators in Rust are lazy, which means", "-n", "24", "--temp", "0", "--no-bos", "--json", "-t", "2"];
+    let args = [
+        "generate",
+        "-p",
+        "Iterators in Rust are lazy, which means",
+        "-n",
+        "24",
+        "--temp",
+        "0",
+        "--no-bos",
+        "--json",
+        "-t",
+        "2",
+    ];
     let plain = json(&args);
     let mut with_cache = args.to_vec();
     with_cache.extend(["--expert-budget", "25%", "--policy", "hobbit"]);

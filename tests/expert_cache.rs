@@ -53,7 +53,10 @@ fn check(path: &Path, prompt: &[u32], pinned: usize) {
             let st = eng.offload().expect("offload").stats();
             assert!(st.lookups > 0 && st.hits <= st.lookups);
             if share < 1.0 {
-                assert!(st.loads_high > (model.hp.n_layer * model.hp.n_expert_used) as u64, "{policy:?} {share}: {st:?}");
+                assert!(
+                    st.loads_high > (model.hp.n_layer * model.hp.n_expert_used) as u64,
+                    "{policy:?} {share}: {st:?}"
+                );
             }
         }
     }
@@ -99,7 +102,8 @@ fn a_read_that_fails_mid_run_ends_the_generation_with_an_error_naming_the_file()
     let path = dir.path().join("victim.gguf");
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rustdoc-moe-Q8_0.gguf"), &path).expect("copy");
     let model = load(&path);
-    let off = Offload::new(Arc::clone(&model), &OffloadConfig { budget: Budget::Share(0.1), ..Default::default() }).expect("offload");
+    let off = Offload::new(Arc::clone(&model), &OffloadConfig { budget: Budget::Share(0.1), ..Default::default() })
+        .expect("offload");
     let mut eng = Engine::new(Arc::clone(&model), EngineConfig { threads: 2, ..Default::default() });
     eng.set_offload(off);
     let mut sess = eng.new_session();

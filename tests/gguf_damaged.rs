@@ -27,8 +27,7 @@ fn base() -> Vec<u8> {
     ];
     for (name, ty, shape) in tensors {
         let size = ty.row_bytes(shape[0]).map_or(0, |r| r * shape[1]) as usize;
-        w.add_tensor(name, ty, &shape, vec![0x5a; size])
-            .expect("base tensor");
+        w.add_tensor(name, ty, &shape, vec![0x5a; size]).expect("base tensor");
     }
     w.to_bytes()
 }
@@ -169,9 +168,7 @@ fn check(name: &str, mutate: Mutate, expected: &str) -> Result<(), String> {
             if msg.contains(&file) && msg.contains(expected) {
                 Ok(())
             } else {
-                Err(format!(
-                    "{name}: got {msg:?}\n    wanted {file:?} and {expected:?}"
-                ))
+                Err(format!("{name}: got {msg:?}\n    wanted {file:?} and {expected:?}"))
             }
         }
     }
@@ -179,17 +176,9 @@ fn check(name: &str, mutate: Mutate, expected: &str) -> Result<(), String> {
 
 #[test]
 fn damaged_files_fail_with_errors_naming_file_and_field() {
-    let failures: Vec<String> = CASES
-        .iter()
-        .filter_map(|(name, mutate, expected)| check(name, *mutate, expected).err())
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        CASES.len(),
-        failures.join("\n")
-    );
+    let failures: Vec<String> =
+        CASES.iter().filter_map(|(name, mutate, expected)| check(name, *mutate, expected).err()).collect();
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));
 }
 
 #[test]
@@ -222,11 +211,7 @@ fn fixtures_dir() -> Option<&'static Path> {
 fn fixture_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for sub in std::fs::read_dir(dir).expect("read fixtures").flatten() {
-        for f in std::fs::read_dir(sub.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
             if f.path().extension().is_some_and(|e| e == "gguf") {
                 files.push(f.path());
             }
@@ -239,27 +224,16 @@ fn fixture_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn real_fixtures_open_and_fit_their_files() {
     let Some(dir) = fixtures_dir() else { return };
-    let rustdoc =
-        GgufFile::open(dir.join("rustdoc-moe/rustdoc-moe-Q8_0.gguf")).expect("rustdoc-moe opens");
-    assert_eq!(
-        rustdoc.get_str("general.architecture").expect("arch"),
-        Some("llama")
-    );
-    assert!(rustdoc
-        .get_u64("llama.expert_count")
-        .expect("expert count")
-        .is_some());
+    let rustdoc = GgufFile::open(dir.join("rustdoc-moe/rustdoc-moe-Q8_0.gguf")).expect("rustdoc-moe opens");
+    assert_eq!(rustdoc.get_str("general.architecture").expect("arch"), Some("llama"));
+    assert!(rustdoc.get_u64("llama.expert_count").expect("expert count").is_some());
     let files = fixture_files(dir);
     assert!(files.len() >= 6, "fixtures: {files:?}");
     for path in files {
         let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let total: u64 = f.tensors().iter().map(|t| t.size).sum();
         assert!(total <= f.bytes().len() as u64, "{}", path.display());
-        assert!(
-            f.tensors().iter().any(|t| t.name.contains("_exps")),
-            "{} has stacked experts",
-            path.display()
-        );
+        assert!(f.tensors().iter().any(|t| t.name.contains("_exps")), "{} has stacked experts", path.display());
         for t in f.tensors() {
             assert_eq!(f.tensor_data(t).len() as u64, t.size);
         }
@@ -296,8 +270,7 @@ fn reading_agrees_with_llama_cpp() {
     for ty in GgmlType::ALL {
         let shape = [ty.block_size() * 3, 2, 1, 2];
         let size = ty.row_bytes(shape[0]).map_or(0, |r| r * 4) as usize;
-        w.add_tensor(format!("t.{}", ty.name()), ty, &shape, vec![1; size])
-            .expect("tensor");
+        w.add_tensor(format!("t.{}", ty.name()), ty, &shape, vec![1; size]).expect("tensor");
     }
     let every_type = dir.path().join("every_type.gguf");
     w.write(&every_type).expect("write every_type");
@@ -315,10 +288,7 @@ fn compare_with_llama_cpp(path: &Path) {
     use llama_cpp_sys_2 as sys;
     let ours = GgufFile::open(path).unwrap_or_else(|e| panic!("{e}"));
     let c_path = CString::new(path.to_str().expect("utf-8 path")).expect("no NUL");
-    let params = sys::gguf_init_params {
-        no_alloc: true,
-        ctx: std::ptr::null_mut(),
-    };
+    let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
     // SAFETY: a valid NUL-terminated path; with ctx null llama.cpp allocates no tensors.
     let ctx = unsafe { sys::gguf_init_from_file(c_path.as_ptr(), params) };
     assert!(!ctx.is_null(), "llama.cpp rejects {}", path.display());
@@ -336,21 +306,10 @@ fn compare_with_llama_cpp(path: &Path) {
         assert_eq!(sys::gguf_get_n_tensors(ctx), ours.tensors().len() as i64);
         for (i, t) in ours.tensors().iter().enumerate() {
             let id = i as i64;
-            assert_eq!(
-                CStr::from_ptr(sys::gguf_get_tensor_name(ctx, id)).to_str(),
-                Ok(t.name.as_str())
-            );
+            assert_eq!(CStr::from_ptr(sys::gguf_get_tensor_name(ctx, id)).to_str(), Ok(t.name.as_str()));
             assert_eq!(sys::gguf_get_tensor_type(ctx, id), t.ggml_type as u32);
-            assert_eq!(
-                sys::gguf_get_tensor_offset(ctx, id) as u64 + ours.data_offset(),
-                t.offset
-            );
-            assert_eq!(
-                sys::gguf_get_tensor_size(ctx, id) as u64,
-                t.size,
-                "{}",
-                t.name
-            );
+            assert_eq!(sys::gguf_get_tensor_offset(ctx, id) as u64 + ours.data_offset(), t.offset);
+            assert_eq!(sys::gguf_get_tensor_size(ctx, id) as u64, t.size, "{}", t.name);
         }
         sys::gguf_free(ctx);
     }
@@ -375,21 +334,11 @@ fn no_truncation_or_byte_patch_panics() {
     for (n, bytes) in variants.iter().enumerate() {
         std::fs::write(&path, bytes).expect("write");
         let outcome = catch_unwind(AssertUnwindSafe(|| match GgufFile::open(&path) {
-            Ok(f) => f
-                .tensors()
-                .iter()
-                .all(|t| f.tensor_data(t).len() as u64 == t.size),
+            Ok(f) => f.tensors().iter().all(|t| f.tensor_data(t).len() as u64 == t.size),
             Err(e) => e.to_string().contains("sweep.gguf: "),
         }));
-        assert!(
-            matches!(outcome, Ok(true)),
-            "variant {n} panicked or lost the file name"
-        );
+        assert!(matches!(outcome, Ok(true)), "variant {n} panicked or lost the file name");
         refused += usize::from(GgufFile::open(&path).is_err());
     }
-    assert!(
-        refused > base.len(),
-        "only {refused} of {} variants refused",
-        variants.len()
-    );
+    assert!(refused > base.len(), "only {refused} of {} variants refused", variants.len());
 }

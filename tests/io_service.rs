@@ -4,10 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use moerun::io::{
-    align_extent, AlignedBuf, IoBackend, IoConfig, IoError, IoService, IoTuning, ReadOp, Ticket,
-    ALIGN,
-};
+use moerun::io::{align_extent, AlignedBuf, IoBackend, IoConfig, IoError, IoService, IoTuning, ReadOp, Ticket, ALIGN};
 use moerun::rng::SplitMix64;
 
 const MIB: usize = 1 << 20;
@@ -54,9 +51,7 @@ fn open(path: &Path, setup: Setup, direct: bool) -> IoService {
 /// Runs `body` once per concrete backend, and once more with io_uring splitting ops into
 /// 64 KiB reads (many chunks per op in flight).
 fn for_each_backend(body: impl Fn(Setup)) {
-    for (backend, split_bytes) in
-        [(IoBackend::Uring, 0), (IoBackend::Uring, 64 * 1024), (IoBackend::Pread, 0)]
-    {
+    for (backend, split_bytes) in [(IoBackend::Uring, 0), (IoBackend::Uring, 64 * 1024), (IoBackend::Pread, 0)] {
         body(Setup { backend, split_bytes });
     }
 }
@@ -138,16 +133,14 @@ fn many_batches_in_flight_waited_out_of_order() {
     for_each_backend(|backend| {
         let svc = open(&path, backend, true);
         let mut rng = SplitMix64::new(11);
-        let mut batches: Vec<Vec<Extent>> =
-            (0..24).map(|_| random_extents(&mut rng, 6, file_len, MIB)).collect();
+        let mut batches: Vec<Vec<Extent>> = (0..24).map(|_| random_extents(&mut rng, 6, file_len, MIB)).collect();
         let tickets: Vec<Ticket> = batches
             .iter_mut()
             // SAFETY: every buffer lives in `batches` until all tickets are waited below.
             .map(|b| unsafe { svc.submit(b.iter_mut().map(Extent::op).collect()) })
             .collect();
         // Odd tickets from the back, then even ones from the front.
-        let order: Vec<usize> =
-            (0..24).rev().filter(|i| i % 2 == 1).chain((0..24).filter(|i| i % 2 == 0)).collect();
+        let order: Vec<usize> = (0..24).rev().filter(|i| i % 2 == 1).chain((0..24).filter(|i| i % 2 == 0)).collect();
         for i in order {
             svc.wait(tickets[i]).expect("wait");
             for e in &batches[i] {
@@ -192,11 +185,7 @@ fn truncated_file_is_an_error_naming_file_and_offset_and_service_recovers() {
         // Fresh full-length file per backend; the service learns its length at open.
         let path = write_file(dir.path(), "shrinks.bin", 8 * MIB);
         let svc = open(&path, backend, true);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(4 * MIB as u64))
-            .expect("truncate");
+        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(4 * MIB as u64)).expect("truncate");
 
         let mut gone = Extent::new(6 * MIB as u64, MIB);
         let mut partly = Extent::new(4 * MIB as u64 - 8192, 64 * 1024);
@@ -205,9 +194,7 @@ fn truncated_file_is_an_error_naming_file_and_offset_and_service_recovers() {
         let t = unsafe { svc.submit(vec![gone.op(), fine.op()]) };
         let err = svc.wait(t).expect_err("read past the truncated end must fail");
         let msg = err.to_string();
-        assert!(
-            matches!(err, IoError::ShortRead { offset, got: 0, .. } if offset == 6 * MIB as u64)
-        );
+        assert!(matches!(err, IoError::ShortRead { offset, got: 0, .. } if offset == 6 * MIB as u64));
         assert!(msg.contains("shrinks.bin") && msg.contains(&(6 * MIB).to_string()), "{msg}");
 
         // SAFETY: as above.

@@ -12,10 +12,7 @@ struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -34,15 +31,10 @@ fn libllama_logs_arrive_as_tracing_events() {
         .with_writer(move || writer.clone())
         .finish();
     // Loading logs from the calling thread, so a thread-scoped subscriber sees all of it.
-    tracing::subscriber::with_default(subscriber, || Tokenizer::from_gguf(&dir.join("rustdoc-moe/rustdoc-moe-Q8_0.gguf")).expect("load vocabulary"));
+    tracing::subscriber::with_default(subscriber, || {
+        Tokenizer::from_gguf(&dir.join("rustdoc-moe/rustdoc-moe-Q8_0.gguf")).expect("load vocabulary")
+    });
     let log = String::from_utf8_lossy(&captured.0.lock().expect("log buffer")).into_owned();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("llama_cpp:") && l.contains("general.name")),
-        "{log}"
-    );
-    assert!(
-        log.lines().all(|l| !l.trim_end().ends_with("llama_cpp:")),
-        "no empty events: {log}"
-    );
+    assert!(log.lines().any(|l| l.contains("llama_cpp:") && l.contains("general.name")), "{log}");
+    assert!(log.lines().all(|l| !l.trim_end().ends_with("llama_cpp:")), "no empty events: {log}");
 }

@@ -51,8 +51,11 @@ fn check(eng: &mut Engine, name: &str, c: &common::RefCase, exact_greedy: bool) 
     }
     if exact_greedy {
         let mut sess = eng.new_session();
-        let opts = GenerateOptions { max_tokens: c.greedy_ids.len(), sampler: SamplerConfig::greedy(), is_eog: &|_| false };
-        let g = eng.generate(&mut sess, &c.prompt_ids, &opts, &mut |_| moerun::engine::Flow::Continue).map_err(|e| e.to_string())?;
+        let opts =
+            GenerateOptions { max_tokens: c.greedy_ids.len(), sampler: SamplerConfig::greedy(), is_eog: &|_| false };
+        let g = eng
+            .generate(&mut sess, &c.prompt_ids, &opts, &mut |_| moerun::engine::Flow::Continue)
+            .map_err(|e| e.to_string())?;
         if g.ids != c.greedy_ids {
             return Err(format!("{name} {:?}: greedy\n  ours  {:?}\n  llama {:?}", c.prompt_text, g.ids, c.greedy_ids));
         }
@@ -74,7 +77,9 @@ fn fixtures_match_llama_cpp() {
             let strict = check(&mut eng, &name, c, exact);
             if exact && KNOWN_GAP.contains(&c.prompt_text.as_str()) {
                 match strict {
-                    Ok(()) => failures.push(format!("{name} {:?} is exact now: remove it from KNOWN_GAP", c.prompt_text)),
+                    Ok(()) => {
+                        failures.push(format!("{name} {:?} is exact now: remove it from KNOWN_GAP", c.prompt_text))
+                    }
                     Err(e) => {
                         eprintln!("known gap: {e}");
                         let n_vocab = eng.model().hp.n_vocab;
@@ -85,7 +90,10 @@ fn fixtures_match_llama_cpp() {
                                 assert_eq!(last.len(), n_vocab);
                                 for (&id, &want) in c.last_top20_ids.iter().zip(&c.last_top20_logits) {
                                     if (last[id as usize] - want).abs() > KNOWN_GAP_TOL {
-                                        failures.push(format!("{name} {:?}: logit of {id} off by more than {KNOWN_GAP_TOL}", c.prompt_text));
+                                        failures.push(format!(
+                                            "{name} {:?}: logit of {id} off by more than {KNOWN_GAP_TOL}",
+                                            c.prompt_text
+                                        ));
                                     }
                                 }
                             }
@@ -99,5 +107,10 @@ fn fixtures_match_llama_cpp() {
         }
     }
     assert!(checked >= 8 + 3 * 5, "only {checked} cases found");
-    assert!(failures.is_empty(), "{} of {checked} cases differ from llama.cpp:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} cases differ from llama.cpp:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

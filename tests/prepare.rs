@@ -16,7 +16,16 @@ const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/rustdoc-moe-Q
 
 /// Two MoE layers of four experts, rows of 256 and 512 values (whole K-quant blocks).
 fn tiny(seed: u64) -> SynthConfig {
-    SynthConfig { n_head: 4, n_head_kv: 2, head_dim: 64, n_ff_shexp: 0, n_vocab: 300, n_ctx: 128, seed, ..SynthConfig::small("llama", GgmlType::Q8_0) }
+    SynthConfig {
+        n_head: 4,
+        n_head_kv: 2,
+        head_dim: 64,
+        n_ff_shexp: 0,
+        n_vocab: 300,
+        n_ctx: 128,
+        seed,
+        ..SynthConfig::small("llama", GgmlType::Q8_0)
+    }
 }
 
 fn load(path: &Path) -> Model {
@@ -103,7 +112,14 @@ fn per_expert_source_gives_the_same_stacked_sidecar_data() {
     for (k, v) in src.metadata() {
         w.add_metadata(k.clone(), v.clone());
     }
-    let split = |l| [(TensorKind::FfnGateExps, TensorKind::FfnGateExpert), (TensorKind::FfnUpExps, TensorKind::FfnUpExpert), (TensorKind::FfnDownExps, TensorKind::FfnDownExpert)].map(|(s, e)| (tn(s, Some(l)), e));
+    let split = |l| {
+        [
+            (TensorKind::FfnGateExps, TensorKind::FfnGateExpert),
+            (TensorKind::FfnUpExps, TensorKind::FfnUpExpert),
+            (TensorKind::FfnDownExps, TensorKind::FfnDownExpert),
+        ]
+        .map(|(s, e)| (tn(s, Some(l)), e))
+    };
     for t in src.tensors() {
         let data = src.tensor_data(t);
         let per_expert = (0..2).flat_map(split).find(|(name, _)| *name == t.name);
@@ -122,7 +138,8 @@ fn per_expert_source_gives_the_same_stacked_sidecar_data() {
     assert!(GgufFile::open(&split_path).expect("open").tensor("blk.1.ffn_down.3.weight").is_some());
 
     let (a, b) = (load(&stacked_path), load(&split_path));
-    let (sa, sb) = (prepare(&a, GgmlType::Q4_0, &dir.path().join("a.lp")), prepare(&b, GgmlType::Q4_0, &dir.path().join("b.lp")));
+    let (sa, sb) =
+        (prepare(&a, GgmlType::Q4_0, &dir.path().join("a.lp")), prepare(&b, GgmlType::Q4_0, &dir.path().join("b.lp")));
     assert!(sb.file().tensor("blk.0.ffn_gate_exps.weight").is_some(), "stored stacked");
     for l in 0..2 {
         for e in 0..4 {
@@ -151,11 +168,16 @@ fn bundled_rustdoc_moe_prepares_to_q4_0() {
 #[test]
 fn types_and_shapes_that_cannot_be_made_are_refused_before_writing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let narrow = load(&synth(dir.path(), "narrow.gguf", SynthConfig { n_embd: 64, n_head: 4, head_dim: 16, ..tiny(7) }));
+    let narrow =
+        load(&synth(dir.path(), "narrow.gguf", SynthConfig { n_embd: 64, n_head: 4, head_dim: 16, ..tiny(7) }));
     let wide = load(&synth(dir.path(), "wide.gguf", tiny(7)));
     let out = dir.path().join("out.gguf");
     for (model, low, expected) in [
-        (&narrow, GgmlType::Q2_K, "blk.0.ffn_gate_exps.weight' has rows of 64 values, not a whole number of q2_K blocks"),
+        (
+            &narrow,
+            GgmlType::Q2_K,
+            "blk.0.ffn_gate_exps.weight' has rows of 64 values, not a whole number of q2_K blocks",
+        ),
         (&wide, GgmlType::IQ2_XXS, "importance matrix"),
         (&wide, GgmlType::Q8_K, "ggml cannot quantize to it"),
     ] {
@@ -169,7 +191,8 @@ fn types_and_shapes_that_cannot_be_made_are_refused_before_writing() {
 fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, GgmlType, Vec<u64>, Vec<u8>)>)) {
     let f = GgufFile::open(path).expect("open");
     let mut meta = f.metadata().to_vec();
-    let mut tensors: Vec<_> = f.tensors().iter().map(|t| (t.name.clone(), t.ggml_type, t.shape.clone(), f.tensor_data(t).to_vec())).collect();
+    let mut tensors: Vec<_> =
+        f.tensors().iter().map(|t| (t.name.clone(), t.ggml_type, t.shape.clone(), f.tensor_data(t).to_vec())).collect();
     drop(f);
     edit(&mut meta, &mut tensors);
     let mut w = GgufWriter::new();
@@ -226,31 +249,107 @@ fn damaged_and_foreign_sidecars_are_clear_errors() {
     };
 
     check(&fx, "other model same shapes", other(tiny(8)), "made for a different model (fingerprint");
-    check(&fx, "other model more experts", other(SynthConfig { n_expert: 8, ..tiny(7) }), "made for a different model (fingerprint");
-    check(&fx, "other model fewer layers", other(SynthConfig { n_layer: 1, ..tiny(7) }), "made for a different model (fingerprint");
-    check(&fx, "truncated", |p| {
-        let f = std::fs::OpenOptions::new().write(true).open(p).expect("open");
-        let len = f.metadata().expect("len").len();
-        f.set_len(len - 4096).expect("truncate");
-    }, "past the end of the file");
+    check(
+        &fx,
+        "other model more experts",
+        other(SynthConfig { n_expert: 8, ..tiny(7) }),
+        "made for a different model (fingerprint",
+    );
+    check(
+        &fx,
+        "other model fewer layers",
+        other(SynthConfig { n_layer: 1, ..tiny(7) }),
+        "made for a different model (fingerprint",
+    );
+    check(
+        &fx,
+        "truncated",
+        |p| {
+            let f = std::fs::OpenOptions::new().write(true).open(p).expect("open");
+            let len = f.metadata().expect("len").len();
+            f.set_len(len - 4096).expect("truncate");
+        },
+        "past the end of the file",
+    );
     check(&fx, "empty", |p| std::fs::write(p, b"").expect("write"), "file ends inside");
-    check(&fx, "the model itself", |p| { std::fs::copy(&fx.model_path, p).expect("copy"); }, "not a moerun low-precision sidecar (no 'moerun.sidecar.version'");
-    check(&fx, "one tensor missing", |p| rewrite(p, |_, t| t.retain(|x| x.0 != "blk.1.ffn_down_exps.weight")), "tensor 'blk.1.ffn_down_exps.weight' is missing");
-    check(&fx, "extra tensor", |p| rewrite(p, |_, t| t.push(("output.weight".into(), GgmlType::F32, vec![4], vec![0; 16]))), "tensor 'output.weight' is not a routed-expert tensor");
-    check(&fx, "wrong shape", |p| rewrite(p, |_, t| {
-        let x = t.iter_mut().find(|x| x.0 == "blk.0.ffn_up_exps.weight").expect("tensor");
-        x.2 = vec![256, 256, 8];
-    }), "blk.0.ffn_up_exps.weight' has shape [256, 256, 8], this model's experts need [256, 512, 4]");
-    check(&fx, "wrong tensor type", |p| rewrite(p, |_, t| {
-        let x = t.iter_mut().find(|x| x.0 == "blk.1.ffn_gate_exps.weight").expect("tensor");
-        x.1 = GgmlType::IQ4_NL; // same block bytes as q4_0
-    }), "blk.1.ffn_gate_exps.weight' is iq4_nl, but moerun.sidecar.low_type says q4_0");
-    check(&fx, "wrong low type", |p| set_key(p, KEY_LOW_TYPE, Value::String("q4_1".into())), "is q4_0, but moerun.sidecar.low_type says q4_1");
-    check(&fx, "unknown low type", |p| set_key(p, KEY_LOW_TYPE, Value::String("q9_9".into())), "'moerun.sidecar.low_type' names 'q9_9', which is not a ggml type");
-    check(&fx, "low type needing an imatrix", |p| set_key(p, KEY_LOW_TYPE, Value::String("iq2_xxs".into())), "'moerun.sidecar.low_type' is iq2_xxs");
-    check(&fx, "wrong version", |p| set_key(p, KEY_VERSION, Value::U32(2)), "'moerun.sidecar.version' is 2; this moerun reads version 1");
-    check(&fx, "version of the wrong type", |p| set_key(p, KEY_VERSION, Value::String("1".into())), "'moerun.sidecar.version' should be a non-negative integer");
-    check(&fx, "source size differs", |p| set_key(p, KEY_SOURCE_FILE_BYTES, Value::U64(12345)), "made for a different model (source file bytes 12345");
+    check(
+        &fx,
+        "the model itself",
+        |p| {
+            std::fs::copy(&fx.model_path, p).expect("copy");
+        },
+        "not a moerun low-precision sidecar (no 'moerun.sidecar.version'",
+    );
+    check(
+        &fx,
+        "one tensor missing",
+        |p| rewrite(p, |_, t| t.retain(|x| x.0 != "blk.1.ffn_down_exps.weight")),
+        "tensor 'blk.1.ffn_down_exps.weight' is missing",
+    );
+    check(
+        &fx,
+        "extra tensor",
+        |p| rewrite(p, |_, t| t.push(("output.weight".into(), GgmlType::F32, vec![4], vec![0; 16]))),
+        "tensor 'output.weight' is not a routed-expert tensor",
+    );
+    check(
+        &fx,
+        "wrong shape",
+        |p| {
+            rewrite(p, |_, t| {
+                let x = t.iter_mut().find(|x| x.0 == "blk.0.ffn_up_exps.weight").expect("tensor");
+                x.2 = vec![256, 256, 8];
+            })
+        },
+        "blk.0.ffn_up_exps.weight' has shape [256, 256, 8], this model's experts need [256, 512, 4]",
+    );
+    check(
+        &fx,
+        "wrong tensor type",
+        |p| {
+            rewrite(p, |_, t| {
+                let x = t.iter_mut().find(|x| x.0 == "blk.1.ffn_gate_exps.weight").expect("tensor");
+                x.1 = GgmlType::IQ4_NL; // same block bytes as q4_0
+            })
+        },
+        "blk.1.ffn_gate_exps.weight' is iq4_nl, but moerun.sidecar.low_type says q4_0",
+    );
+    check(
+        &fx,
+        "wrong low type",
+        |p| set_key(p, KEY_LOW_TYPE, Value::String("q4_1".into())),
+        "is q4_0, but moerun.sidecar.low_type says q4_1",
+    );
+    check(
+        &fx,
+        "unknown low type",
+        |p| set_key(p, KEY_LOW_TYPE, Value::String("q9_9".into())),
+        "'moerun.sidecar.low_type' names 'q9_9', which is not a ggml type",
+    );
+    check(
+        &fx,
+        "low type needing an imatrix",
+        |p| set_key(p, KEY_LOW_TYPE, Value::String("iq2_xxs".into())),
+        "'moerun.sidecar.low_type' is iq2_xxs",
+    );
+    check(
+        &fx,
+        "wrong version",
+        |p| set_key(p, KEY_VERSION, Value::U32(2)),
+        "'moerun.sidecar.version' is 2; this moerun reads version 1",
+    );
+    check(
+        &fx,
+        "version of the wrong type",
+        |p| set_key(p, KEY_VERSION, Value::String("1".into())),
+        "'moerun.sidecar.version' should be a non-negative integer",
+    );
+    check(
+        &fx,
+        "source size differs",
+        |p| set_key(p, KEY_SOURCE_FILE_BYTES, Value::U64(12345)),
+        "made for a different model (source file bytes 12345",
+    );
 }
 
 #[test]

@@ -30,7 +30,8 @@ fn config(arch: &str, ty: GgmlType) -> SynthConfig {
 fn check(path: &Path, tol: f32) -> Result<(), String> {
     let model = Arc::new(Model::load(path).map_err(|e| e.to_string())?);
     let mut eng = Engine::new(model, EngineConfig { threads: 2, n_ctx: 256, ..Default::default() });
-    let mut reference = LlamaReference::load(path, ReferenceConfig { n_ctx: 256, threads: 1, repack: true }).map_err(|e| e.to_string())?;
+    let mut reference = LlamaReference::load(path, ReferenceConfig { n_ctx: 256, threads: 1, repack: true })
+        .map_err(|e| e.to_string())?;
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
     let mut sess = eng.new_session();
     let mut ours = eng.eval(&mut sess, &prompt, Logits::Last).map_err(|e| e.to_string())?;

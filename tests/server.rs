@@ -111,8 +111,9 @@ fn question() -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_answers_with_text_and_usage() {
     let s = start(config()).await;
-    let (status, v) =
-        s.post_json("/v1/chat/completions", &json!({"model": MODEL_ID, "messages": question(), "temperature": 0})).await;
+    let (status, v) = s
+        .post_json("/v1/chat/completions", &json!({"model": MODEL_ID, "messages": question(), "temperature": 0}))
+        .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["model"], MODEL_ID);
@@ -123,17 +124,25 @@ async fn chat_completion_answers_with_text_and_usage() {
     assert_eq!(choice["finish_reason"], "stop");
     let u = &v["usage"];
     assert!(u["prompt_tokens"].as_u64() > Some(5) && u["completion_tokens"].as_u64() > Some(0), "{u}");
-    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
     // The file stem names the same model.
-    let (status, _) =
-        s.post_json("/v1/chat/completions", &json!({"model": "rustdoc-moe-Q8_0", "messages": question(), "max_tokens": 2})).await;
+    let (status, _) = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "rustdoc-moe-Q8_0", "messages": question(), "max_tokens": 2}),
+        )
+        .await;
     assert_eq!(status, 200);
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streaming_sends_role_then_content_then_done_and_matches_non_streaming() {
-    let body = json!({"messages": question(), "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let body =
+        json!({"messages": question(), "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
     let s = start(config()).await;
     let resp = s.post("/v1/chat/completions", &body).await;
     assert_eq!(resp.status(), 200);
@@ -141,12 +150,14 @@ async fn chat_streaming_sends_role_then_content_then_done_and_matches_non_stream
     assert!(ctype.starts_with("text/event-stream"), "{ctype}");
     let data = sse_data(&resp.text().await.expect("body"));
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk JSON")).collect();
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk JSON")).collect();
     assert!(chunks.len() >= 4, "{data:?}");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    let finish: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let finish: Vec<&Value> =
+        chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
     assert_eq!(finish, [&json!("stop")]);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(chunks.last().unwrap()["choices"], json!([]));
@@ -215,7 +226,8 @@ async fn stop_strings_end_the_answer_and_are_not_sent() {
     }
     // A single string works too.
     let s = start(config()).await;
-    let (status, v) = s.post_json("/v1/chat/completions", &json!({"messages": question(), "stop": "trait", "temperature": 0})).await;
+    let (status, v) =
+        s.post_json("/v1/chat/completions", &json!({"messages": question(), "stop": "trait", "temperature": 0})).await;
     assert_eq!(status, 200);
     assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().contains("trait"), "{v}");
     s.stop().await;
@@ -226,13 +238,17 @@ async fn max_tokens_limits_the_answer_and_the_context_caps_it() {
     let s = start(config()).await;
     for field in ["max_tokens", "max_completion_tokens"] {
         let (_, v) = s
-            .post_json("/v1/chat/completions", &json!({"messages": question(), field: 3, "ignore_eos": true, "temperature": 0}))
+            .post_json(
+                "/v1/chat/completions",
+                &json!({"messages": question(), field: 3, "ignore_eos": true, "temperature": 0}),
+            )
             .await;
         assert_eq!(v["usage"]["completion_tokens"], 3, "{field}: {v}");
         assert_eq!(v["choices"][0]["finish_reason"], "length");
     }
     // More than fits: cut at the context (256 tokens for the bundled model), finish "length".
-    let (status, v) = s.post_json("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 100000, "ignore_eos": true})).await;
+    let (status, v) =
+        s.post_json("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 100000, "ignore_eos": true})).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     let total = v["usage"]["total_tokens"].as_u64().unwrap();
@@ -314,7 +330,9 @@ async fn oversize_body_is_413() {
     assert_eq!(status, 413);
     assert_openai_error(&v, Some("request_too_large"));
     // Just under the limit is parsed (and refused for its length in tokens instead).
-    let (status, v) = s.post_json("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x ".repeat(30 * 1024)}]})).await;
+    let (status, v) = s
+        .post_json("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x ".repeat(30 * 1024)}]}))
+        .await;
     assert_eq!(status, 400, "{v}");
     assert_openai_error(&v, Some("context_length_exceeded"));
     s.stop().await;
@@ -411,7 +429,8 @@ async fn raw_post(addr: std::net::SocketAddr, path: &str, body: &str) -> TcpStre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_stream_frees_the_engine() {
     // A 1024-token context, so that an answer without EOG runs long enough to be cut short.
-    let s = start(ServerConfig { engine: EngineConfig { threads: 1, n_ctx: 1024, ..Default::default() }, ..config() }).await;
+    let s = start(ServerConfig { engine: EngineConfig { threads: 1, n_ctx: 1024, ..Default::default() }, ..config() })
+        .await;
     let long = r#"{"prompt": "The borrow checker", "max_tokens": 1000, "ignore_eos": true, "stream": true}"#;
     let mut sock = raw_post(s.addr, "/v1/completions", long).await;
     let mut seen = Vec::new();
@@ -425,7 +444,9 @@ async fn a_client_that_disconnects_mid_stream_frees_the_engine() {
     }
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
     drop(sock);
-    let st = s.wait_for_stats("the cancelled stream", |v| v["requests"]["cancelled"] == 1 && v["engine"]["busy"] == false).await;
+    let st = s
+        .wait_for_stats("the cancelled stream", |v| v["requests"]["cancelled"] == 1 && v["engine"]["busy"] == false)
+        .await;
     let generated = st["tokens"]["generated"].as_u64().unwrap();
     assert!(generated < 1000, "the generation ran to its end: {st}");
 
@@ -433,7 +454,9 @@ async fn a_client_that_disconnects_mid_stream_frees_the_engine() {
     let sock = raw_post(s.addr, "/v1/completions", &long.replace("true}", "false}")).await;
     s.wait_for_stats("the engine to start", |v| v["engine"]["busy"] == true).await;
     drop(sock);
-    let st = s.wait_for_stats("the cancelled answer", |v| v["requests"]["cancelled"] == 2 && v["engine"]["busy"] == false).await;
+    let st = s
+        .wait_for_stats("the cancelled answer", |v| v["requests"]["cancelled"] == 2 && v["engine"]["busy"] == false)
+        .await;
     assert!(st["tokens"]["generated"].as_u64().unwrap() < generated + 1000, "{st}");
 
     // The engine serves the next client.
@@ -453,7 +476,8 @@ async fn models_health_and_moe_stats() {
     assert_eq!(v["status"], "ok");
     // Two turns of one conversation: the second reuses the first's K/V.
     let first = json!([{"role": "user", "content": "What is a trait?"}]);
-    let (_, a) = s.post_json("/v1/chat/completions", &json!({"messages": first, "temperature": 0, "max_tokens": 20})).await;
+    let (_, a) =
+        s.post_json("/v1/chat/completions", &json!({"messages": first, "temperature": 0, "max_tokens": 20})).await;
     let answer = a["choices"][0]["message"]["content"].as_str().unwrap();
     let second = json!([
         {"role": "user", "content": "What is a trait?"},
@@ -468,7 +492,10 @@ async fn models_health_and_moe_stats() {
     assert!(st["tokens"]["prompt_reused"].as_u64().unwrap() >= a["usage"]["prompt_tokens"].as_u64().unwrap(), "{st}");
     assert!(st["throughput"]["decode_tok_s"].as_f64().is_some_and(|r| r > 0.0), "{st}");
     let moe = &st["moe"];
-    assert_eq!((moe["n_expert"].as_u64(), moe["experts_per_token"].as_u64(), moe["n_layer_moe"].as_u64()), (Some(8), Some(2), Some(6)));
+    assert_eq!(
+        (moe["n_expert"].as_u64(), moe["experts_per_token"].as_u64(), moe["n_layer_moe"].as_u64()),
+        (Some(8), Some(2), Some(6))
+    );
     assert!(moe["active_bytes_per_token"].as_u64() < moe["total_bytes"].as_u64(), "{moe}");
     // No expert cache yet: its figures are null, never made up.
     let cache = &st["expert_cache"];

@@ -65,8 +65,9 @@ impl HParams {
         if n_expert > 0 && (n_expert_used == 0 || n_expert_used > n_expert) {
             return Err(bad("expert_used_count", format!("{n_expert_used} of {n_expert} experts")));
         }
-        let n_ff_exp = opt("expert_feed_forward_length")?
-            .unwrap_or(if n_expert_used > 0 && spec.name != "llama" && spec.name != "olmoe" { n_ff / n_expert_used } else { n_ff });
+        let n_ff_exp = opt("expert_feed_forward_length")?.unwrap_or(
+            if n_expert_used > 0 && spec.name != "llama" && spec.name != "olmoe" { n_ff / n_expert_used } else { n_ff },
+        );
         let n_ff_shexp = opt("expert_shared_feed_forward_length")?.unwrap_or(n_ff);
         let rms_eps = optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
         let rope_freq_base = optf("rope.freq_base")?.unwrap_or(10000.0);
@@ -90,11 +91,7 @@ impl HParams {
         }
         let n_vocab = match opt("vocab_size")? {
             Some(v) => v,
-            None => file
-                .get("tokenizer.ggml.tokens")
-                .and_then(|v| v.as_array())
-                .map(|a| a.len())
-                .unwrap_or(0),
+            None => file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
         };
         let n_ctx_train = opt("context_length")?.unwrap_or(4096);
         Ok(HParams {

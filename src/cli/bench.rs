@@ -123,7 +123,12 @@ fn rss_anon_mib() -> Option<f64> {
 
 /// Warm up once, then time `repeats` runs of our engine: ((prefill tok/s, decode tok/s) per
 /// run, peak anonymous RSS in MiB while a session was alive).
-pub(super) fn measure_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize, repeats: usize) -> anyhow::Result<((Vec<f64>, Vec<f64>), Option<f64>)> {
+pub(super) fn measure_ours(
+    engine: &mut Engine,
+    prompt: &[u32],
+    n_gen: usize,
+    repeats: usize,
+) -> anyhow::Result<((Vec<f64>, Vec<f64>), Option<f64>)> {
     let mut rss: Option<f64> = None;
     let mut ours = (Vec::new(), Vec::new());
     for i in 0..=repeats {
@@ -172,7 +177,12 @@ fn time_llama(r: &mut LlamaReference, prompt: &[u32], n_gen: usize) -> anyhow::R
 }
 
 /// One timed run: (prefill tok/s, decode tok/s), greedy.
-fn time_run(prompt: &[u32], n_gen: usize, mut prefill: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>, mut step: impl FnMut(u32) -> anyhow::Result<Vec<f32>>) -> anyhow::Result<(f64, f64)> {
+fn time_run(
+    prompt: &[u32],
+    n_gen: usize,
+    mut prefill: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>,
+    mut step: impl FnMut(u32) -> anyhow::Result<Vec<f32>>,
+) -> anyhow::Result<(f64, f64)> {
     let t0 = Instant::now();
     let mut logits = prefill(prompt)?;
     let pf = prompt.len() as f64 / t0.elapsed().as_secs_f64();
@@ -189,10 +199,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let run_ours = a.only != Some(Only::Llama);
     let run_llama = a.compare || a.only == Some(Only::Llama);
-    let model = Arc::new(Model::load_with(&path, a.offload.load_options(if run_ours { a.resident } else { moerun::model::Resident::None }))?);
+    let model = Arc::new(Model::load_with(
+        &path,
+        a.offload.load_options(if run_ours { a.resident } else { moerun::model::Resident::None }),
+    )?);
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
-    let mut engine = Engine::new(Arc::clone(&model), EngineConfig { threads: if run_ours { threads } else { 1 }, n_ctx, kv_type: KvType::F16, ..Default::default() });
+    let mut engine = Engine::new(
+        Arc::clone(&model),
+        EngineConfig { threads: if run_ours { threads } else { 1 }, n_ctx, kv_type: KvType::F16, ..Default::default() },
+    );
     if run_ours {
         a.offload.apply(&mut engine, &model, &path)?;
     }
@@ -201,7 +217,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let n_vocab = model.hp.n_vocab as u64;
     let prompt: Vec<u32> = (0..a.prompt.max(1)).map(|_| (rng.next_u64() % n_vocab) as u32).collect();
 
-    eprintln!("bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats", path.display(), threads, prompt.len(), a.n_gen, a.repeats);
+    eprintln!(
+        "bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats",
+        path.display(),
+        threads,
+        prompt.len(),
+        a.n_gen,
+        a.repeats
+    );
     if let Some(list) = &a.sweep {
         return super::sweep::run(&a.offload, list, &model, &path, &prompt, a.n_gen, a.repeats, threads, n_ctx);
     }
@@ -217,7 +240,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         rss = max_rss(rss);
     }
     let mut llama = if run_llama {
-        let mut r = LlamaReference::load(&path, ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32, repack: a.llama_repack })?;
+        let mut r = LlamaReference::load(
+            &path,
+            ReferenceConfig { n_ctx: n_ctx as u32, threads: threads as i32, repack: a.llama_repack },
+        )?;
         time_llama(&mut r, &prompt, a.n_gen)?;
         Some(r)
     } else {
@@ -245,15 +271,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     drop(llama);
-    let paired = |a: &[f64], b: &[f64]| (!a.is_empty() && a.len() == b.len()).then(|| Stat::of(a.iter().zip(b).map(|(x, y)| x / y.max(1e-9)).collect()).median);
+    let paired = |a: &[f64], b: &[f64]| {
+        (!a.is_empty() && a.len() == b.len())
+            .then(|| Stat::of(a.iter().zip(b).map(|(x, y)| x / y.max(1e-9)).collect()).median)
+    };
     let decode_ratio = paired(&ours.1, &theirs.1);
     let prefill_ratio = paired(&ours.0, &theirs.0);
     let kv_mib = engine.new_session().kv.bytes() as f64 / (1024.0 * 1024.0);
-    let moerun_side = run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
+    let moerun_side =
+        run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
     let cache = engine.offload().map(|o| o.stats());
     let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
     drop(engine);
-    let llama_side = run_llama.then(|| Side { name: "llama.cpp", prefill_tok_s: Stat::of(theirs.0), decode_tok_s: Stat::of(theirs.1) });
+    let llama_side = run_llama.then(|| Side {
+        name: "llama.cpp",
+        prefill_tok_s: Stat::of(theirs.0),
+        decode_tok_s: Stat::of(theirs.1),
+    });
 
     println!("{:<10} {:>26} {:>26}", "engine", "prefill tok/s [min–max]", "decode tok/s [min–max]");
     for s in moerun_side.iter().chain(llama_side.as_ref()) {
@@ -265,7 +299,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let per_token = cache.as_ref().map(|c| (c.bytes_read_high + c.bytes_read_low) as f64 / tokens_run);
     let stall = cache.as_ref().map(|c| c.stall_s / tokens_run);
-    let io_gb_s = cache.as_ref().filter(|c| c.io_busy_s > 0.0).map(|c| (c.bytes_read_high + c.bytes_read_low) as f64 / c.io_busy_s / 1e9);
+    let io_gb_s = cache
+        .as_ref()
+        .filter(|c| c.io_busy_s > 0.0)
+        .map(|c| (c.bytes_read_high + c.bytes_read_low) as f64 / c.io_busy_s / 1e9);
     if let Some(c) = &cache {
         println!(
             "expert cache: {} high slots ({:.1} MiB), hit rate {:.1}%, {:.2} MiB read per token (high {} loads, low {} loads, {} skipped), stall {:.1} ms/token, reads at {:.2} GB/s",
@@ -312,11 +349,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => {
             std::fs::create_dir_all("bench-results").context("creating bench-results/")?;
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let t =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             PathBuf::from(format!("bench-results/bench-{t}.json"))
         }
     };
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -214,7 +214,8 @@ impl Chat {
         }
         let reused = reuse_prefix(&mut self.sess, &prompt.ids);
         let is_eog = |id: u32| !self.ignore_eos && self.tok.is_eog(id);
-        let sampler = SamplerConfig { seed: self.sampler.seed.wrapping_add(self.counters.requests), ..self.sampler.clone() };
+        let sampler =
+            SamplerConfig { seed: self.sampler.seed.wrapping_add(self.counters.requests), ..self.sampler.clone() };
         let opts = GenerateOptions { max_tokens: self.n_predict.unwrap_or(n_ctx), sampler, is_eog: &is_eog };
         let mut decoder = StreamDecoder::new(&self.tok);
         let mut answer = String::new();
@@ -249,7 +250,9 @@ impl Chat {
         drop(out);
         match g.stop {
             StopReason::Stopped if was_interrupted => self.io.note("(stopped)"),
-            StopReason::ContextFull => self.io.note("(context full: the answer was cut; the oldest turns will be dropped next)"),
+            StopReason::ContextFull => {
+                self.io.note("(context full: the answer was cut; the oldest turns will be dropped next)")
+            }
             StopReason::Length => self.io.note("(reached the -n limit)"),
             _ => {}
         }
@@ -258,15 +261,13 @@ impl Chat {
             Some(h) => format!("{:.1}%", 100.0 * h),
             None => "n/a (no expert cache: all experts resident)".to_string(),
         };
-        self.io.note(
-            &format!(
-                "[{} tokens, {:.1} tok/s, prompt {} tokens ({} reused), expert hit rate {hit}]",
-                t.generated_tokens,
-                t.decode_tok_s(),
-                prompt.ids.len(),
-                reused
-            ),
-        );
+        self.io.note(&format!(
+            "[{} tokens, {:.1} tok/s, prompt {} tokens ({} reused), expert hit rate {hit}]",
+            t.generated_tokens,
+            t.decode_tok_s(),
+            prompt.ids.len(),
+            reused
+        ));
         let outcome = if was_interrupted { Outcome::Cancelled } else { Outcome::Completed };
         self.counters.record(outcome, prompt.ids.len(), reused, t);
         self.conv.push(Turn { user: user.to_string(), assistant: answer });
@@ -284,18 +285,30 @@ impl Chat {
         let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1} tok/s"));
         let opt_pct = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{:.1}%", 100.0 * r));
         let cache = self.cache_stats();
-        let reused_pct = if c.prompt_tokens > 0 { 100.0 * c.prompt_tokens_reused as f64 / c.prompt_tokens as f64 } else { 0.0 };
+        let reused_pct =
+            if c.prompt_tokens > 0 { 100.0 * c.prompt_tokens_reused as f64 / c.prompt_tokens as f64 } else { 0.0 };
         let lines = [
-            format!("model        {}: {} MoE layers × {} experts, {} per token", self.name, f.n_layer_moe, f.n_expert, f.experts_per_token),
+            format!(
+                "model        {}: {} MoE layers × {} experts, {} per token",
+                self.name, f.n_layer_moe, f.n_expert, f.experts_per_token
+            ),
             format!(
                 "weights      {} active per token of {} ({} in experts)",
                 mib(f.active_bytes_per_token),
                 mib(f.total_bytes),
                 mib(f.expert_bytes)
             ),
-            format!("context      {} of {} tokens in use, {} turns", self.sess.n_past(), self.engine.n_ctx(), self.conv.turns().len()),
+            format!(
+                "context      {} of {} tokens in use, {} turns",
+                self.sess.n_past(),
+                self.engine.n_ctx(),
+                self.conv.turns().len()
+            ),
             format!("answers      {} ({} stopped), {} tokens generated", c.requests, c.cancelled, c.generated_tokens),
-            format!("prompts      {} tokens, {} reused from earlier turns ({reused_pct:.0}%)", c.prompt_tokens, c.prompt_tokens_reused),
+            format!(
+                "prompts      {} tokens, {} reused from earlier turns ({reused_pct:.0}%)",
+                c.prompt_tokens, c.prompt_tokens_reused
+            ),
             format!("speed        prefill {}, decode {}", rate(c.prefill_tok_s()), rate(c.decode_tok_s())),
             format!(
                 "expert cache {}: hit rate {}, bytes moved per token {}, predictor accuracy {}",

@@ -43,7 +43,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = a.engine.config();
     let mut engine = Engine::new(Arc::clone(&model), cfg);
     a.offload.apply(&mut engine, &model, &path)?;
-    let prompt = tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
+    let prompt =
+        tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
     let sampler = a.sampling.config();
     let is_eog = |id: u32| tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: a.n_predict, sampler, is_eog: &is_eog };

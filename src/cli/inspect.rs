@@ -110,14 +110,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("{}", r.file);
-    println!("  architecture      {} (GGUF v{}){}", r.architecture, r.gguf_version, r.name.as_ref().map(|n| format!(", \"{n}\"")).unwrap_or_default());
-    println!("  layers            {} ({} MoE), hidden {}, heads {}/{} kv, head dim {}", r.n_layers, r.n_moe_layers, r.n_embd, r.n_head, r.n_head_kv, r.head_dim);
-    println!("  experts           {} per layer, {} used per token, {} shared, FFN {}", r.n_experts, r.n_experts_used, r.n_experts_shared, r.n_ff_exp);
+    println!(
+        "  architecture      {} (GGUF v{}){}",
+        r.architecture,
+        r.gguf_version,
+        r.name.as_ref().map(|n| format!(", \"{n}\"")).unwrap_or_default()
+    );
+    println!(
+        "  layers            {} ({} MoE), hidden {}, heads {}/{} kv, head dim {}",
+        r.n_layers, r.n_moe_layers, r.n_embd, r.n_head, r.n_head_kv, r.head_dim
+    );
+    println!(
+        "  experts           {} per layer, {} used per token, {} shared, FFN {}",
+        r.n_experts, r.n_experts_used, r.n_experts_shared, r.n_ff_exp
+    );
     println!("  vocab / context   {} / {}", r.n_vocab, r.context_length);
-    println!("  bytes             total {}, dense {}, experts {} ({:.1}%)", mib(r.bytes_total), mib(r.bytes_dense), mib(r.bytes_experts), 100.0 * r.bytes_experts as f64 / r.bytes_total.max(1) as f64);
+    println!(
+        "  bytes             total {}, dense {}, experts {} ({:.1}%)",
+        mib(r.bytes_total),
+        mib(r.bytes_dense),
+        mib(r.bytes_experts),
+        100.0 * r.bytes_experts as f64 / r.bytes_total.max(1) as f64
+    );
     println!("  per expert        {}", mib(r.bytes_per_expert));
     println!("  active per token  {}", mib(r.active_bytes_per_token));
-    let mix: Vec<String> = r.quant_mix.iter().map(|(t, e)| format!("{t}: {} tensors, {}", e.tensors, mib(e.bytes))).collect();
+    let mix: Vec<String> =
+        r.quant_mix.iter().map(|(t, e)| format!("{t}: {} tensors, {}", e.tensors, mib(e.bytes))).collect();
     println!("  quant mix         {}", mix.join("; "));
     println!(
         "  tokenizer         {} (pre: {}), chat template: {}",

@@ -92,7 +92,12 @@ impl OffloadArgs {
         };
         if let Some(p) = &sidecar {
             if !p.exists() {
-                bail!("{}: no low-precision sidecar; make it with `moerun prepare {} --low {}`", p.display(), model_path.display(), self.low.as_deref().unwrap_or("TYPE"));
+                bail!(
+                    "{}: no low-precision sidecar; make it with `moerun prepare {} --low {}`",
+                    p.display(),
+                    model_path.display(),
+                    self.low.as_deref().unwrap_or("TYPE")
+                );
             }
         }
         let thresholds = sidecar.as_ref().map(|_| (self.t1, self.t2));

@@ -59,8 +59,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let low_b = side.bytes_per_expert();
     let mib = |b: u64| b as f64 / 1048576.0;
     eprintln!("wrote {} in {secs:.1} s ({n_experts} experts)", out.display());
-    eprintln!("  per expert: {high_ty} {:.3} MiB -> {} {:.3} MiB ({:.1}%)", mib(high), low.name(), mib(low_b), 100.0 * low_b as f64 / high.max(1) as f64);
+    eprintln!(
+        "  per expert: {high_ty} {:.3} MiB -> {} {:.3} MiB ({:.1}%)",
+        mib(high),
+        low.name(),
+        mib(low_b),
+        100.0 * low_b as f64 / high.max(1) as f64
+    );
     eprintln!("  all experts: {:.1} MiB -> {:.1} MiB", mib(model.expert_bytes()), mib(low_b * n_experts as u64));
     Ok(())
 }
-

@@ -77,9 +77,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let ppl = |p: &Pass| (p.nll / p.n.max(1) as f64).exp();
     let agree = full.top1.iter().zip(&test.top1).filter(|(a, b)| a == b).count() as f64 / full.top1.len().max(1) as f64;
     let st = eng.offload().map(|o| o.stats());
-    let per_tok = st.as_ref().map(|s| ((s.bytes_read_high as f64) / test.n as f64, (s.bytes_read_low as f64) / test.n as f64));
+    let per_tok =
+        st.as_ref().map(|s| ((s.bytes_read_high as f64) / test.n as f64, (s.bytes_read_low as f64) / test.n as f64));
     println!("{} tokens of {} in {} sequences", full.n, a.text.display(), seqs.len());
-    println!("perplexity: full precision, all resident {:.3}; with these settings {:.3} ({:+.2}%)", ppl(&full), ppl(&test), 100.0 * (ppl(&test) / ppl(&full) - 1.0));
+    println!(
+        "perplexity: full precision, all resident {:.3}; with these settings {:.3} ({:+.2}%)",
+        ppl(&full),
+        ppl(&test),
+        100.0 * (ppl(&test) / ppl(&full) - 1.0)
+    );
     println!("top-1 agreement with full precision: {:.2}%", 100.0 * agree);
     if let (Some(s), Some((h, l))) = (&st, per_tok) {
         let looks = s.lookups.max(1) as f64;
@@ -101,7 +107,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "tokens": full.n, "ppl_full": ppl(&full), "ppl": ppl(&test), "top1_agreement": agree,
             "expert_cache": st, "bytes_high_per_token": per_tok.map(|p| p.0), "bytes_low_per_token": per_tok.map(|p| p.1),
         });
-        std::fs::write(&j, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", j.display()))?;
+        std::fs::write(&j, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", j.display()))?;
     }
     Ok(())
 }

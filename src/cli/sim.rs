@@ -63,13 +63,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let all = (header.n_layers * header.n_experts) as u64 * header.expert_bytes_high;
     let mut rows = Vec::new();
     if !a.json {
-        println!("{} — {} records, {} layers × {} experts (top-{})", a.trace.display(), records.len(), header.n_layers, header.n_experts, header.top_k);
-        println!("{:>8} {:>8} {:>9} {:>8} {:>16} {:>10}", "budget", "policy", "hit rate", "misses", "miss MiB", "vs LRU");
+        println!(
+            "{} — {} records, {} layers × {} experts (top-{})",
+            a.trace.display(),
+            records.len(),
+            header.n_layers,
+            header.n_experts,
+            header.top_k
+        );
+        println!(
+            "{:>8} {:>8} {:>9} {:>8} {:>16} {:>10}",
+            "budget", "policy", "hit rate", "misses", "miss MiB", "vs LRU"
+        );
     }
     for b in &a.budgets {
         let bytes = match parse_budget(b).map_err(anyhow::Error::msg).with_context(|| format!("budget '{b}'"))? {
             Budget::Bytes(x) => x,
-            Budget::Share(f) => ((header.n_layers * header.n_experts) as f64 * f).round() as u64 * header.expert_bytes_high,
+            Budget::Share(f) => {
+                ((header.n_layers * header.n_experts) as f64 * f).round() as u64 * header.expert_bytes_high
+            }
         };
         let mut lru_penalty = None;
         for &p in &a.policies {
@@ -91,7 +103,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if p == PolicyKind::Lru {
                 lru_penalty = Some(r.miss_penalty_bytes);
             }
-            let vs = lru_penalty.map(|l| format!("{:+.1}%", 100.0 * (r.miss_penalty_bytes as f64 / l.max(1) as f64 - 1.0))).unwrap_or_default();
+            let vs = lru_penalty
+                .map(|l| format!("{:+.1}%", 100.0 * (r.miss_penalty_bytes as f64 / l.max(1) as f64 - 1.0)))
+                .unwrap_or_default();
             if !a.json {
                 println!(
                     "{:>8} {:>8} {:>8.1}% {:>8} {:>16.1} {:>10}",

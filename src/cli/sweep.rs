@@ -38,7 +38,10 @@ pub fn run(
     n_ctx: usize,
 ) -> anyhow::Result<()> {
     let mut points = Vec::new();
-    println!("{:>8} {:>10} {:>22} {:>9} {:>12} {:>10}", "budget", "MiB", "decode tok/s [min–max]", "hit rate", "MiB/token", "stall ms");
+    println!(
+        "{:>8} {:>10} {:>22} {:>9} {:>12} {:>10}",
+        "budget", "MiB", "decode tok/s [min–max]", "hit rate", "MiB/token", "stall ms"
+    );
     for b in budgets {
         let mut a = args.clone();
         a.expert_budget = Some(b.clone());
@@ -78,7 +81,8 @@ pub fn run(
     std::fs::create_dir_all("bench-results").context("creating bench-results/")?;
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let json = PathBuf::from(format!("bench-results/sweep-{t}.json"));
-    std::fs::write(&json, serde_json::to_string_pretty(&points)?).with_context(|| format!("writing {}", json.display()))?;
+    std::fs::write(&json, serde_json::to_string_pretty(&points)?)
+        .with_context(|| format!("writing {}", json.display()))?;
     let png = json.with_extension("png");
     plot(&points, &png, &path.display().to_string())?;
     eprintln!("wrote {} and {}", json.display(), png.display());
@@ -117,29 +121,50 @@ fn plot(points: &[Point], png: &Path, title: &str) -> anyhow::Result<()> {
     let mut b = ChartBuilder::on(&root);
     b.margin(20);
     if labels {
-        b.caption(format!("expert cache sweep: {title}"), ("sans-serif", 20)).x_label_area_size(40).y_label_area_size(60).right_y_label_area_size(60);
+        b.caption(format!("expert cache sweep: {title}"), ("sans-serif", 20))
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .right_y_label_area_size(60);
     }
     let mut chart = b
         .build_cartesian_2d(0.0..xmax, 0.0..max_tok)
         .map_err(|e| anyhow::anyhow!("plot: {e}"))?
         .set_secondary_coord(0.0..xmax, 0.0..100.0);
     if labels {
-        chart.configure_mesh().x_desc("expert budget (% of all experts)").y_desc("decode tok/s").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("expert budget (% of all experts)")
+            .y_desc("decode tok/s")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         chart.configure_secondary_axes().y_desc("hit rate (%)").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
     let tok: Vec<(f64, f64)> = xs.iter().zip(points).map(|(&x, p)| (x, p.decode_tok_s.median)).collect();
     let hit: Vec<(f64, f64)> = xs.iter().zip(points).map(|(&x, p)| (x, 100.0 * p.hit_rate)).collect();
-    let s1 = chart.draw_series(LineSeries::new(tok.clone(), BLUE.stroke_width(3))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let s1 = chart
+        .draw_series(LineSeries::new(tok.clone(), BLUE.stroke_width(3)))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     if labels {
         s1.label("decode tok/s").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     }
-    chart.draw_series(tok.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    let s2 = chart.draw_secondary_series(LineSeries::new(hit.clone(), RED.stroke_width(3))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .draw_series(tok.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let s2 = chart
+        .draw_secondary_series(LineSeries::new(hit.clone(), RED.stroke_width(3)))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     if labels {
         s2.label("hit rate %").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
-    chart.draw_secondary_series(hit.iter().map(|&p| Circle::new(p, 4, RED.filled()))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .draw_secondary_series(hit.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }

@@ -197,7 +197,8 @@ impl Engine {
     /// Record every routing decision to `path` (JSON lines, see `experts::trace`).
     pub fn trace_to(&mut self, path: &std::path::Path) -> Result<(), crate::experts::trace::TraceError> {
         let m = &self.model;
-        let experts_bytes = (0..m.hp.n_layer).filter_map(|l| m.experts(l)).flatten().map(|e| e.bytes()).max().unwrap_or(0);
+        let experts_bytes =
+            (0..m.hp.n_layer).filter_map(|l| m.experts(l)).flatten().map(|e| e.bytes()).max().unwrap_or(0);
         let header = crate::experts::trace::TraceHeader {
             model: m.file.path().display().to_string(),
             n_layers: m.hp.n_layer,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::MatRef;
-use crate::experts::{Action, CacheConfig, CacheError, ExpertCache, ExpertKey, PolicyKind, Precision, SlotId, DEFAULT_HOBBIT_WEIGHTS};
+use crate::experts::{
+    Action, CacheConfig, CacheError, ExpertCache, ExpertKey, PolicyKind, Precision, SlotId, DEFAULT_HOBBIT_WEIGHTS,
+};
 use crate::io::{align_extent, AlignedBuf, IoConfig, IoError, IoService, ReadOp, Ticket};
 use crate::layers::{used_experts, ExpertProvider, ProviderError, Route};
 use crate::lowprec::{LowPrecError, LowPrecSidecar};
@@ -245,7 +247,13 @@ impl Offload {
             "expert cache: {} high slots of {:.2} MiB{}, {:?}, reads via {:?}{}",
             cache.n_slots(Precision::High),
             high_shape.bytes as f64 / 1048576.0,
-            low.as_ref().map(|(p, _)| format!(" + {} low slots of {:.2} MiB", p.content.len(), p.shape.bytes as f64 / 1048576.0)).unwrap_or_default(),
+            low.as_ref()
+                .map(|(p, _)| format!(
+                    " + {} low slots of {:.2} MiB",
+                    p.content.len(),
+                    p.shape.bytes as f64 / 1048576.0
+                ))
+                .unwrap_or_default(),
             cfg.policy,
             io_high.backend(),
             if io_high.direct() { " with O_DIRECT" } else { "" }
@@ -356,7 +364,13 @@ impl ExpertProvider for Offload {
         // One token: its experts in rank order with their gate weights, so HOBBIT's thresholds
         // apply. A batch (prefill): the wave at weight 0, i.e. all high precision, none skipped.
         let needed: Vec<(u16, f32)> = match routes {
-            [r] => r.experts.iter().zip(&r.weights).map(|(&e, &w)| (e as u16, w)).filter(|(e, _)| wave.contains(e)).collect(),
+            [r] => r
+                .experts
+                .iter()
+                .zip(&r.weights)
+                .map(|(&e, &w)| (e as u16, w))
+                .filter(|(e, _)| wave.contains(e))
+                .collect(),
             _ => wave.iter().map(|&e| (e, 0.0)).collect(),
         };
         let plan = self.cache.plan(l, self.step, &needed);
@@ -385,7 +399,8 @@ impl ExpertProvider for Offload {
             self.pending.push((unsafe { self.io_high.submit(ops_high) }, false));
         }
         if !ops_low.is_empty() {
-            let io = self.io_low.as_ref().ok_or_else(|| ProviderError("low-precision load without a sidecar".into()))?;
+            let io =
+                self.io_low.as_ref().ok_or_else(|| ProviderError("low-precision load without a sidecar".into()))?;
             // SAFETY: as above, for the low pool.
             self.pending.push((unsafe { io.submit(ops_low) }, true));
         }
@@ -410,7 +425,8 @@ impl ExpertProvider for Offload {
             // The slots of this plan's loads hold garbage: forget them so nothing views them.
             for key in self.loading.drain(..) {
                 if let Some((slot, p)) = self.cache.lookup(key) {
-                    let pool = if p == Precision::High { &mut self.high } else { &mut self.low.as_mut().expect("low slot").0 };
+                    let pool =
+                        if p == Precision::High { &mut self.high } else { &mut self.low.as_mut().expect("low slot").0 };
                     pool.content[slot as usize] = None;
                 }
                 self.cache.invalidate(key);

@@ -30,25 +30,13 @@ pub enum GgufError {
     UnsupportedVersion { path: PathBuf, version: u32 },
 
     #[error("{}: file ends inside {what} (at byte {offset})", .path.display())]
-    Truncated {
-        path: PathBuf,
-        what: String,
-        offset: u64,
-    },
+    Truncated { path: PathBuf, what: String, offset: u64 },
 
     #[error("{}: {what} is {count}, more than the file could hold", .path.display())]
-    CountTooLarge {
-        path: PathBuf,
-        what: String,
-        count: u64,
-    },
+    CountTooLarge { path: PathBuf, what: String, count: u64 },
 
     #[error("{}: {what} is {len} bytes long, past the end of the file", .path.display())]
-    StringTooLong {
-        path: PathBuf,
-        what: String,
-        len: u64,
-    },
+    StringTooLong { path: PathBuf, what: String, len: u64 },
 
     #[error("{}: {what} is not valid UTF-8", .path.display())]
     BadUtf8 { path: PathBuf, what: String },
@@ -64,38 +52,20 @@ pub enum GgufError {
         .path.display(),
         max = super::value::MAX_ARRAY_DEPTH
     )]
-    ArrayTooDeep {
-        path: PathBuf,
-        key: String,
-        depth: usize,
-    },
+    ArrayTooDeep { path: PathBuf, key: String, depth: usize },
 
     #[error("{}: tensor '{tensor}' has unknown ggml type {ty}", .path.display())]
-    UnknownGgmlType {
-        path: PathBuf,
-        tensor: String,
-        ty: u32,
-    },
+    UnknownGgmlType { path: PathBuf, tensor: String, ty: u32 },
 
     #[error("{}: tensor '{tensor}' has a bad shape: {reason}", .path.display())]
-    BadShape {
-        path: PathBuf,
-        tensor: String,
-        reason: String,
-    },
+    BadShape { path: PathBuf, tensor: String, reason: String },
 
     #[error(
         "{}: tensor '{tensor}' ends at byte {end}, past the end of the file ({file_len} bytes)",
         .path.display(),
         end = u128::from(*.offset) + u128::from(*.size)
     )]
-    TensorOutOfBounds {
-        path: PathBuf,
-        tensor: String,
-        offset: u64,
-        size: u64,
-        file_len: u64,
-    },
+    TensorOutOfBounds { path: PathBuf, tensor: String, offset: u64, size: u64, file_len: u64 },
 
     #[error("{}: tensors '{a}' and '{b}' overlap", .path.display())]
     OverlappingTensors { path: PathBuf, a: String, b: String },
@@ -104,12 +74,7 @@ pub enum GgufError {
         "{}: tensor '{tensor}' has data offset {offset}, not a multiple of the alignment {alignment}",
         .path.display()
     )]
-    Misaligned {
-        path: PathBuf,
-        tensor: String,
-        offset: u64,
-        alignment: u64,
-    },
+    Misaligned { path: PathBuf, tensor: String, offset: u64, alignment: u64 },
 
     #[error("{}: tensor '{tensor}' appears twice", .path.display())]
     DuplicateTensor { path: PathBuf, tensor: String },
@@ -121,12 +86,7 @@ pub enum GgufError {
     BadAlignment { path: PathBuf, value: u64 },
 
     #[error("{}: metadata key '{key}' should be {expected}, found {found}", .path.display())]
-    Metadata {
-        path: PathBuf,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    Metadata { path: PathBuf, key: String, expected: &'static str, found: String },
 
     /// The writer was given a tensor it cannot store (no file exists yet, so no path).
     #[error("cannot add tensor '{tensor}': {reason}")]

@@ -34,10 +34,7 @@ impl TensorInfo {
     pub fn n_elements(&self) -> u64 {
         // The reader and writer reject shapes whose product overflows, so this cannot wrap for
         // tables they produced; saturate for hand-built values.
-        self.shape
-            .iter()
-            .try_fold(1u64, |n, &d| n.checked_mul(d))
-            .unwrap_or(u64::MAX)
+        self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).unwrap_or(u64::MAX)
     }
 }
 
@@ -70,21 +67,14 @@ impl GgufFile {
     /// data is read straight from the mapping.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| GgufError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: path.clone(), source };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this value. Its soundness rests on the
         // file not being changed by anyone while mapped, which `open` documents as the caller's
         // promise (the same contract as every mmap-based model loader).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         let header = parse(&path, &mmap)?;
-        Ok(GgufFile {
-            path,
-            mmap,
-            header,
-        })
+        Ok(GgufFile { path, mmap, header })
     }
 
     pub fn path(&self) -> &Path {
@@ -215,11 +205,7 @@ fn describe(v: &Value) -> String {
         Value::F64(x) => format!("f64 {x}"),
         Value::U64(u) => format!("u64 {u}"),
         // Every kind left is an integer that fits an i64.
-        other => format!(
-            "{} {}",
-            other.type_name(),
-            other.as_i64().unwrap_or_default()
-        ),
+        other => format!("{} {}", other.type_name(), other.as_i64().unwrap_or_default()),
     }
 }
 
@@ -240,27 +226,17 @@ const MIN_TENSOR_INFO_LEN: u64 = 8 + 4 + 4 + 8;
 const MIN_KV_LEN: u64 = 8 + 4 + 1;
 
 fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
-    let mut c = Cursor {
-        path,
-        bytes,
-        pos: 0,
-    };
+    let mut c = Cursor { path, bytes, pos: 0 };
 
     let magic = c.take(4, || "the magic number".into())?;
     if magic != b"GGUF" {
         let mut found = [0u8; 4];
         found.copy_from_slice(magic);
-        return Err(GgufError::BadMagic {
-            path: path.into(),
-            found,
-        });
+        return Err(GgufError::BadMagic { path: path.into(), found });
     }
     let version = c.u32(|| "the version".into())?;
     if version != 2 && version != 3 {
-        return Err(GgufError::UnsupportedVersion {
-            path: path.into(),
-            version,
-        });
+        return Err(GgufError::UnsupportedVersion { path: path.into(), version });
     }
     let n_tensors = c.u64(|| "the tensor count".into())?;
     let n_kv = c.u64(|| "the metadata count".into())?;
@@ -273,16 +249,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
     for i in 0..n_kv {
         let key = c.string(|| format!("metadata key {i}"))?;
         if key.is_empty() {
-            return Err(GgufError::EmptyKey {
-                path: path.into(),
-                index: i,
-            });
+            return Err(GgufError::EmptyKey { path: path.into(), index: i });
         }
         if key_index.contains_key(&key) {
-            return Err(GgufError::DuplicateKey {
-                path: path.into(),
-                key,
-            });
+            return Err(GgufError::DuplicateKey { path: path.into(), key });
         }
         let ty = c.value_type(&key)?;
         let value = c.value(ty, &key, 0)?;
@@ -293,12 +263,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
     let alignment = match key_index.get(ALIGNMENT_KEY).map(|&i| &metadata[i].1) {
         None => DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) if a.is_power_of_two() => u64::from(*a),
-        Some(Value::U32(a)) => {
-            return Err(GgufError::BadAlignment {
-                path: path.into(),
-                value: u64::from(*a),
-            })
-        }
+        Some(Value::U32(a)) => return Err(GgufError::BadAlignment { path: path.into(), value: u64::from(*a) }),
         Some(other) => {
             return Err(GgufError::Metadata {
                 path: path.into(),
@@ -316,10 +281,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
     for i in 0..n_tensors {
         let name = c.string(|| format!("tensor {i} name"))?;
         if tensor_index.contains_key(&name) {
-            return Err(GgufError::DuplicateTensor {
-                path: path.into(),
-                tensor: name,
-            });
+            return Err(GgufError::DuplicateTensor { path: path.into(), tensor: name });
         }
         let n_dims = c.u32(|| format!("tensor '{name}' n_dims"))?;
         if n_dims as usize > MAX_DIMS {
@@ -335,11 +297,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
         }
         let ty = c.u32(|| format!("tensor '{name}' type"))?;
         let Some(ggml_type) = GgmlType::from_u32(ty) else {
-            return Err(GgufError::UnknownGgmlType {
-                path: path.into(),
-                tensor: name,
-                ty,
-            });
+            return Err(GgufError::UnknownGgmlType { path: path.into(), tensor: name, ty });
         };
         let size = tensor_size(ggml_type, &shape).map_err(|reason| GgufError::BadShape {
             path: path.into(),
@@ -348,37 +306,19 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
         })?;
         rel_offsets.push(c.u64(|| format!("tensor '{name}' offset"))?);
         tensor_index.insert(name.clone(), tensors.len());
-        tensors.push(TensorInfo {
-            name,
-            ggml_type,
-            shape,
-            offset: 0,
-            size,
-        });
+        tensors.push(TensorInfo { name, ggml_type, shape, offset: 0, size });
     }
 
     // Like llama.cpp, pad the header only when there is a data section.
     let header_end = c.pos as u64;
-    let data_offset = if tensors.is_empty() {
-        header_end
-    } else {
-        align_up(header_end, alignment)
-    };
+    let data_offset = if tensors.is_empty() { header_end } else { align_up(header_end, alignment) };
     let file_len = bytes.len() as u64;
     for (t, rel) in tensors.iter_mut().zip(rel_offsets) {
         if !rel.is_multiple_of(alignment) {
-            return Err(GgufError::Misaligned {
-                path: path.into(),
-                tensor: t.name.clone(),
-                offset: rel,
-                alignment,
-            });
+            return Err(GgufError::Misaligned { path: path.into(), tensor: t.name.clone(), offset: rel, alignment });
         }
         t.offset = data_offset.saturating_add(rel);
-        if t.offset
-            .checked_add(t.size)
-            .is_none_or(|end| end > file_len)
-        {
+        if t.offset.checked_add(t.size).is_none_or(|end| end > file_len) {
             return Err(GgufError::TensorOutOfBounds {
                 path: path.into(),
                 tensor: t.name.clone(),
@@ -390,15 +330,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, GgufError> {
     }
     check_disjoint(path, &tensors)?;
 
-    Ok(Header {
-        version,
-        metadata,
-        key_index,
-        tensors,
-        tensor_index,
-        alignment,
-        data_offset,
-    })
+    Ok(Header { version, metadata, key_index, tensors, tensor_index, alignment, data_offset })
 }
 
 /// `x` rounded up to a multiple of the power of two `a`, saturating at the top of `u64`.
@@ -416,11 +348,7 @@ fn check_disjoint(path: &Path, tensors: &[TensorInfo]) -> Result<(), GgufError> 
     for t in by_offset {
         if let Some(f) = furthest {
             if t.offset < f.offset + f.size {
-                return Err(GgufError::OverlappingTensors {
-                    path: path.into(),
-                    a: f.name.clone(),
-                    b: t.name.clone(),
-                });
+                return Err(GgufError::OverlappingTensors { path: path.into(), a: f.name.clone(), b: t.name.clone() });
             }
         }
         if furthest.is_none_or(|f| t.offset + t.size > f.offset + f.size) {
@@ -445,21 +373,14 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: u64, what: impl FnOnce() -> String) -> Result<&'a [u8], GgufError> {
         if n > self.remaining() {
-            return Err(GgufError::Truncated {
-                path: self.path.into(),
-                what: what(),
-                offset: self.pos as u64,
-            });
+            return Err(GgufError::Truncated { path: self.path.into(), what: what(), offset: self.pos as u64 });
         }
         let start = self.pos;
         self.pos += n as usize;
         Ok(&self.bytes[start..self.pos])
     }
 
-    fn array<const N: usize>(
-        &mut self,
-        what: impl FnOnce() -> String,
-    ) -> Result<[u8; N], GgufError> {
+    fn array<const N: usize>(&mut self, what: impl FnOnce() -> String) -> Result<[u8; N], GgufError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N as u64, what)?);
         Ok(out)
@@ -474,21 +395,9 @@ impl<'a> Cursor<'a> {
     }
 
     /// Fails unless `count` items of at least `min_len` bytes each fit in the rest of the file.
-    fn check_count(
-        &self,
-        count: u64,
-        min_len: u64,
-        what: impl FnOnce() -> String,
-    ) -> Result<(), GgufError> {
-        if count
-            .checked_mul(min_len)
-            .is_none_or(|n| n > self.remaining())
-        {
-            return Err(GgufError::CountTooLarge {
-                path: self.path.into(),
-                what: what(),
-                count,
-            });
+    fn check_count(&self, count: u64, min_len: u64, what: impl FnOnce() -> String) -> Result<(), GgufError> {
+        if count.checked_mul(min_len).is_none_or(|n| n > self.remaining()) {
+            return Err(GgufError::CountTooLarge { path: self.path.into(), what: what(), count });
         }
         Ok(())
     }
@@ -496,17 +405,10 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: impl Fn() -> String) -> Result<String, GgufError> {
         let len = self.u64(|| format!("{} length", what()))?;
         if len > self.remaining() {
-            return Err(GgufError::StringTooLong {
-                path: self.path.into(),
-                what: what(),
-                len,
-            });
+            return Err(GgufError::StringTooLong { path: self.path.into(), what: what(), len });
         }
         let raw = self.take(len, &what)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| GgufError::BadUtf8 {
-            path: self.path.into(),
-            what: what(),
-        })
+        String::from_utf8(raw.to_vec()).map_err(|_| GgufError::BadUtf8 { path: self.path.into(), what: what() })
     }
 
     fn value_type(&mut self, key: &str) -> Result<ValueType, GgufError> {
@@ -537,11 +439,7 @@ impl<'a> Cursor<'a> {
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(what)?)),
             ValueType::Array => {
                 if depth + 1 > MAX_ARRAY_DEPTH {
-                    return Err(GgufError::ArrayTooDeep {
-                        path: self.path.into(),
-                        key: key.into(),
-                        depth: depth + 1,
-                    });
+                    return Err(GgufError::ArrayTooDeep { path: self.path.into(), key: key.into(), depth: depth + 1 });
                 }
                 let elem = self.value_type(key)?;
                 let len_what = || format!("metadata key '{key}' array length");

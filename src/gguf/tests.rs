@@ -22,22 +22,10 @@ fn every_value_kind() -> Vec<(String, Value)> {
         ("arr_u16", Value::Array(vec![Value::U16(7); 3])),
         ("arr_i16", Value::Array(vec![Value::I16(-7); 3])),
         ("arr_u32", Value::Array(vec![Value::U32(9), Value::U32(10)])),
-        (
-            "arr_i32",
-            Value::Array(vec![Value::I32(-9), Value::I32(10)]),
-        ),
-        (
-            "arr_f32",
-            Value::Array(vec![Value::F32(0.25), Value::F32(-8.0)]),
-        ),
-        (
-            "arr_bool",
-            Value::Array(vec![Value::Bool(false), Value::Bool(true)]),
-        ),
-        (
-            "arr_string",
-            Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]),
-        ),
+        ("arr_i32", Value::Array(vec![Value::I32(-9), Value::I32(10)])),
+        ("arr_f32", Value::Array(vec![Value::F32(0.25), Value::F32(-8.0)])),
+        ("arr_bool", Value::Array(vec![Value::Bool(false), Value::Bool(true)])),
+        ("arr_string", Value::Array(vec![Value::String("a".into()), Value::String("bc".into())])),
         ("arr_u64", Value::Array(vec![Value::U64(1 << 40)])),
         ("arr_i64", Value::Array(vec![Value::I64(-(1 << 40))])),
         ("arr_f64", Value::Array(vec![Value::F64(1e300)])),
@@ -53,10 +41,7 @@ fn every_value_kind() -> Vec<(String, Value)> {
             ]),
         ),
     ];
-    kinds
-        .into_iter()
-        .map(|(k, v)| (format!("test.{k}"), v))
-        .collect()
+    kinds.into_iter().map(|(k, v)| (format!("test.{k}"), v)).collect()
 }
 
 /// A small tensor of `ty` (two blocks by three rows) filled with a recognisable pattern.
@@ -91,17 +76,10 @@ fn round_trip_every_value_kind_and_every_type() {
     assert_eq!(f.version(), 3);
     assert_eq!(f.alignment(), 32);
     assert_eq!(f.data_offset() % 32, 0);
-    assert_eq!(
-        f.get_str("general.architecture").expect("str"),
-        Some("test")
-    );
+    assert_eq!(f.get_str("general.architecture").expect("str"), Some("test"));
 
     let expected = every_value_kind();
-    assert_eq!(
-        &f.metadata()[1..],
-        &expected[..],
-        "metadata in order, values exact"
-    );
+    assert_eq!(&f.metadata()[1..], &expected[..], "metadata in order, values exact");
     for (k, v) in &expected {
         assert_eq!(f.get(k), Some(v), "{k}");
     }
@@ -112,10 +90,7 @@ fn round_trip_every_value_kind_and_every_type() {
         let (name, shape, data) = sample_tensor(i, ty);
         let t = f.tensor(&name).expect("tensor by name");
         assert_eq!(&f.tensors()[i], t, "table order");
-        assert_eq!(
-            (t.ggml_type, &t.shape, t.size),
-            (ty, &shape, data.len() as u64)
-        );
+        assert_eq!((t.ggml_type, &t.shape, t.size), (ty, &shape, data.len() as u64));
         assert_eq!(t.n_elements(), shape[0] * 3);
         assert_eq!(t.offset % 32, 0);
         assert!(t.offset >= prev_end, "packed in order");
@@ -124,10 +99,7 @@ fn round_trip_every_value_kind_and_every_type() {
     }
     assert!(prev_end <= f.bytes().len() as u64);
     assert!(f.tensor("missing").is_none());
-    assert_eq!(
-        std::fs::read(&path).expect("read"),
-        writer_with_everything().to_bytes()
-    );
+    assert_eq!(std::fs::read(&path).expect("read"), writer_with_everything().to_bytes());
 }
 
 #[test]
@@ -151,17 +123,11 @@ fn typed_getters_convert_or_name_the_key() {
     assert_eq!(f.get_u64("absent").expect("absent is not an error"), None);
 
     let err = f.get_u64("neg").expect_err("negative").to_string();
-    assert!(
-        err.contains("getters.gguf") && err.contains("'neg'") && err.contains("i32 -1"),
-        "{err}"
-    );
+    assert!(err.contains("getters.gguf") && err.contains("'neg'") && err.contains("i32 -1"), "{err}");
     let err = f.get_str("n").expect_err("not a string").to_string();
     assert!(err.contains("'n' should be a string, found u32 8"), "{err}");
     let err = f.get_bool("name").expect_err("not a bool");
-    assert!(
-        matches!(err, GgufError::Metadata { ref key, .. } if key == "name"),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::Metadata { ref key, .. } if key == "name"), "{err}");
 }
 
 #[test]
@@ -172,21 +138,12 @@ fn stream_writer_matches_in_memory_writer_in_any_chunking() {
     let expected = w.to_bytes();
 
     let path = dir.path().join("stream.gguf");
-    let mut metadata = vec![(
-        "general.architecture".to_string(),
-        Value::String("test".into()),
-    )];
+    let mut metadata = vec![("general.architecture".to_string(), Value::String("test".into()))];
     metadata.extend(every_value_kind());
     metadata.push(("general.alignment".into(), Value::U32(64)));
-    let tensors: Vec<_> = GgmlType::ALL
-        .into_iter()
-        .enumerate()
-        .map(|(i, ty)| (sample_tensor(i, ty), ty))
-        .collect();
-    let descs: Vec<(&str, GgmlType, &[u64])> = tensors
-        .iter()
-        .map(|((n, s, _), ty)| (n.as_str(), *ty, s.as_slice()))
-        .collect();
+    let tensors: Vec<_> = GgmlType::ALL.into_iter().enumerate().map(|(i, ty)| (sample_tensor(i, ty), ty)).collect();
+    let descs: Vec<(&str, GgmlType, &[u64])> =
+        tensors.iter().map(|((n, s, _), ty)| (n.as_str(), *ty, s.as_slice())).collect();
     let mut s = GgufStreamWriter::new(&path, &metadata, &descs).expect("stream header");
     for (i, ((_, _, data), _)) in tensors.iter().enumerate() {
         // Odd chunk sizes, so padding happens only after a tensor's last byte.
@@ -207,31 +164,19 @@ fn stream_writer_refuses_misuse() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("misuse.gguf");
     let no_metadata: &[(&str, Value)] = &[];
-    let descs = [
-        ("a", GgmlType::F32, vec![4u64]),
-        ("b", GgmlType::F32, vec![2u64]),
-    ];
+    let descs = [("a", GgmlType::F32, vec![4u64]), ("b", GgmlType::F32, vec![2u64])];
     let mut s = GgufStreamWriter::new(&path, no_metadata, &descs).expect("header");
     let msg = |e: GgufError| e.to_string();
-    assert!(
-        msg(s.write_tensor_data(1, &[0; 8]).expect_err("b before a"))
-            .contains("'b' written before")
-    );
+    assert!(msg(s.write_tensor_data(1, &[0; 8]).expect_err("b before a")).contains("'b' written before"));
     assert!(msg(s.write_tensor_data(0, &[0; 20]).expect_err("too long")).contains("16 bytes"));
     s.write_tensor_data(0, &[1; 16]).expect("a");
     assert!(msg(s.write_tensor_data(0, &[0; 1]).expect_err("a again")).contains("already complete"));
     assert!(msg(s.write_tensor_data(7, &[0; 1]).expect_err("no such")).contains("no tensor 7"));
     s.write_tensor_data(1, &[2; 4]).expect("half of b");
     let err = msg(s.finish().expect_err("b incomplete"));
-    assert!(
-        err.contains("misuse.gguf") && err.contains("'b' at 4 of 8 bytes"),
-        "{err}"
-    );
+    assert!(err.contains("misuse.gguf") && err.contains("'b' at 4 of 8 bytes"), "{err}");
 
-    let dup = [
-        ("a", GgmlType::F32, vec![4u64]),
-        ("a", GgmlType::F32, vec![4u64]),
-    ];
+    let dup = [("a", GgmlType::F32, vec![4u64]), ("a", GgmlType::F32, vec![4u64])];
     assert!(GgufStreamWriter::new(&path, no_metadata, &dup).is_err());
     let dup_keys = [("k", Value::U8(1)), ("k", Value::U8(2))];
     let no_tensors: &[(&str, GgmlType, &[u64])] = &[];
@@ -241,40 +186,20 @@ fn stream_writer_refuses_misuse() {
 #[test]
 fn writer_refuses_what_gguf_cannot_hold() {
     let mut w = GgufWriter::new();
-    let err = w
-        .add_tensor("x", GgmlType::Q8_0, &[32, 2], vec![0; 67])
-        .expect_err("short");
-    assert_eq!(
-        err.to_string(),
-        "cannot add tensor 'x': data is 67 bytes, q8_0 [32, 2] needs 68"
-    );
-    let err = w
-        .add_tensor("x", GgmlType::Q4_K, &[128], vec![])
-        .expect_err("partial block");
-    assert!(
-        err.to_string()
-            .contains("not a multiple of the q4_K block size 256"),
-        "{err}"
-    );
-    assert!(w
-        .add_tensor("x", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0; 4])
-        .is_err());
-    w.add_tensor("x", GgmlType::Q8_0, &[32, 2], vec![0; 68])
-        .expect("valid");
-    let err = w
-        .add_tensor("x", GgmlType::F32, &[1], vec![0; 4])
-        .expect_err("dup");
+    let err = w.add_tensor("x", GgmlType::Q8_0, &[32, 2], vec![0; 67]).expect_err("short");
+    assert_eq!(err.to_string(), "cannot add tensor 'x': data is 67 bytes, q8_0 [32, 2] needs 68");
+    let err = w.add_tensor("x", GgmlType::Q4_K, &[128], vec![]).expect_err("partial block");
+    assert!(err.to_string().contains("not a multiple of the q4_K block size 256"), "{err}");
+    assert!(w.add_tensor("x", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0; 4]).is_err());
+    w.add_tensor("x", GgmlType::Q8_0, &[32, 2], vec![0; 68]).expect("valid");
+    let err = w.add_tensor("x", GgmlType::F32, &[1], vec![0; 4]).expect_err("dup");
     assert!(err.to_string().contains("'x': name already added"));
 
     let mixed = Value::Array(vec![Value::U8(1), Value::String("s".into())]);
     assert!(w.try_add_metadata("k", mixed).is_err());
     assert!(w.try_add_metadata("", Value::U8(1)).is_err());
-    assert!(w
-        .try_add_metadata("general.alignment", Value::U32(48))
-        .is_err());
-    assert!(w
-        .try_add_metadata("general.alignment", Value::U64(64))
-        .is_err());
+    assert!(w.try_add_metadata("general.alignment", Value::U32(48)).is_err());
+    assert!(w.try_add_metadata("general.alignment", Value::U64(64)).is_err());
 
     // Replacing a key keeps one entry in its first position.
     w.add_metadata("a", Value::U8(1));
@@ -284,11 +209,7 @@ fn writer_refuses_what_gguf_cannot_hold() {
     let path = dir.path().join("replace.gguf");
     w.write(&path).expect("write");
     let f = GgufFile::open(&path).expect("open");
-    let keys: Vec<_> = f
-        .metadata()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
+    let keys: Vec<_> = f.metadata().iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     assert_eq!(keys, vec![("a", Value::U8(3)), ("b", Value::U8(2))]);
 }
 
@@ -297,8 +218,7 @@ fn reads_version_2_and_files_without_tensors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut w = GgufWriter::new();
     w.add_metadata("general.name", Value::String("v2".into()));
-    w.add_tensor("t", GgmlType::F16, &[8], vec![1; 16])
-        .expect("tensor");
+    w.add_tensor("t", GgmlType::F16, &[8], vec![1; 16]).expect("tensor");
     let mut bytes = w.to_bytes();
     bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
     let path = dir.path().join("v2.gguf");

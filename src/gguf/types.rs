@@ -79,12 +79,7 @@ const TABLE: [(GgmlType, &str, u64, u64); 32] = {
         (F64, "f64", 1, 8),
         (IQ1_M, "iq1_m", QK_K, QK_K / 8 + QK_K / 16 + QK_K / 32),
         (BF16, "bf16", 1, 2),
-        (
-            TQ1_0,
-            "tq1_0",
-            QK_K,
-            2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5,
-        ),
+        (TQ1_0, "tq1_0", QK_K, 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5),
         (TQ2_0, "tq2_0", QK_K, 2 + QK_K / 4),
         (MXFP4, "mxfp4", 32, 1 + 16),
     ]
@@ -130,10 +125,7 @@ impl GgmlType {
 
     /// The type whose name is `s`, ignoring ASCII case ("Q4_K" and "q4_k" both give `Q4_K`).
     pub fn parse(s: &str) -> Option<GgmlType> {
-        TABLE
-            .iter()
-            .find(|r| r.1.eq_ignore_ascii_case(s))
-            .map(|r| r.0)
+        TABLE.iter().find(|r| r.1.eq_ignore_ascii_case(s)).map(|r| r.0)
     }
 
     /// Bytes taken by `n_elems` consecutive elements; `None` if `n_elems` is not a whole number
@@ -159,10 +151,7 @@ pub(crate) const MAX_DIMS: usize = 4;
 /// Shared by the reader and the writer so both accept exactly the same tensors.
 pub(crate) fn tensor_size(ty: GgmlType, shape: &[u64]) -> Result<u64, String> {
     if shape.len() > MAX_DIMS {
-        return Err(format!(
-            "{} dimensions, at most {MAX_DIMS} allowed",
-            shape.len()
-        ));
+        return Err(format!("{} dimensions, at most {MAX_DIMS} allowed", shape.len()));
     }
     let mut n_elems: u64 = 1;
     for (i, &ne) in shape.iter().enumerate() {
@@ -177,21 +166,12 @@ pub(crate) fn tensor_size(ty: GgmlType, shape: &[u64]) -> Result<u64, String> {
     }
     let ne0 = shape.first().copied().unwrap_or(1);
     if !ne0.is_multiple_of(ty.block_size()) {
-        return Err(format!(
-            "ne0 = {ne0} is not a multiple of the {} block size {}",
-            ty.name(),
-            ty.block_size()
-        ));
+        return Err(format!("ne0 = {ne0} is not a multiple of the {} block size {}", ty.name(), ty.block_size()));
     }
     // ne0 is a whole number of blocks, so the element count is too.
     (n_elems / ty.block_size())
         .checked_mul(ty.type_size())
-        .ok_or_else(|| {
-            format!(
-                "shape {shape:?} of type {} overflows the byte size",
-                ty.name()
-            )
-        })
+        .ok_or_else(|| format!("shape {shape:?} of type {} overflows the byte size", ty.name()))
 }
 
 #[cfg(test)]
@@ -205,12 +185,7 @@ mod tests {
             let id = t as u32 as llama_cpp_sys_2::ggml_type;
             // SAFETY: `id` is a valid `enum ggml_type` value below GGML_TYPE_COUNT; both functions
             // only index ggml's static type_traits table.
-            let (blck, size) = unsafe {
-                (
-                    llama_cpp_sys_2::ggml_blck_size(id),
-                    llama_cpp_sys_2::ggml_type_size(id),
-                )
-            };
+            let (blck, size) = unsafe { (llama_cpp_sys_2::ggml_blck_size(id), llama_cpp_sys_2::ggml_type_size(id)) };
             assert_eq!(t.block_size() as i64, blck, "{t} block size");
             assert_eq!(t.type_size() as usize, size, "{t} type size");
             // SAFETY: as above; ggml_type_name returns a static NUL-terminated string.
@@ -243,20 +218,10 @@ mod tests {
         assert_eq!(tensor_size(GgmlType::F16, &[3, 5, 7]), Ok(3 * 5 * 7 * 2));
         assert_eq!(tensor_size(GgmlType::Q8_0, &[32, 4, 2, 2]), Ok(34 * 16));
         assert_eq!(tensor_size(GgmlType::F32, &[]), Ok(4));
-        assert!(tensor_size(GgmlType::F32, &[1, 1, 1, 1, 1])
-            .unwrap_err()
-            .contains("5 dimensions"));
-        assert!(tensor_size(GgmlType::F32, &[4, 0])
-            .unwrap_err()
-            .contains("dimension 1 is zero"));
-        assert!(tensor_size(GgmlType::Q4_0, &[48])
-            .unwrap_err()
-            .contains("not a multiple"));
-        assert!(tensor_size(GgmlType::F32, &[1 << 32, 1 << 32])
-            .unwrap_err()
-            .contains("elements"));
-        assert!(tensor_size(GgmlType::F64, &[1 << 62])
-            .unwrap_err()
-            .contains("overflows"));
+        assert!(tensor_size(GgmlType::F32, &[1, 1, 1, 1, 1]).unwrap_err().contains("5 dimensions"));
+        assert!(tensor_size(GgmlType::F32, &[4, 0]).unwrap_err().contains("dimension 1 is zero"));
+        assert!(tensor_size(GgmlType::Q4_0, &[48]).unwrap_err().contains("not a multiple"));
+        assert!(tensor_size(GgmlType::F32, &[1 << 32, 1 << 32]).unwrap_err().contains("elements"));
+        assert!(tensor_size(GgmlType::F64, &[1 << 62]).unwrap_err().contains("overflows"));
     }
 }

@@ -45,11 +45,7 @@ pub(crate) enum ValueType {
 impl ValueType {
     pub(crate) fn from_u32(v: u32) -> Option<ValueType> {
         use ValueType::*;
-        [
-            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
-        ]
-        .get(v as usize)
-        .copied()
+        [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64].get(v as usize).copied()
     }
 
     /// Fewest bytes one value of this type takes on disk: used to bound counts before
@@ -179,11 +175,7 @@ impl Value {
         }
         if let Some(first) = items.first() {
             if let Some(odd) = items.iter().find(|v| v.value_type() != first.value_type()) {
-                return Err(format!(
-                    "array mixes {} and {} elements",
-                    first.type_name(),
-                    odd.type_name()
-                ));
+                return Err(format!("array mixes {} and {} elements", first.type_name(), odd.type_name()));
             }
         }
         items.iter().try_for_each(|v| v.check_depth(depth + 1))
@@ -208,24 +200,16 @@ mod tests {
         assert_eq!(Value::Bool(false).as_bool(), Some(false));
         assert_eq!(Value::U8(1).as_bool(), None);
         assert_eq!(Value::String("hi".into()).as_str(), Some("hi"));
-        assert_eq!(
-            Value::Array(vec![Value::U8(1)]).as_array(),
-            Some(&[Value::U8(1)][..])
-        );
+        assert_eq!(Value::Array(vec![Value::U8(1)]).as_array(), Some(&[Value::U8(1)][..]));
         assert_eq!(Value::F64(1.0).type_name(), "f64");
     }
 
     #[test]
     fn encodable_rejects_mixed_and_deep_arrays() {
         let mixed = Value::Array(vec![Value::U32(1), Value::I32(2)]);
-        assert!(mixed
-            .check_encodable()
-            .unwrap_err()
-            .contains("mixes u32 and i32"));
-        let nested = Value::Array(vec![
-            Value::Array(vec![Value::U8(1)]),
-            Value::Array(vec![Value::String("a".into())]),
-        ]);
+        assert!(mixed.check_encodable().unwrap_err().contains("mixes u32 and i32"));
+        let nested =
+            Value::Array(vec![Value::Array(vec![Value::U8(1)]), Value::Array(vec![Value::String("a".into())])]);
         assert_eq!(nested.check_encodable(), Ok(()));
         let mut deep = Value::U8(0);
         for _ in 0..=MAX_ARRAY_DEPTH {

@@ -44,9 +44,7 @@ impl GgufWriter {
     /// If `a` is not a power of two that fits a `u32` (GGUF stores it as one).
     pub fn set_alignment(&mut self, a: u64) {
         let a = u32::try_from(a).ok().filter(|a| a.is_power_of_two());
-        let Some(a) = a else {
-            panic!("GGUF alignment must be a power of two below 2^32")
-        };
+        let Some(a) = a else { panic!("GGUF alignment must be a power of two below 2^32") };
         self.add_metadata(ALIGNMENT_KEY, Value::U32(a));
     }
 
@@ -63,11 +61,7 @@ impl GgufWriter {
 
     /// Like [`Self::add_metadata`], but returns an error for an empty key, an array mixing
     /// element kinds or nested too deep, or a `general.alignment` that is not a power-of-two u32.
-    pub fn try_add_metadata(
-        &mut self,
-        key: impl Into<String>,
-        value: Value,
-    ) -> Result<(), GgufError> {
+    pub fn try_add_metadata(&mut self, key: impl Into<String>, value: Value) -> Result<(), GgufError> {
         let key = key.into();
         check_metadata(&key, &value)?;
         match self.metadata.iter_mut().find(|(k, _)| *k == key) {
@@ -88,21 +82,12 @@ impl GgufWriter {
     ) -> Result<(), GgufError> {
         let name = name.into();
         if self.tensors.iter().any(|(d, _)| d.name == name) {
-            return Err(GgufError::InvalidTensor {
-                tensor: name,
-                reason: "name already added".into(),
-            });
+            return Err(GgufError::InvalidTensor { tensor: name, reason: "name already added".into() });
         }
         let desc = describe_tensor(name, ty, shape)?;
         if data.len() as u64 != desc.size {
             return Err(GgufError::InvalidTensor {
-                reason: format!(
-                    "data is {} bytes, {} {:?} needs {}",
-                    data.len(),
-                    ty.name(),
-                    shape,
-                    desc.size
-                ),
+                reason: format!("data is {} bytes, {} {:?} needs {}", data.len(), ty.name(), shape, desc.size),
                 tensor: desc.name,
             });
         }
@@ -123,10 +108,7 @@ impl GgufWriter {
     /// Writes the file to `path`, replacing it.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io {
-            path: path.into(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: path.into(), source };
         let mut out = BufWriter::new(File::create(path).map_err(io)?);
         self.write_into(&mut out).map_err(io)?;
         out.flush().map_err(io)
@@ -180,10 +162,7 @@ impl GgufStreamWriter {
             let key = key.as_ref();
             check_metadata(key, value)?;
             if !keys.insert(key) {
-                return Err(GgufError::InvalidMetadata {
-                    key: key.into(),
-                    reason: "key given twice".into(),
-                });
+                return Err(GgufError::InvalidMetadata { key: key.into(), reason: "key given twice".into() });
             }
             owned_metadata.push((key.to_string(), value.clone()));
         }
@@ -192,39 +171,23 @@ impl GgufStreamWriter {
         for (name, ty, shape) in tensors {
             let name = name.as_ref();
             if !names.insert(name) {
-                return Err(GgufError::InvalidTensor {
-                    tensor: name.into(),
-                    reason: "name given twice".into(),
-                });
+                return Err(GgufError::InvalidTensor { tensor: name.into(), reason: "name given twice".into() });
             }
             descs.push(describe_tensor(name.to_string(), *ty, shape.as_ref())?);
         }
         let alignment = alignment_of(&owned_metadata);
-        let io = |source| GgufError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: path.clone(), source };
         let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(io)?);
         let desc_refs: Vec<&Desc> = descs.iter().collect();
         write_header(&mut out, &owned_metadata, &desc_refs, alignment).map_err(io)?;
-        Ok(GgufStreamWriter {
-            path,
-            out,
-            tensors: descs,
-            alignment,
-            current: 0,
-            filled: 0,
-        })
+        Ok(GgufStreamWriter { path, out, tensors: descs, alignment, current: 0, filled: 0 })
     }
 
     /// Appends `data` to tensor `index`. Tensors are filled in table order: `index` must be the
     /// first tensor not yet complete, and its total must come out exactly at its byte size.
     pub fn write_tensor_data(&mut self, index: usize, data: &[u8]) -> Result<(), GgufError> {
         let Some(desc) = self.tensors.get(self.current) else {
-            return Err(self.misuse(format!(
-                "all {} tensors are already written",
-                self.tensors.len()
-            )));
+            return Err(self.misuse(format!("all {} tensors are already written", self.tensors.len())));
         };
         if index != self.current {
             let reason = match self.tensors.get(index) {
@@ -241,18 +204,11 @@ impl GgufStreamWriter {
         }
         let size = desc.size;
         if self.filled + data.len() as u64 > size {
-            let reason = format!(
-                "tensor '{}' is {} bytes, but {} were given",
-                desc.name,
-                size,
-                self.filled + data.len() as u64
-            );
+            let reason =
+                format!("tensor '{}' is {} bytes, but {} were given", desc.name, size, self.filled + data.len() as u64);
             return Err(self.misuse(reason));
         }
-        let io = |source| GgufError::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: self.path.clone(), source };
         self.out.write_all(data).map_err(io)?;
         self.filled += data.len() as u64;
         if self.filled == size {
@@ -266,56 +222,35 @@ impl GgufStreamWriter {
     /// Checks every tensor was written in full and flushes the file.
     pub fn finish(mut self) -> Result<(), GgufError> {
         if let Some(desc) = self.tensors.get(self.current) {
-            let reason = format!(
-                "finished with tensor '{}' at {} of {} bytes",
-                desc.name, self.filled, desc.size
-            );
+            let reason = format!("finished with tensor '{}' at {} of {} bytes", desc.name, self.filled, desc.size);
             return Err(self.misuse(reason));
         }
         let path = self.path.clone();
-        self.out
-            .flush()
-            .map_err(|source| GgufError::Io { path, source })
+        self.out.flush().map_err(|source| GgufError::Io { path, source })
     }
 
     fn misuse(&self, reason: String) -> GgufError {
-        GgufError::StreamOrder {
-            path: self.path.clone(),
-            reason,
-        }
+        GgufError::StreamOrder { path: self.path.clone(), reason }
     }
 }
 
 /// Why GGUF cannot store this pair, if it cannot.
 fn check_metadata(key: &str, value: &Value) -> Result<(), GgufError> {
-    let invalid = |reason: String| GgufError::InvalidMetadata {
-        key: key.into(),
-        reason,
-    };
+    let invalid = |reason: String| GgufError::InvalidMetadata { key: key.into(), reason };
     if key.is_empty() {
         return Err(invalid("the key is empty".into()));
     }
     value.check_encodable().map_err(invalid)?;
     if key == ALIGNMENT_KEY && !matches!(value, Value::U32(a) if a.is_power_of_two()) {
-        return Err(invalid(format!(
-            "must be a power-of-two u32, not {value:?}"
-        )));
+        return Err(invalid(format!("must be a power-of-two u32, not {value:?}")));
     }
     Ok(())
 }
 
 fn describe_tensor(name: String, ty: GgmlType, shape: &[u64]) -> Result<Desc, GgufError> {
     match tensor_size(ty, shape) {
-        Ok(size) => Ok(Desc {
-            name,
-            ty,
-            shape: shape.to_vec(),
-            size,
-        }),
-        Err(reason) => Err(GgufError::InvalidTensor {
-            tensor: name,
-            reason,
-        }),
+        Ok(size) => Ok(Desc { name, ty, shape: shape.to_vec(), size }),
+        Err(reason) => Err(GgufError::InvalidTensor { tensor: name, reason }),
     }
 }
 

@@ -58,8 +58,7 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes at an ALIGN-aligned address.
     pub fn new(len: usize) -> Result<AlignedBuf, IoError> {
         let cap = len.max(1).checked_next_multiple_of(ALIGN).ok_or(IoError::Alloc { len })?;
-        let layout =
-            std::alloc::Layout::from_size_align(cap, ALIGN).map_err(|_| IoError::Alloc { len })?;
+        let layout = std::alloc::Layout::from_size_align(cap, ALIGN).map_err(|_| IoError::Alloc { len })?;
         // SAFETY: layout has non-zero size (cap >= ALIGN).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(raw).ok_or(IoError::Alloc { len })?;
@@ -201,10 +200,7 @@ impl IoService {
 
     pub fn open_tuned(path: &Path, cfg: IoConfig, tuning: IoTuning) -> Result<IoService, IoError> {
         let (file, direct) = open_file(path, cfg.direct)?;
-        let file_len = file
-            .metadata()
-            .map_err(|source| IoError::Open { path: path.to_path_buf(), source })?
-            .len();
+        let file_len = file.metadata().map_err(|source| IoError::Open { path: path.to_path_buf(), source })?.len();
         let split = match tuning.split_bytes {
             0 => MAX_CHUNK,
             n => n.next_multiple_of(ALIGN).min(MAX_CHUNK),
@@ -257,8 +253,7 @@ impl IoService {
             self.shared.register_failed(id, ops.len() as u64, err);
             return Ticket(id);
         }
-        let jobs: Vec<Job> =
-            ops.into_iter().filter(|op| op.len > 0).map(|op| Job { op, batch: id }).collect();
+        let jobs: Vec<Job> = ops.into_iter().filter(|op| op.len > 0).map(|op| Job { op, batch: id }).collect();
         self.shared.register(id, jobs.len());
         if !jobs.is_empty() {
             let sent = match &self.engine {
@@ -313,10 +308,7 @@ fn open_file(path: &Path, direct: bool) -> Result<(File, bool), IoError> {
         match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => return Ok((f, true)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(
-                    "{}: filesystem refuses O_DIRECT ({e}); reading through the page cache",
-                    path.display()
-                );
+                tracing::warn!("{}: filesystem refuses O_DIRECT ({e}); reading through the page cache", path.display());
             }
             Err(e) => return Err(open_err(e)),
         }

@@ -21,9 +21,7 @@ impl PreadPool {
         let mut pool = PreadPool { tx: Some(tx), threads: Vec::new() };
         for i in 0..n_threads.max(1) {
             let (sh, rx) = (Arc::clone(shared), Arc::clone(&rx));
-            let spawned = std::thread::Builder::new()
-                .name(format!("moerun-pread-{i}"))
-                .spawn(move || worker(&sh, &rx));
+            let spawned = std::thread::Builder::new().name(format!("moerun-pread-{i}")).spawn(move || worker(&sh, &rx));
             match spawned {
                 Ok(h) => pool.threads.push(h),
                 Err(source) => {

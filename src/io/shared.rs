@@ -60,15 +60,7 @@ pub(super) struct Shared {
 
 impl Shared {
     pub fn new(path: PathBuf, file: File, file_len: u64, direct: bool, split: usize) -> Shared {
-        Shared {
-            path,
-            file,
-            file_len,
-            direct,
-            split,
-            state: Mutex::new(State::default()),
-            done: Condvar::new(),
-        }
+        Shared { path, file, file_len, direct, split, state: Mutex::new(State::default()), done: Condvar::new() }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

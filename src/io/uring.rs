@@ -81,8 +81,7 @@ impl UringThread {
 fn probe_nop(ring: &mut IoUring) -> std::io::Result<()> {
     let nop = opcode::Nop::new().build().user_data(WAKE);
     // SAFETY: a no-op references no memory.
-    unsafe { ring.submission().push(&nop) }
-        .map_err(|_| std::io::Error::other("submission queue full"))?;
+    unsafe { ring.submission().push(&nop) }.map_err(|_| std::io::Error::other("submission queue full"))?;
     ring.submit_and_wait(1)?;
     let cqe = ring.completion().next();
     match cqe.map(|c| c.result()) {
@@ -193,11 +192,7 @@ impl<'a> Reader<'a> {
                             self.ops.len() - 1
                         }
                     };
-                    self.pending.extend(chunks.into_iter().map(|chunk| Piece {
-                        op,
-                        chunk,
-                        done: 0,
-                    }));
+                    self.pending.extend(chunks.into_iter().map(|chunk| Piece { op, chunk, done: 0 }));
                 }
             }
         }
@@ -239,9 +234,7 @@ impl<'a> Reader<'a> {
     }
 
     fn arm_wake(&mut self) {
-        let poll = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32)
-            .build()
-            .user_data(WAKE);
+        let poll = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32).build().user_data(WAKE);
         // SAFETY: a poll references no memory of ours.
         if unsafe { self.ring.submission().push(&poll) }.is_ok() {
             self.wake_armed = true;
@@ -275,8 +268,7 @@ impl<'a> Reader<'a> {
     }
 
     fn reap(&mut self) {
-        let cqes: Vec<(u64, i32)> =
-            self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (ud, res) in cqes {
             if ud == WAKE {
                 self.wake_armed = false;
@@ -301,9 +293,7 @@ impl<'a> Reader<'a> {
             let outcome = if res < 0 {
                 match -res {
                     libc::EAGAIN | libc::EINTR => Next::Again,
-                    errno => Next::Fail(
-                        self.shared.read_error(&op, std::io::Error::from_raw_os_error(errno)),
-                    ),
+                    errno => Next::Fail(self.shared.read_error(&op, std::io::Error::from_raw_os_error(errno))),
                 }
             } else {
                 piece.done += res as usize;

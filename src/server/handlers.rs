@@ -111,7 +111,8 @@ async fn chat_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "`messages` must hold at least one message"));
     }
-    let messages: Vec<ChatMessage> = req.messages.into_iter().map(|m| ChatMessage::new(m.role, text_of(m.content))).collect();
+    let messages: Vec<ChatMessage> =
+        req.messages.into_iter().map(|m| ChatMessage::new(m.role, text_of(m.content))).collect();
     let prompt = st.format.encode(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let reply = st.reply("chatcmpl", &req.params);
     let rx = st.submit(prompt, req.params)?;
@@ -119,8 +120,12 @@ async fn chat_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
         Ok(sse(rx, reply, Kind::Chat))
     } else {
         let (text, finish, usage) = collect(rx).await?;
-        let choice =
-            ChatChoice { index: 0, message: AssistantMessage { role: "assistant", content: text }, logprobs: None, finish_reason: finish };
+        let choice = ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content: text },
+            logprobs: None,
+            finish_reason: finish,
+        };
         let body = ChatCompletion {
             id: reply.id,
             object: "chat.completion",
@@ -186,7 +191,8 @@ fn parse_body<T: DeserializeOwned>(st: &AppState, body: Result<Bytes, BytesRejec
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(st.max_body),
         _ => ApiError::bad_request(r.body_text()),
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}")))
 }
 
 /// The identity of one response, fixed before the job is queued.
@@ -224,7 +230,10 @@ impl AppState {
             return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
         }
         if let Some(t) = p.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
-            return Err(ApiError::invalid_param("temperature", format!("temperature must be between 0 and 2, not {t}")));
+            return Err(ApiError::invalid_param(
+                "temperature",
+                format!("temperature must be between 0 and 2, not {t}"),
+            ));
         }
         if let Some(t) = p.top_p.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
             return Err(ApiError::invalid_param("top_p", format!("top_p must be in (0, 1], not {t}")));
@@ -262,7 +271,10 @@ impl AppState {
     }
 
     fn random_seed(&self) -> u64 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         t ^ self.next_id.fetch_add(1, Ordering::Relaxed).rotate_left(32)
     }
 }
@@ -336,7 +348,14 @@ impl EventStream {
             (true, None) => vec![],
             _ => vec![TextChoice { index: 0, text, logprobs: None, finish_reason: finish }],
         };
-        let chunk = TextCompletion { id: r.id.clone(), object: "text_completion", created: r.created, model: r.model.clone(), choices, usage };
+        let chunk = TextCompletion {
+            id: r.id.clone(),
+            object: "text_completion",
+            created: r.created,
+            model: r.model.clone(),
+            choices,
+            usage,
+        };
         Self::data(&chunk)
     }
 
@@ -357,7 +376,10 @@ impl EventStream {
                         self.chat_chunk(Delta::default(), Some(finish), None),
                         self.chat_chunk(Delta::default(), None, Some(usage)),
                     ),
-                    Kind::Text => (self.text_chunk(String::new(), Some(finish), None), self.text_chunk(String::new(), None, Some(usage))),
+                    Kind::Text => (
+                        self.text_chunk(String::new(), Some(finish), None),
+                        self.text_chunk(String::new(), None, Some(usage)),
+                    ),
                 };
                 self.pending.push_back(last);
                 if self.reply.include_usage {

@@ -111,11 +111,14 @@ impl Server {
         let format = ChatFormat::new(Arc::clone(&tok))?;
         let mut engine = Engine::new(Arc::clone(&model), cfg.engine.clone());
         if let Some(oc) = &cfg.offload {
-            engine.set_offload(crate::engine::offload::Offload::new(model, oc).map_err(|e| ServerError::Offload(e.to_string()))?);
+            engine.set_offload(
+                crate::engine::offload::Offload::new(model, oc).map_err(|e| ServerError::Offload(e.to_string()))?,
+            );
         }
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
         let stats = SharedStats::default();
-        let (queue, worker) = worker::spawn(engine, tok, cfg.queue_capacity, stats.clone()).map_err(ServerError::Spawn)?;
+        let (queue, worker) =
+            worker::spawn(engine, tok, cfg.queue_capacity, stats.clone()).map_err(ServerError::Spawn)?;
         let state = Arc::new(AppState {
             model_id: model_id.clone(),
             aliases,

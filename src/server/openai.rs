@@ -226,7 +226,10 @@ impl ApiError {
 
     /// A bad value for the request field `param`.
     pub fn invalid_param(param: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { param: Some(param), ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), message) }
+        ApiError {
+            param: Some(param),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), message)
+        }
     }
 
     pub fn context_exceeded(message: impl Into<String>) -> ApiError {
@@ -266,7 +269,12 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(method: &str, path: &str) -> ApiError {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", None, format!("{path} does not take {method}"))
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            None,
+            format!("{path} does not take {method}"),
+        )
     }
 
     /// The engine's queue is full: try again shortly.
@@ -283,7 +291,12 @@ impl ApiError {
     }
 
     pub fn shutting_down() -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("shutting_down"), "The server is shutting down")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("shutting_down"),
+            "The server is shutting down",
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> ApiError {

@@ -99,9 +99,8 @@ pub fn spawn(
 ) -> std::io::Result<(Queue, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let worker_stats = stats.clone();
-    let handle = std::thread::Builder::new()
-        .name("moerun-engine".into())
-        .spawn(move || run(engine, &tok, rx, &worker_stats))?;
+    let handle =
+        std::thread::Builder::new().name("moerun-engine".into()).spawn(move || run(engine, &tok, rx, &worker_stats))?;
     Ok((Queue { tx, stats }, handle))
 }
 

@@ -50,11 +50,7 @@ pub enum TokenizerError {
     /// for a GGUF's own template; `detail` is minijinja's message (with the template's
     /// `raise_exception` text, where that is the cause).
     #[error("{origin}: {stage}: {detail}")]
-    Template {
-        origin: String,
-        stage: TemplateStage,
-        detail: String,
-    },
+    Template { origin: String, stage: TemplateStage, detail: String },
 }
 
 /// How [`Tokenizer::encode`] treats BOS and special-token text.
@@ -95,29 +91,16 @@ impl Tokenizer {
     /// it is logged, [`Tokenizer::chat_template`] is `None`, and
     /// [`Tokenizer::chat_template_error`] says why.
     pub fn from_gguf(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let file = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |name| name.to_string_lossy().into_owned(),
-        );
+        let file =
+            path.file_name().map_or_else(|| path.display().to_string(), |name| name.to_string_lossy().into_owned());
         let vocab = LlamaVocab::load(path).map_err(|failure| match failure {
             LoadFailure::NulInPath => TokenizerError::NulInPath { file: file.clone() },
             LoadFailure::Refused => TokenizerError::Load { file: file.clone() },
         })?;
-        let mut tokenizer = Tokenizer {
-            vocab,
-            file,
-            chat_template: None,
-            chat_template_error: None,
-        };
+        let mut tokenizer = Tokenizer { vocab, file, chat_template: None, chat_template_error: None };
         if let Some(source) = tokenizer.vocab.chat_template() {
-            let bos = tokenizer
-                .bos()
-                .map(|id| tokenizer.token_str(id))
-                .unwrap_or_default();
-            let eos = tokenizer
-                .eos()
-                .map(|id| tokenizer.token_str(id))
-                .unwrap_or_default();
+            let bos = tokenizer.bos().map(|id| tokenizer.token_str(id)).unwrap_or_default();
+            let eos = tokenizer.eos().map(|id| tokenizer.token_str(id)).unwrap_or_default();
             let origin = format!("{}: tokenizer.chat_template", tokenizer.file);
             match ChatTemplate::with_origin(&source, &bos, &eos, origin) {
                 Ok(template) => tokenizer.chat_template = Some(template),
@@ -132,19 +115,10 @@ impl Tokenizer {
 
     /// Tokenizes `text` as llama.cpp's `llama_tokenize` does.
     pub fn encode(&self, text: &str, opts: EncodeOptions) -> Result<Vec<u32>, TokenizerError> {
-        self.vocab
-            .tokenize(text, opts.add_bos, opts.parse_special)
-            .map_err(|failure| match failure {
-                TokenizeFailure::TooLong => TokenizerError::TextTooLong {
-                    file: self.file.clone(),
-                    len: text.len(),
-                },
-                TokenizeFailure::Code(code) => TokenizerError::Tokenize {
-                    file: self.file.clone(),
-                    len: text.len(),
-                    code,
-                },
-            })
+        self.vocab.tokenize(text, opts.add_bos, opts.parse_special).map_err(|failure| match failure {
+            TokenizeFailure::TooLong => TokenizerError::TextTooLong { file: self.file.clone(), len: text.len() },
+            TokenizeFailure::Code(code) => TokenizerError::Tokenize { file: self.file.clone(), len: text.len(), code },
+        })
     }
 
     /// Whether the model wants BOS prepended: `tokenizer.ggml.add_bos_token` if the GGUF has it,
@@ -227,8 +201,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_a_load_error_naming_it() {
-        let err = Tokenizer::from_gguf(Path::new("/nonexistent/dir/missing-model.gguf"))
-            .expect_err("no such file");
+        let err = Tokenizer::from_gguf(Path::new("/nonexistent/dir/missing-model.gguf")).expect_err("no such file");
         assert!(matches!(err, TokenizerError::Load { .. }), "{err:?}");
         assert_eq!(
             err.to_string(),
@@ -238,15 +211,11 @@ mod tests {
 
     #[test]
     fn not_a_gguf_is_a_load_error() {
-        let path =
-            std::env::temp_dir().join(format!("moerun-not-a-gguf-{}.gguf", std::process::id()));
+        let path = std::env::temp_dir().join(format!("moerun-not-a-gguf-{}.gguf", std::process::id()));
         std::fs::write(&path, b"this is not a GGUF file at all, just text\n").expect("temp file");
         let result = Tokenizer::from_gguf(&path);
         let _ = std::fs::remove_file(&path);
-        assert!(
-            matches!(result, Err(TokenizerError::Load { .. })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(TokenizerError::Load { .. })), "{result:?}");
     }
 
     #[test]

@@ -16,10 +16,7 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> StreamDecoder<'a> {
-        StreamDecoder {
-            tokenizer,
-            pending: Vec::new(),
-        }
+        StreamDecoder { tokenizer, pending: Vec::new() }
     }
 
     /// Adds token `id`; returns the text it completes, possibly empty.

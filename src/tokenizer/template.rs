@@ -26,10 +26,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -57,11 +54,7 @@ const TEMPLATE_NAME: &str = "chat_template";
 
 impl ChatTemplate {
     /// Compiles `source` once; a syntax error is `TokenizerError::Template { stage: Syntax, .. }`.
-    pub fn new(
-        source: &str,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<ChatTemplate, TokenizerError> {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, TokenizerError> {
         ChatTemplate::with_origin(source, bos_token, eos_token, "chat template".to_owned())
     }
 
@@ -76,22 +69,13 @@ impl ChatTemplate {
         if let Err(err) = env.add_template_owned(TEMPLATE_NAME, source.to_owned()) {
             return Err(template_error(&origin, TemplateStage::Syntax, &err));
         }
-        Ok(ChatTemplate {
-            env,
-            origin,
-            bos_token: bos_token.to_owned(),
-            eos_token: eos_token.to_owned(),
-        })
+        Ok(ChatTemplate { env, origin, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
     }
 
     /// Renders `messages`; `add_generation_prompt` asks the template to open the assistant's turn.
     /// A failure (including the template's own `raise_exception`) is
     /// `TokenizerError::Template { stage: Render, .. }` with the message in `detail`.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         let fail = |err: Error| template_error(&self.origin, TemplateStage::Render, &err);
         let template = self.env.get_template(TEMPLATE_NAME).map_err(fail)?;
         let ctx = minijinja::context! {
@@ -111,11 +95,7 @@ fn template_error(origin: &str, stage: TemplateStage, err: &Error) -> TokenizerE
         let _ = write!(detail, ": {cause}");
         source = cause.source();
     }
-    TokenizerError::Template {
-        origin: origin.to_owned(),
-        stage,
-        detail,
-    }
+    TokenizerError::Template { origin: origin.to_owned(), stage, detail }
 }
 
 /// A minijinja environment configured like transformers' jinja2 environment.
@@ -137,10 +117,8 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 }
 
 fn strftime_now(format: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime_utc(format, now)
 }
 
@@ -171,20 +149,12 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
         Some(v) => match (v.as_i64(), v.as_str()) {
             (Some(n), _) => Some(" ".repeat(usize::try_from(n).unwrap_or(0))),
             (None, Some(s)) => Some(s.to_owned()),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "tojson: indent must be an integer or a string",
-                ))
-            }
+            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },
     };
     // Python's defaults: (', ', ': ') on one line, (',', ': ') when indenting.
     let (item_sep, key_sep) = match separators.as_deref() {
-        None => (
-            if indent.is_some() { "," } else { ", " }.to_owned(),
-            ": ".to_owned(),
-        ),
+        None => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => {
             return Err(Error::new(
@@ -205,19 +175,12 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
     Ok(out)
 }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    style: &JsonStyle,
-    depth: usize,
-) -> Result<(), Error> {
+fn write_json(out: &mut String, value: &Value, style: &JsonStyle, depth: usize) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => write_number(out, value)?,
-        ValueKind::String => {
-            write_json_str(out, value.as_str().unwrap_or_default(), style.ensure_ascii)
-        }
+        ValueKind::String => write_json_str(out, value.as_str().unwrap_or_default(), style.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             write_container(out, ('[', ']'), &items, style, depth, |out, item, style| {
@@ -233,18 +196,11 @@ fn write_json(
             if style.sort_keys {
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
             }
-            write_container(
-                out,
-                ('{', '}'),
-                &entries,
-                style,
-                depth,
-                |out, (key, item), style| {
-                    write_json_str(out, key, style.ensure_ascii);
-                    out.push_str(&style.key_sep);
-                    write_json(out, item, style, depth + 1)
-                },
-            )?;
+            write_container(out, ('{', '}'), &entries, style, depth, |out, (key, item), style| {
+                write_json_str(out, key, style.ensure_ascii);
+                out.push_str(&style.key_sep);
+                write_json(out, item, style, depth + 1)
+            })?;
         }
         kind => {
             return Err(Error::new(
@@ -349,26 +305,16 @@ fn python_float_repr(x: f64) -> String {
     // Fixed notation: the decimal point sits after digit `exp + 1`.
     let point = exp + 1;
     let (int_part, frac_part) = if point <= 0 {
-        (
-            "0".to_owned(),
-            "0".repeat(point.unsigned_abs() as usize) + &digits,
-        )
+        ("0".to_owned(), "0".repeat(point.unsigned_abs() as usize) + &digits)
     } else {
         let point = point as usize;
         if digits.len() <= point {
-            (
-                digits.clone() + &"0".repeat(point - digits.len()),
-                String::new(),
-            )
+            (digits.clone() + &"0".repeat(point - digits.len()), String::new())
         } else {
             (digits[..point].to_owned(), digits[point..].to_owned())
         }
     };
-    let frac_part = if frac_part.is_empty() {
-        "0".to_owned()
-    } else {
-        frac_part
-    };
+    let frac_part = if frac_part.is_empty() { "0".to_owned() } else { frac_part };
     format!("{sign}{int_part}.{frac_part}")
 }
 
@@ -402,15 +348,7 @@ fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
 // ---------------------------------------------------------------------------------------------
 // strftime_now
 
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
+const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
 const MONTHS: [&str; 12] = [
     "January",
     "February",
@@ -490,11 +428,7 @@ fn strftime_utc(format: &str, unix_secs: i64) -> String {
             spec = chars.next();
         }
         let num = |out: &mut String, v: i64, width: usize| {
-            let _ = if pad {
-                write!(out, "{v:0width$}")
-            } else {
-                write!(out, "{v}")
-            };
+            let _ = if pad { write!(out, "{v:0width$}") } else { write!(out, "{v}") };
         };
         let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
         match spec {
@@ -505,11 +439,7 @@ fn strftime_utc(format: &str, unix_secs: i64) -> String {
             Some('m') => num(&mut out, t.month as i64, 2),
             Some('d') => num(&mut out, t.day, 2),
             Some('e') => {
-                let _ = if pad {
-                    write!(out, "{:2}", t.day)
-                } else {
-                    write!(out, "{}", t.day)
-                };
+                let _ = if pad { write!(out, "{:2}", t.day) } else { write!(out, "{}", t.day) };
             }
             Some('j') => num(&mut out, t.yday, 3),
             Some('H') => num(&mut out, t.hour, 2),
@@ -553,19 +483,14 @@ mod tests {
     use super::*;
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<ChatMessage> {
-        pairs
-            .iter()
-            .map(|&(role, content)| ChatMessage::new(role, content))
-            .collect()
+        pairs.iter().map(|&(role, content)| ChatMessage::new(role, content)).collect()
     }
 
     /// Renders `source` with `<s>`/`</s>` as BOS/EOS and compares with `expect`, which was
     /// produced by Python jinja2 set up as transformers does.
     fn check(source: &str, messages: &[ChatMessage], add_generation_prompt: bool, expect: &str) {
         let template = ChatTemplate::new(source, "<s>", "</s>").expect("template compiles");
-        let got = template
-            .render(messages, add_generation_prompt)
-            .expect("template renders");
+        let got = template.render(messages, add_generation_prompt).expect("template renders");
         assert_eq!(got, expect);
     }
 
@@ -588,11 +513,7 @@ You are a helpful assistant.<|im_end|>
 ";
 
     fn conversation() -> Vec<ChatMessage> {
-        msgs(&[
-            ("user", "  Hi there!\n"),
-            ("assistant", "Hello."),
-            ("user", "What is 2+2?  "),
-        ])
+        msgs(&[("user", "  Hi there!\n"), ("assistant", "Hello."), ("user", "What is 2+2?  ")])
     }
 
     #[test]
@@ -628,73 +549,40 @@ You are a helpful assistant.<|im_end|>
 
     #[test]
     fn mistral_renders_bos_and_eos() {
-        check(
-            MISTRAL,
-            &conversation(),
-            true,
-            "<s>[INST]   Hi there!\n [/INST]Hello.</s>[INST] What is 2+2?   [/INST]",
-        );
+        check(MISTRAL, &conversation(), true, "<s>[INST]   Hi there!\n [/INST]Hello.</s>[INST] What is 2+2?   [/INST]");
     }
 
     #[test]
     fn raise_exception_fails_with_its_message() {
         let template = ChatTemplate::new(MISTRAL, "<s>", "</s>").expect("compiles");
-        let err = template
-            .render(&msgs(&[("user", "a"), ("user", "b")]), true)
-            .expect_err("roles do not alternate");
+        let err = template.render(&msgs(&[("user", "a"), ("user", "b")]), true).expect_err("roles do not alternate");
         let TokenizerError::Template { stage, detail, .. } = &err else {
             panic!("expected a template error, got {err:?}");
         };
         assert_eq!(*stage, TemplateStage::Render);
-        assert!(
-            detail.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
-            "{detail}"
-        );
-        assert!(
-            err.to_string()
-                .contains("Conversation roles must alternate"),
-            "{err}"
-        );
+        assert!(detail.contains("Conversation roles must alternate user/assistant/user/assistant/..."), "{detail}");
+        assert!(err.to_string().contains("Conversation roles must alternate"), "{err}");
     }
 
     #[test]
     fn syntax_errors_are_reported_not_panicked() {
-        for source in [
-            "{% for m in messages %}{{ m.role }}",
-            "{{ messages[0] ",
-            "{% if %}x{% endif %}",
-            "{% endfor %}",
-        ] {
+        for source in ["{% for m in messages %}{{ m.role }}", "{{ messages[0] ", "{% if %}x{% endif %}", "{% endfor %}"]
+        {
             let err = ChatTemplate::new(source, "", "").expect_err(source);
             let TokenizerError::Template { stage, origin, .. } = &err else {
                 panic!("expected a template error for {source:?}, got {err:?}");
             };
             assert_eq!(*stage, TemplateStage::Syntax, "{source:?}");
             assert_eq!(origin, "chat template");
-            assert!(
-                err.to_string().starts_with("chat template: syntax error: "),
-                "{err}"
-            );
+            assert!(err.to_string().starts_with("chat template: syntax error: "), "{err}");
         }
     }
 
     #[test]
     fn render_errors_are_reported_not_panicked() {
-        let template =
-            ChatTemplate::new("{{ messages[0].content.nope() }}", "", "").expect("compiles");
-        let err = template
-            .render(&msgs(&[("user", "x")]), false)
-            .expect_err("unknown method");
-        assert!(
-            matches!(
-                err,
-                TokenizerError::Template {
-                    stage: TemplateStage::Render,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        let template = ChatTemplate::new("{{ messages[0].content.nope() }}", "", "").expect("compiles");
+        let err = template.render(&msgs(&[("user", "x")]), false).expect_err("unknown method");
+        assert!(matches!(err, TokenizerError::Template { stage: TemplateStage::Render, .. }), "{err:?}");
         // An undefined name is empty, as in jinja2; attribute access on it is an error.
         let template = ChatTemplate::new("[{{ tools }}]{{ tools.x }}", "", "").expect("compiles");
         assert!(template.render(&[], false).is_err());
@@ -741,28 +629,16 @@ You are a helpful assistant.<|im_end|>
 
     #[test]
     fn tojson_options() {
-        let t = |src: &str| {
-            ChatTemplate::new(src, "", "")
-                .and_then(|t| t.render(&[], false))
-                .expect(src)
-        };
+        let t = |src: &str| ChatTemplate::new(src, "", "").and_then(|t| t.render(&[], false)).expect(src);
         assert_eq!(t("{{ [] | tojson(indent=2) }}{{ {} | tojson }}"), "[]{}");
         assert_eq!(
             t("{{ [1, [2, {'k': []}]] | tojson(indent=1) }}"),
             "[\n 1,\n [\n  2,\n  {\n   \"k\": []\n  }\n ]\n]"
         );
-        assert_eq!(
-            t("{{ {'a': 1, 'b': 2} | tojson(separators=(',', ':')) }}"),
-            "{\"a\":1,\"b\":2}"
-        );
-        assert_eq!(
-            t("{{ 'é🦀\\t\\x01' | tojson(ensure_ascii=true) }}"),
-            "\"\\u00e9\\ud83e\\udd80\\t\\u0001\""
-        );
+        assert_eq!(t("{{ {'a': 1, 'b': 2} | tojson(separators=(',', ':')) }}"), "{\"a\":1,\"b\":2}");
+        assert_eq!(t("{{ 'é🦀\\t\\x01' | tojson(ensure_ascii=true) }}"), "\"\\u00e9\\ud83e\\udd80\\t\\u0001\"");
         assert_eq!(t("{{ {1: 'x'} | tojson }}"), "{\"1\": \"x\"}");
-        assert!(ChatTemplate::new("{{ 1 | tojson(bogus=1) }}", "", "")
-            .and_then(|t| t.render(&[], false))
-            .is_err());
+        assert!(ChatTemplate::new("{{ 1 | tojson(bogus=1) }}", "", "").and_then(|t| t.render(&[], false)).is_err());
     }
 
     #[test]
@@ -793,27 +669,17 @@ You are a helpful assistant.<|im_end|>
         // Python: time.strftime(fmt, time.gmtime(1721999096)) -> 2024-07-26 13:04:56 UTC, a Friday.
         let ts = 1_721_999_096;
         assert_eq!(strftime_utc("%d %b %Y", ts), "26 Jul 2024");
-        assert_eq!(
-            strftime_utc("%A, %B %-d, %Y %I:%M:%S %p", ts),
-            "Friday, July 26, 2024 01:04:56 PM"
-        );
-        assert_eq!(
-            strftime_utc("%Y-%m-%d %H:%M %j %a %y %%", ts),
-            "2024-07-26 13:04 208 Fri 24 %"
-        );
+        assert_eq!(strftime_utc("%A, %B %-d, %Y %I:%M:%S %p", ts), "Friday, July 26, 2024 01:04:56 PM");
+        assert_eq!(strftime_utc("%Y-%m-%d %H:%M %j %a %y %%", ts), "2024-07-26 13:04 208 Fri 24 %");
         // Leap day and the epoch.
-        assert_eq!(
-            strftime_utc("%F %T %j", 951_782_400),
-            "2000-02-29 00:00:00 060"
-        );
+        assert_eq!(strftime_utc("%F %T %j", 951_782_400), "2000-02-29 00:00:00 060");
         assert_eq!(strftime_utc("%F %A", 0), "1970-01-01 Thursday");
         assert_eq!(strftime_utc("%Q %", 0), "%Q %");
     }
 
     #[test]
     fn strftime_now_is_callable_from_templates() {
-        let template =
-            ChatTemplate::new("{{ strftime_now('%Y') | length }}", "", "").expect("compiles");
+        let template = ChatTemplate::new("{{ strftime_now('%Y') | length }}", "", "").expect("compiles");
         assert_eq!(template.render(&[], false).expect("renders"), "4");
     }
 }

@@ -49,8 +49,7 @@ impl LlamaVocab {
     /// Loads only the vocabulary (and metadata) of the GGUF at `path`; no tensor is read.
     pub(crate) fn load(path: &Path) -> Result<LlamaVocab, LoadFailure> {
         crate::llama_log::init();
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| LoadFailure::NulInPath)?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoadFailure::NulInPath)?;
         // SAFETY: returns a plain struct by value; no preconditions.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.vocab_only = true;
@@ -63,11 +62,7 @@ impl LlamaVocab {
         // SAFETY: `vocab` belongs to the live `model`.
         let n_tokens = vocab.map(|v| unsafe { sys::llama_vocab_n_tokens(v.as_ptr()) });
         match (vocab, n_tokens.map(usize::try_from)) {
-            (Some(vocab), Some(Ok(n_tokens))) => Ok(LlamaVocab {
-                model,
-                vocab,
-                n_tokens,
-            }),
+            (Some(vocab), Some(Ok(n_tokens))) => Ok(LlamaVocab { model, vocab, n_tokens }),
             _ => {
                 // SAFETY: `model` is live and owned by nobody else yet; freed once, here.
                 unsafe { sys::llama_model_free(model.as_ptr()) };
@@ -154,10 +149,7 @@ impl LlamaVocab {
             };
             if n >= 0 {
                 tokens.truncate(n as usize);
-                return tokens
-                    .into_iter()
-                    .map(|t| u32::try_from(t).map_err(|_| TokenizeFailure::Code(n)))
-                    .collect();
+                return tokens.into_iter().map(|t| u32::try_from(t).map_err(|_| TokenizeFailure::Code(n))).collect();
             }
             last = n;
             if n == i32::MIN {
@@ -198,14 +190,7 @@ impl LlamaVocab {
         let len = i32::try_from(big.len()).unwrap_or(i32::MAX);
         // SAFETY: as above, with `big` of `len` bytes.
         let n = unsafe {
-            sys::llama_token_to_piece(
-                self.vocab(),
-                token,
-                big.as_mut_ptr().cast::<c_char>(),
-                len,
-                0,
-                special,
-            )
+            sys::llama_token_to_piece(self.vocab(), token, big.as_mut_ptr().cast::<c_char>(), len, 0, special)
         };
         if n >= 0 {
             out.extend_from_slice(&big[..n as usize]);

@@ -2,8 +2,8 @@
 //! no BOS) and return its logits for every position, to compare our engine against op by op.
 #![allow(dead_code)]
 
-use std::ffi::CString;
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::path::Path;
 
 use llama_cpp_sys_2 as sys;
@@ -81,7 +81,11 @@ impl LlamaRef {
 
     /// Like `eval`, also capturing every graph tensor whose name starts with one of `prefixes`
     /// (F32 and I32 tensors, contiguous), as `name → (ne, values)`.
-    pub fn eval_capture(&mut self, ids: &[u32], prefixes: &[&str]) -> (Vec<f32>, HashMap<String, (Vec<i64>, Vec<f32>)>) {
+    pub fn eval_capture(
+        &mut self,
+        ids: &[u32],
+        prefixes: &[&str],
+    ) -> (Vec<f32>, HashMap<String, (Vec<i64>, Vec<f32>)>) {
         self.cap.prefixes = prefixes.iter().map(|s| s.to_string()).collect();
         self.cap.out.clear();
         let logits = self.eval(ids);
@@ -109,7 +113,6 @@ struct Capture {
     out: HashMap<String, (Vec<i64>, Vec<f32>)>,
 }
 
-
 unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut std::ffi::c_void) -> bool {
     // SAFETY: libllama passes a live tensor and our `Capture` as user data.
     let (t, cap) = unsafe { (&*t, &mut *(ud as *mut Capture)) };
@@ -127,7 +130,10 @@ unsafe extern "C" fn capture_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut st
             for i2 in 0..n2 {
                 for i1 in 0..n1 {
                     for i0 in 0..n0 {
-                        let off = i0 as usize * t.nb[0] + i1 as usize * t.nb[1] + i2 as usize * t.nb[2] + i3 as usize * t.nb[3];
+                        let off = i0 as usize * t.nb[0]
+                            + i1 as usize * t.nb[1]
+                            + i2 as usize * t.nb[2]
+                            + i3 as usize * t.nb[3];
                         // SAFETY: CPU backend: `data` is host memory covering these strides.
                         let p = unsafe { (t.data as *const u8).add(off) };
                         let v = if t.type_ == sys::GGML_TYPE_F32 {

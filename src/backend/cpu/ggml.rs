@@ -7,16 +7,8 @@ use llama_cpp_sys_2 as sys;
 
 use crate::gguf::GgmlType;
 
-type VecDot = unsafe extern "C" fn(
-    i32,
-    *mut f32,
-    usize,
-    *const std::ffi::c_void,
-    usize,
-    *const std::ffi::c_void,
-    usize,
-    i32,
-);
+type VecDot =
+    unsafe extern "C" fn(i32, *mut f32, usize, *const std::ffi::c_void, usize, *const std::ffi::c_void, usize, i32);
 type FromFloat = unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64);
 type ToFloat = unsafe extern "C" fn(*const std::ffi::c_void, *mut f32, i64);
 
@@ -120,9 +112,8 @@ fn table() -> &'static Vec<Option<Kernels>> {
                 let ty = GgmlType::from_u32(i)?;
                 // SAFETY: `i` is a valid ggml type id (from_u32 accepted it); both calls return
                 // pointers to static tables inside ggml.
-                let (cpu, base) = unsafe {
-                    (sys::ggml_get_type_traits_cpu(i).as_ref()?, sys::ggml_get_type_traits(i).as_ref()?)
-                };
+                let (cpu, base) =
+                    unsafe { (sys::ggml_get_type_traits_cpu(i).as_ref()?, sys::ggml_get_type_traits(i).as_ref()?) };
                 let vec_dot_type = GgmlType::from_u32(cpu.vec_dot_type).unwrap_or(GgmlType::F32);
                 // SAFETY: as above, for the activation type.
                 let act_from_float =

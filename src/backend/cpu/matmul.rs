@@ -223,7 +223,9 @@ fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
             let groups = j.act.grouped.len() / (GEMM_TOKENS * j.act.row_bytes).max(1);
             for g in 0..groups {
                 let gb = GEMM_TOKENS * j.act.row_bytes;
-                let out = j.out.span(g * GEMM_TOKENS * j.out_stride + j.out_offset + r0, (GEMM_TOKENS - 1) * j.out_stride + nc);
+                let out = j
+                    .out
+                    .span(g * GEMM_TOKENS * j.out_stride + j.out_offset + r0, (GEMM_TOKENS - 1) * j.out_stride + nc);
                 // SAFETY: as for gemv, with 4 tokens' interleaved activations and 4 output rows
                 // of `out_stride` floats, of which we write columns r0..r0+nc.
                 unsafe { repack::gemm_q4_0x8(j.w.cols, w, j.act.grouped[g * gb..].as_ptr(), out, j.out_stride, nc) };

@@ -205,7 +205,10 @@ mod simd {
                     let a = _mm256_cvtph_ps(_mm_loadu_si128(acc.as_ptr().add(i) as *const __m128i));
                     let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(2 * i) as *const __m128i));
                     let r = _mm256_fmadd_ps(x, sv, a);
-                    _mm_storeu_si128(acc.as_mut_ptr().add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+                    _mm_storeu_si128(
+                        acc.as_mut_ptr().add(i) as *mut __m128i,
+                        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r),
+                    );
                 }
             }
             n
@@ -218,7 +221,10 @@ mod simd {
                 let sv = _mm256_set1_ps(s);
                 for i in (0..n).step_by(8) {
                     let a = _mm256_cvtph_ps(_mm_loadu_si128(acc.as_ptr().add(i) as *const __m128i));
-                    _mm_storeu_si128(acc.as_mut_ptr().add(i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(a, sv)));
+                    _mm_storeu_si128(
+                        acc.as_mut_ptr().add(i) as *mut __m128i,
+                        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(a, sv)),
+                    );
                 }
             }
             n
@@ -344,7 +350,9 @@ mod tests {
             let mut acc16: Vec<u16> = a[..n].iter().map(|&x| f32_to_f16(x * 0.5)).collect();
             let mut want = acc16.clone();
             mad_f16(&mut acc16, &qb, 0.731);
-            want.iter_mut().zip(&b[..n]).for_each(|(w, &x)| *w = f32_to_f16(f16_to_f32(f32_to_f16(x)).mul_add(0.731, f16_to_f32(*w))));
+            want.iter_mut()
+                .zip(&b[..n])
+                .for_each(|(w, &x)| *w = f32_to_f16(f16_to_f32(f32_to_f16(x)).mul_add(0.731, f16_to_f32(*w))));
             assert_eq!(acc16, want, "n = {n}");
             scale_f16(&mut acc16, 0.377);
             want.iter_mut().for_each(|w| *w = f32_to_f16(f16_to_f32(*w) * 0.377));

@@ -10,8 +10,24 @@ use crate::gguf::GgmlType;
 // SAFETY (for the declarations): these are exported C functions of the ggml-cpu library we link
 // (see repack.h); the signatures match their definitions.
 extern "C" {
-    fn ggml_gemv_q4_0_8x8_q8_0(n: c_int, s: *mut f32, bs: usize, vx: *const c_void, vy: *const c_void, nr: c_int, nc: c_int);
-    fn ggml_gemm_q4_0_8x8_q8_0(n: c_int, s: *mut f32, bs: usize, vx: *const c_void, vy: *const c_void, nr: c_int, nc: c_int);
+    fn ggml_gemv_q4_0_8x8_q8_0(
+        n: c_int,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: c_int,
+        nc: c_int,
+    );
+    fn ggml_gemm_q4_0_8x8_q8_0(
+        n: c_int,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: c_int,
+        nc: c_int,
+    );
     fn ggml_quantize_mat_q8_0_4x8(x: *const f32, vy: *mut c_void, k: i64);
 }
 
@@ -78,7 +94,17 @@ pub unsafe fn gemv_q4_0x8(cols: usize, w: *const u8, act: *const u8, out: *mut f
 /// As [`gemv_q4_0x8`], with `out` covering 4 rows of `out_stride` floats.
 pub unsafe fn gemm_q4_0x8(cols: usize, w: *const u8, act4: *const u8, out: *mut f32, out_stride: usize, nc: usize) {
     // SAFETY: forwarded to the caller's contract.
-    unsafe { ggml_gemm_q4_0_8x8_q8_0(cols as c_int, out, out_stride, w.cast(), act4.cast(), GEMM_TOKENS as c_int, nc as c_int) }
+    unsafe {
+        ggml_gemm_q4_0_8x8_q8_0(
+            cols as c_int,
+            out,
+            out_stride,
+            w.cast(),
+            act4.cast(),
+            GEMM_TOKENS as c_int,
+            nc as c_int,
+        )
+    }
 }
 
 /// Quantize 4 rows of `cols` floats (contiguous) into the interleaved Q8_0×4 layout `gemm` reads.
@@ -117,13 +143,23 @@ mod tests {
         for t in 0..4 {
             q8.quantize_row(&x[t * cols..(t + 1) * cols], &mut acts[t * arb..(t + 1) * arb]);
         }
-        let want: Vec<f32> =
-            (0..4).flat_map(|t| (0..rows).map(|r| k.dot(cols, &plain[r * rb..(r + 1) * rb], &acts[t * arb..(t + 1) * arb])).collect::<Vec<_>>()).collect();
+        let want: Vec<f32> = (0..4)
+            .flat_map(|t| {
+                (0..rows)
+                    .map(|r| k.dot(cols, &plain[r * rb..(r + 1) * rb], &acts[t * arb..(t + 1) * arb]))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let mut got = vec![0f32; rows];
         // SAFETY: 64 repacked rows of 512, one Q8_0 row, room for 64 outputs.
         unsafe { gemv_q4_0x8(cols, packed.as_ptr(), acts.as_ptr(), got.as_mut_ptr(), rows) };
         for r in 0..rows {
-            assert!((got[r] - want[r]).abs() <= 1e-3 * want[r].abs().max(1.0), "gemv row {r}: {} vs {}", got[r], want[r]);
+            assert!(
+                (got[r] - want[r]).abs() <= 1e-3 * want[r].abs().max(1.0),
+                "gemv row {r}: {} vs {}",
+                got[r],
+                want[r]
+            );
         }
         let mut a4 = vec![0u8; 4 * arb];
         quantize_4x8(&x, cols, &mut a4);
