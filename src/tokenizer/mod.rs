@@ -4,7 +4,7 @@
 //! Tokenization is libllama's own (its vocabulary loaded with `vocab_only`, in `vocab.rs`), so the
 //! ids match llama.cpp's for every vocabulary type and pre-tokenizer it knows. Detokenization
 //! concatenates raw token bytes; [`StreamDecoder`] emits them as complete UTF-8 only. Chat
-//! templates are rendered by minijinja configured like transformers' jinja2 (`template.rs`).
+//! templates are rendered by minijinja configured like transformers' jinja2 (`template/`).
 
 mod stream;
 mod template;
