@@ -11,7 +11,6 @@ mod prepare;
 mod quality;
 mod serve;
 mod sim;
-mod sweep;
 mod synth;
 mod tokenize;
 

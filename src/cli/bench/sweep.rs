@@ -1,5 +1,5 @@
 //! `moerun bench --sweep`: decode speed and hit rate of the expert cache across budgets, as a
-//! table, JSON and a PNG plot.
+//! table, JSON and a PNG plot. Measures through `measure`; knows nothing of `bench`'s report.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,8 +10,8 @@ use moerun::engine::{Engine, EngineConfig};
 use moerun::model::Model;
 use plotters::prelude::*;
 
-use super::bench::{measure_ours, Stat};
-use super::offload_args::OffloadArgs;
+use super::measure::{measure_ours, Stat};
+use crate::cli::offload_args::OffloadArgs;
 
 #[derive(serde::Serialize)]
 struct Point {
@@ -25,18 +25,22 @@ struct Point {
     stall_ms_per_token: f64,
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    args: &OffloadArgs,
-    budgets: &[String],
-    model: &Arc<Model>,
-    path: &Path,
-    prompt: &[u32],
-    n_gen: usize,
-    repeats: usize,
-    threads: usize,
-    n_ctx: usize,
-) -> anyhow::Result<()> {
+/// One sweep: the model and run shape `bench` set up, its cache flags, and the budgets to try.
+pub(super) struct SweepRun<'a> {
+    /// The cache flags; each budget replaces `--expert-budget` (and clears `--memory-budget`).
+    pub(super) offload: &'a OffloadArgs,
+    pub(super) budgets: &'a [String],
+    pub(super) model: &'a Arc<Model>,
+    pub(super) path: &'a Path,
+    pub(super) prompt: &'a [u32],
+    pub(super) n_gen: usize,
+    pub(super) repeats: usize,
+    pub(super) threads: usize,
+    pub(super) n_ctx: usize,
+}
+
+pub(super) fn run(sweep: SweepRun<'_>) -> anyhow::Result<()> {
+    let SweepRun { offload: args, budgets, model, path, prompt, n_gen, repeats, threads, n_ctx } = sweep;
     let mut points = Vec::new();
     println!(
         "{:>8} {:>10} {:>22} {:>9} {:>12} {:>10}",

@@ -1,17 +1,24 @@
 //! `moerun bench`: prefill and decode speed (median of repeats, with spread), optionally side by
 //! side with the linked llama.cpp on the same file, prompt and thread count. Writes JSON.
+//!
+//! This file: the flags, the alternating side-by-side runs and the report. The timing and
+//! statistics helpers are `measure.rs`; `--sweep` (expert-cache budgets) is `sweep.rs`.
+
+mod measure;
+mod sweep;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
-use moerun::engine::{argmax, Engine, EngineConfig, KvType};
-use moerun::layers::Logits;
+use moerun::engine::{Engine, EngineConfig, KvType};
 use moerun::model::{Model, Resident};
 use moerun::reference::{LlamaReference, ReferenceConfig};
 use moerun::rng::SplitMix64;
 use serde::Serialize;
+
+use measure::{max_rss, time_llama, time_ours, Stat};
+use sweep::SweepRun;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -60,27 +67,6 @@ enum Only {
     Llama,
 }
 
-/// Median and spread of one measure.
-#[derive(Debug, Clone, Serialize)]
-pub(super) struct Stat {
-    pub(super) median: f64,
-    min: f64,
-    max: f64,
-    runs: Vec<f64>,
-}
-
-impl Stat {
-    pub(super) fn of(mut runs: Vec<f64>) -> Stat {
-        runs.sort_by(|a, b| a.total_cmp(b));
-        let median = if runs.is_empty() { 0.0 } else { runs[runs.len() / 2] };
-        Stat { median, min: runs.first().copied().unwrap_or(0.0), max: runs.last().copied().unwrap_or(0.0), runs }
-    }
-
-    pub(super) fn show(&self) -> String {
-        format!("{:8.2}  [{:.2}–{:.2}]", self.median, self.min, self.max)
-    }
-}
-
 #[derive(Debug, Serialize)]
 struct Side {
     name: &'static str,
@@ -111,88 +97,6 @@ struct Report {
     llama_repack: bool,
     decode_ratio: Option<f64>,
     prefill_ratio: Option<f64>,
-}
-
-/// Anonymous (not file-backed) resident memory of this process, in MiB.
-fn rss_anon_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Warm up once, then time `repeats` runs of our engine: ((prefill tok/s, decode tok/s) per
-/// run, peak anonymous RSS in MiB while a session was alive).
-pub(super) fn measure_ours(
-    engine: &mut Engine,
-    prompt: &[u32],
-    n_gen: usize,
-    repeats: usize,
-) -> anyhow::Result<((Vec<f64>, Vec<f64>), Option<f64>)> {
-    let mut rss: Option<f64> = None;
-    let mut ours = (Vec::new(), Vec::new());
-    for i in 0..=repeats {
-        let (pf, dec) = time_ours(engine, prompt, n_gen)?;
-        rss = max_rss(rss);
-        if i > 0 {
-            ours.0.push(pf);
-            ours.1.push(dec);
-        }
-    }
-    Ok((ours, rss))
-}
-
-fn max_rss(rss: Option<f64>) -> Option<f64> {
-    match (rss, rss_anon_mib()) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// One timed greedy run of our engine in a fresh session.
-fn time_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
-    let mut sess = engine.new_session();
-    let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
-    time_run(
-        prompt,
-        n_gen,
-        |p| {
-            let mut c = cell.borrow_mut();
-            let (e, s) = &mut *c;
-            Ok(e.eval(s, p, Logits::Last)?)
-        },
-        |id| {
-            let mut c = cell.borrow_mut();
-            let (e, s) = &mut *c;
-            Ok(e.eval(s, &[id], Logits::Last)?)
-        },
-    )
-}
-
-/// One timed greedy run of the linked llama.cpp from an empty context.
-fn time_llama(r: &mut LlamaReference, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
-    r.clear();
-    let cell = std::cell::RefCell::new(r);
-    time_run(prompt, n_gen, |p| Ok(cell.borrow_mut().decode(p)?), |id| Ok(cell.borrow_mut().decode(&[id])?))
-}
-
-/// One timed run: (prefill tok/s, decode tok/s), greedy.
-fn time_run(
-    prompt: &[u32],
-    n_gen: usize,
-    mut prefill: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>,
-    mut step: impl FnMut(u32) -> anyhow::Result<Vec<f32>>,
-) -> anyhow::Result<(f64, f64)> {
-    let t0 = Instant::now();
-    let mut logits = prefill(prompt)?;
-    let pf = prompt.len() as f64 / t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    for _ in 0..n_gen {
-        let id = argmax(&logits) as u32;
-        logits = step(id)?;
-    }
-    let dec = n_gen as f64 / t1.elapsed().as_secs_f64();
-    Ok((pf, dec))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -226,7 +130,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.repeats
     );
     if let Some(list) = &a.sweep {
-        return super::sweep::run(&a.offload, list, &model, &path, &prompt, a.n_gen, a.repeats, threads, n_ctx);
+        return sweep::run(SweepRun {
+            offload: &a.offload,
+            budgets: list,
+            model: &model,
+            path: &path,
+            prompt: &prompt,
+            n_gen: a.n_gen,
+            repeats: a.repeats,
+            threads,
+            n_ctx,
+        });
     }
     // Side by side, the engines alternate run by run (the order flips each repeat), so drift in
     // the machine's speed — other tenants of the host, thermal state — hits both alike; the ratio

@@ -1,0 +1,115 @@
+//! Timing and statistics for `bench` and its `--sweep`: one timed greedy run of either engine,
+//! median and spread over runs, the process's anonymous RSS. Measures only; prints nothing.
+
+use std::time::Instant;
+
+use moerun::engine::{argmax, Engine};
+use moerun::layers::Logits;
+use moerun::reference::LlamaReference;
+use serde::Serialize;
+
+/// Median and spread of one measure.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Stat {
+    pub(super) median: f64,
+    min: f64,
+    max: f64,
+    runs: Vec<f64>,
+}
+
+impl Stat {
+    pub(super) fn of(mut runs: Vec<f64>) -> Stat {
+        runs.sort_by(|a, b| a.total_cmp(b));
+        let median = if runs.is_empty() { 0.0 } else { runs[runs.len() / 2] };
+        Stat { median, min: runs.first().copied().unwrap_or(0.0), max: runs.last().copied().unwrap_or(0.0), runs }
+    }
+
+    pub(super) fn show(&self) -> String {
+        format!("{:8.2}  [{:.2}–{:.2}]", self.median, self.min, self.max)
+    }
+}
+
+/// Anonymous (not file-backed) resident memory of this process, in MiB.
+fn rss_anon_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// (prefill tok/s, decode tok/s) of each measured run.
+pub(super) type Runs = (Vec<f64>, Vec<f64>);
+
+/// Warm up once, then time `repeats` runs of our engine: ((prefill tok/s, decode tok/s) per
+/// run, peak anonymous RSS in MiB while a session was alive).
+pub(super) fn measure_ours(
+    engine: &mut Engine,
+    prompt: &[u32],
+    n_gen: usize,
+    repeats: usize,
+) -> anyhow::Result<(Runs, Option<f64>)> {
+    let mut rss: Option<f64> = None;
+    let mut ours = (Vec::new(), Vec::new());
+    for i in 0..=repeats {
+        let (pf, dec) = time_ours(engine, prompt, n_gen)?;
+        rss = max_rss(rss);
+        if i > 0 {
+            ours.0.push(pf);
+            ours.1.push(dec);
+        }
+    }
+    Ok((ours, rss))
+}
+
+pub(super) fn max_rss(rss: Option<f64>) -> Option<f64> {
+    match (rss, rss_anon_mib()) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// One timed greedy run of our engine in a fresh session.
+pub(super) fn time_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
+    let mut sess = engine.new_session();
+    let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
+    time_run(
+        prompt,
+        n_gen,
+        |p| {
+            let mut c = cell.borrow_mut();
+            let (e, s) = &mut *c;
+            Ok(e.eval(s, p, Logits::Last)?)
+        },
+        |id| {
+            let mut c = cell.borrow_mut();
+            let (e, s) = &mut *c;
+            Ok(e.eval(s, &[id], Logits::Last)?)
+        },
+    )
+}
+
+/// One timed greedy run of the linked llama.cpp from an empty context.
+pub(super) fn time_llama(r: &mut LlamaReference, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
+    r.clear();
+    let cell = std::cell::RefCell::new(r);
+    time_run(prompt, n_gen, |p| Ok(cell.borrow_mut().decode(p)?), |id| Ok(cell.borrow_mut().decode(&[id])?))
+}
+
+/// One timed run: (prefill tok/s, decode tok/s), greedy.
+fn time_run(
+    prompt: &[u32],
+    n_gen: usize,
+    mut prefill: impl FnMut(&[u32]) -> anyhow::Result<Vec<f32>>,
+    mut step: impl FnMut(u32) -> anyhow::Result<Vec<f32>>,
+) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let mut logits = prefill(prompt)?;
+    let pf = prompt.len() as f64 / t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..n_gen {
+        let id = argmax(&logits) as u32;
+        logits = step(id)?;
+    }
+    let dec = n_gen as f64 / t1.elapsed().as_secs_f64();
+    Ok((pf, dec))
+}
