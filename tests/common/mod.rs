@@ -1,8 +1,6 @@
 //! Shared test helpers: fixture discovery and reference files.
 #![allow(dead_code)]
 
-pub mod llama_ref;
-
 use std::path::{Path, PathBuf};
 
 /// `../shared/fixtures`, or `None` (after saying so) when the folder is absent.
