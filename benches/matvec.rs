@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use moerun::backend::cpu::{kernels, matmul, repack, MatRef, QActs, SharedOut, ThreadPool};
+use moerun::backend::cpu::{matmul, repack, MatRef, QActs, SharedOut, ThreadPool};
+use moerun::ggml::kernels;
 use moerun::gguf::GgmlType;
 use moerun::rng::SplitMix64;
 use rayon::prelude::*;
@@ -70,7 +71,8 @@ fn bench(c: &mut Criterion) {
                             break;
                         }
                         for r in r0..(r0 + 16).min(ROWS) {
-                            shared.set(r, k.dot(COLS, w.row(r), acts.row(0)));
+                            // SAFETY: row r belongs to the chunk this thread claimed.
+                            unsafe { shared.set(r, k.dot(COLS, w.row(r), acts.row(0))) };
                         }
                     })
                 });

@@ -70,7 +70,7 @@ impl ChatFormat {
 /// Keeps the longest common prefix of what `sess` holds and `prompt`, drops the rest, and returns
 /// how many tokens of `prompt` are already evaluated. Always leaves at least one prompt token to
 /// evaluate, because the engine needs logits after the last one.
-pub fn reuse_prefix(sess: &mut Session, prompt: &[u32]) -> usize {
+pub fn reuse_prefix<B: crate::backend::Backend>(sess: &mut Session<B>, prompt: &[u32]) -> usize {
     let common = sess.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
     let keep = common.min(prompt.len().saturating_sub(1));
     sess.truncate(keep);
@@ -152,10 +152,12 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{KvCache, KvType};
+    use crate::backend::cpu::KvCache;
+    use crate::backend::{KvConfig, KvType};
 
     fn check(held: &[u32], prompt: &[u32], reused: usize) {
-        let mut sess = Session { kv: KvCache::new(KvType::F32, 1, 16, 1, 4), tokens: held.to_vec() };
+        let cfg = KvConfig { ty: KvType::F32, n_layer: 1, n_ctx: 16, n_head_kv: 1, head_dim: 4 };
+        let mut sess: Session = Session { kv: KvCache::new(&cfg), tokens: held.to_vec() };
         assert_eq!(reuse_prefix(&mut sess, prompt), reused, "held {held:?}, prompt {prompt:?}");
         assert_eq!(sess.tokens, &prompt[..reused]);
     }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod chat;
 pub mod engine;
 pub mod experts;
+pub mod ggml;
 pub mod gguf;
 pub mod io;
 pub mod layers;

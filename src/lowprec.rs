@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use llama_cpp_sys_2 as sys;
 
 use crate::arch::{tn, tn_expert, TensorKind};
-use crate::backend::cpu::{kernels, Kernels};
+use crate::ggml::{kernels, Kernels};
 use crate::gguf::{GgmlType, GgufError, GgufFile, GgufStreamWriter, TensorInfo, Value};
 use crate::model::{ExpertDesc, Model, WeightDesc};
 

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use crate::arch::{tn, TensorKind};
-use crate::backend::cpu::kernels;
+use crate::ggml::kernels;
 use crate::gguf::{GgmlType, GgufError, GgufStreamWriter, Value};
 use crate::rng::SplitMix64;
 
@@ -418,8 +418,8 @@ mod tests {
             let m = Model::load(&path).unwrap_or_else(|e| panic!("{arch}: {e}"));
             assert_eq!(m.spec.name, arch);
             assert_eq!(m.hp.n_expert, 4);
-            let mut eng = crate::engine::Engine::new(std::sync::Arc::new(m), Default::default());
-            let mut s = eng.new_session();
+            let mut eng = crate::engine::Engine::new(std::sync::Arc::new(m), Default::default()).expect("engine");
+            let mut s = eng.new_session().expect("session");
             let logits = eng.eval(&mut s, &[1, 2, 3], crate::layers::Logits::Last).expect("eval");
             assert_eq!(logits.len(), 300);
             assert!(logits.iter().all(|v| v.is_finite()), "{arch}: non-finite logits");

@@ -24,8 +24,9 @@ fn the_second_turn_reuses_the_first_turns_kv() {
     let fmt = format();
     let tok = Arc::clone(fmt.tokenizer());
     let mut engine =
-        Engine::new(Arc::new(Model::load(&bundled()).unwrap()), EngineConfig { threads: 1, ..Default::default() });
-    let mut sess = engine.new_session();
+        Engine::new(Arc::new(Model::load(&bundled()).unwrap()), EngineConfig { threads: 1, ..Default::default() })
+            .unwrap();
+    let mut sess = engine.new_session().unwrap();
     let mut conv = Conversation::new(Some("You answer questions about Rust.".into()));
     let is_eog = |id: u32| tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: 40, sampler: SamplerConfig::greedy(), is_eog: &is_eog };

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use moerun::arch::{tn, tn_expert, TensorKind};
-use moerun::backend::cpu::kernels;
+use moerun::ggml::kernels;
 use moerun::gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use moerun::lowprec::{self, LowPrecSidecar, KEY_LOW_TYPE, KEY_SOURCE_FILE_BYTES, KEY_VERSION};
-use moerun::model::{LoadOptions, Model, Resident, WeightDesc};
+use moerun::model::{Model, WeightDesc};
 use moerun::synth::SynthConfig;
 
 const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/rustdoc-moe-Q8_0.gguf");
@@ -29,7 +29,7 @@ fn tiny(seed: u64) -> SynthConfig {
 }
 
 fn load(path: &Path) -> Model {
-    Model::load_with(path, LoadOptions { resident: Resident::None }).unwrap_or_else(|e| panic!("{e}"))
+    Model::load(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn synth(dir: &Path, name: &str, cfg: SynthConfig) -> PathBuf {

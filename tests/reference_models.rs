@@ -29,11 +29,12 @@ fn config(arch: &str, ty: GgmlType) -> SynthConfig {
 /// tokens (identical), for a 12-token prompt.
 fn check(path: &Path, tol: f32) -> Result<(), String> {
     let model = Arc::new(Model::load(path).map_err(|e| e.to_string())?);
-    let mut eng = Engine::new(model, EngineConfig { threads: 2, n_ctx: 256, ..Default::default() });
+    let mut eng =
+        Engine::new(model, EngineConfig { threads: 2, n_ctx: 256, ..Default::default() }).map_err(|e| e.to_string())?;
     let mut reference = LlamaReference::load(path, ReferenceConfig { n_ctx: 256, threads: 1, repack: true })
         .map_err(|e| e.to_string())?;
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
-    let mut sess = eng.new_session();
+    let mut sess = eng.new_session().map_err(|e| e.to_string())?;
     let mut ours = eng.eval(&mut sess, &prompt, Logits::Last).map_err(|e| e.to_string())?;
     let mut theirs = reference.decode(&prompt).map_err(|e| e.to_string())?;
     let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

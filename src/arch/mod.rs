@@ -8,8 +8,6 @@ mod tensors;
 pub use hparams::HParams;
 pub use tensors::{tn, tn_expert, TensorKind};
 
-use crate::backend::cpu::ops::RopeStyle;
-
 /// How router logits become expert probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Gating {
@@ -25,6 +23,15 @@ pub struct RouterConfig {
     pub renormalize: bool,
     /// Multiply the final weights by this (1.0 = none).
     pub scale: f32,
+}
+
+/// How RoPE pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): llama.
+    Normal,
+    /// Halves (i, i + d/2): GPT-NeoX, Qwen, OLMoE.
+    Neox,
 }
 
 /// Where q/k RMS norms apply, if anywhere.
@@ -115,10 +122,8 @@ pub enum ArchError {
     MissingTensor { path: String, tensor: String },
     #[error("{path}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
     BadTensorShape { path: String, tensor: String, found: Vec<u64>, expected: Vec<u64> },
-    #[error("{path}: tensor '{tensor}' has type {ty}, which the CPU backend cannot {op}")]
-    UnsupportedType { path: String, tensor: String, ty: &'static str, op: &'static str },
-    #[error("{path}: could not allocate {bytes} bytes for resident weights: {reason}")]
-    Resident { path: String, bytes: u64, reason: String },
+    #[error("{path}: tensor '{tensor}' has type {ty}, on which the {backend} backend has no {op}")]
+    UnsupportedType { path: String, tensor: String, ty: &'static str, op: crate::backend::Op, backend: &'static str },
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
 }

@@ -1,16 +1,30 @@
-//! Compute backends. A backend owns buffers and kernels and answers `supports(op, dtype)`;
-//! it never decides where an expert lives or which kernel a layer should fall back to.
+//! Compute backends behind one trait. A backend owns its buffers (activations, KV, copies of
+//! weights) and its kernels, and answers `supports(op, dtype)`; it never decides where an expert
+//! lives or which kernel a layer should fall back to. `layers::Forward` is written once against
+//! [`Backend`].
+//!
+//! - [`cpu`]: ggml's per-type kernels on a persistent thread pool (the product on a CPU).
+//! - [`plain`]: f32 throughout with naive loops — a comparator for tests, not for speed.
+//!
+//! A CUDA backend implements the same trait: its `Mat` is a device view, its `Act` a device
+//! buffer, its `Kv` lives in GPU memory, and `read` is its sync point.
 
 pub mod cpu;
+pub mod plain;
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::arch::RopeStyle;
 use crate::gguf::GgmlType;
+use crate::model::{Model, Residency, Resident, VecRef, WeightDesc};
 
-/// The operations a backend may be asked to run.
+/// The weight operations whose kernels depend on the weight's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Matrix × vector(s) over a weight of the given type.
     MatMul,
-    /// Dequantize rows of a weight into f32 (embedding lookup).
+    /// Rows of a weight as f32 (embedding lookup).
     GetRows,
 }
 
@@ -23,10 +37,232 @@ impl std::fmt::Display for Op {
     }
 }
 
-/// Whether the CPU backend can run `op` on weights of type `ty`.
-pub fn cpu_supports(op: Op, ty: GgmlType) -> bool {
-    cpu::kernels(ty).is_some_and(|k| match op {
-        Op::MatMul => k.can_matmul(),
-        Op::GetRows => k.can_dequantize(),
-    })
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{path}: could not allocate {bytes} bytes for resident weights: {reason}")]
+    Resident { path: String, bytes: u64, reason: String },
+    #[error("the {backend} backend could not allocate {bytes} bytes for {what}")]
+    Alloc { backend: &'static str, what: &'static str, bytes: u64 },
+    #[error(transparent)]
+    Unsupported(#[from] crate::arch::ArchError),
+}
+
+/// Rotary embedding parameters of a model.
+#[derive(Debug, Clone, Copy)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub n_dims: usize,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+}
+
+/// Storage type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum KvType {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvType {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            KvType::F16 => GgmlType::F16,
+            KvType::F32 => GgmlType::F32,
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+}
+
+/// Shape of one session's KV cache.
+#[derive(Debug, Clone, Copy)]
+pub struct KvConfig {
+    pub ty: KvType,
+    pub n_layer: usize,
+    pub n_ctx: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+impl KvConfig {
+    /// Bytes of K and V for every layer and position.
+    pub fn bytes(&self) -> u64 {
+        (2 * self.n_layer * self.n_ctx * self.n_head_kv * self.head_dim * self.ty.bytes()) as u64
+    }
+}
+
+/// Attention's shape: a row of the fused projection is `[q (n_head·head_dim) | k | v]`, k and v
+/// `n_head_kv·head_dim` each.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+impl AttnShape {
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// Activations in host memory: `rows × cols` f32, row-major (the host backends' `Act`).
+#[derive(Debug, Clone, Default)]
+pub struct HostAct {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl HostAct {
+    /// Reshape to `rows × cols` (contents unspecified).
+    pub fn resize(&mut self, rows: usize, cols: usize) {
+        self.data.resize(rows * cols, 0.0);
+        self.rows = rows;
+        self.cols = cols;
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    /// [`Backend::add_bias`] for host backends.
+    pub fn add_bias(&mut self, col: usize, b: &[f32]) {
+        for t in 0..self.rows {
+            self.row_mut(t)[col..col + b.len()].iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
+    }
+
+    /// [`Backend::copy_rows`] for host backends.
+    pub fn copy_rows(&mut self, x: &HostAct, rows: std::ops::Range<usize>) {
+        self.resize(rows.len(), x.cols);
+        self.data.copy_from_slice(&x.data[rows.start * x.cols..rows.end * x.cols]);
+    }
+
+    /// [`Backend::add`] for host backends.
+    pub fn add(&mut self, y: &HostAct) {
+        self.data.iter_mut().zip(&y.data).for_each(|(x, y)| *x += y);
+    }
+
+    /// [`Backend::combine`] for host backends: `self` becomes `[n_tok, y.cols]`.
+    pub fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize) {
+        self.resize(n_tok, y.cols);
+        self.data.iter_mut().for_each(|v| *v = 0.0);
+        for (a, &(t, w)) in assign.iter().enumerate() {
+            if done[a] {
+                self.row_mut(t as usize).iter_mut().zip(y.row(a)).for_each(|(o, &y)| *o += y * w);
+            }
+        }
+    }
+}
+
+/// The rows of one expert in a batch of expert FFNs: row `out_rows[i]` of the output is
+/// `down(silu(gate·x) ⊙ up·x)` for row `tokens[i]` of the input.
+pub struct ExpertJob<'w, 's, B: Backend + ?Sized> {
+    /// gate, up, down.
+    pub mats: [B::Mat<'w>; 3],
+    pub tokens: &'s [u32],
+    pub out_rows: &'s [u32],
+}
+
+/// A device that runs the layers' operations. Activations, KV and weight copies are its own
+/// handles; host memory appears only through `read` (a sync point) and `host_mat` (a view of
+/// plain ggml bytes the host holds: the mapping, a cache slot).
+///
+/// Operations take `&mut self` (a backend keeps scratch buffers) and may be queued: their results
+/// are guaranteed visible only through `read`.
+pub trait Backend: 'static {
+    /// A weight matrix the backend can multiply by, borrowed from wherever it lives.
+    type Mat<'a>: Copy
+    where
+        Self: 'a;
+    /// A small f32 vector (norm weight, bias) on the device.
+    type Vector<'a>: Copy
+    where
+        Self: 'a;
+    /// The weights the backend took from a model (its copies, and views of the rest).
+    type Weights;
+    /// f32 activations, `rows × cols`.
+    type Act: Default;
+    /// One session's keys and values, in the backend's memory.
+    type Kv;
+
+    fn name(&self) -> &'static str;
+    /// Whether `op` runs on weights of type `ty`.
+    fn supports(&self, op: Op, ty: GgmlType) -> bool;
+
+    /// Take `model`'s weights: copy those `residency` selects into the backend's memory (in
+    /// whatever layout its kernels prefer) and view the rest where they are.
+    fn take_weights(&mut self, model: &Arc<Model>, residency: Residency) -> Result<Self::Weights, BackendError>;
+    /// What was copied (`Auto` resolved) and how many bytes that holds.
+    fn resident(weights: &Self::Weights) -> (Resident, u64);
+    fn mat<'a>(weights: &'a Self::Weights, w: &WeightDesc) -> Self::Mat<'a>;
+    fn vector<'a>(weights: &'a Self::Weights, v: VecRef) -> Self::Vector<'a>;
+    /// A view of `w`'s bytes in ggml's plain layout, held in host memory.
+    fn host_mat<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a>;
+
+    /// Reshape `a` to `rows × cols` (contents unspecified).
+    fn resize(&self, a: &mut Self::Act, rows: usize, cols: usize);
+    /// The values of `a` on the host, once everything queued before has run.
+    fn read<'a>(&mut self, a: &'a Self::Act) -> Cow<'a, [f32]>;
+
+    fn new_kv(&self, cfg: &KvConfig) -> Result<Self::Kv, BackendError>;
+
+    /// `out = x[rows]`.
+    fn copy_rows(&mut self, x: &Self::Act, rows: std::ops::Range<usize>, out: &mut Self::Act);
+    /// `out[i] = w.row(ids[i])` as f32.
+    fn get_rows(&mut self, w: Self::Mat<'_>, ids: &[u32], out: &mut Self::Act);
+    /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (`out` takes `x`'s shape).
+    fn rms_norm(&mut self, x: &Self::Act, w: Self::Vector<'_>, eps: f32, out: &mut Self::Act);
+    /// The same RMS norm in place over `n_heads` slices of `head_dim` from column `col` of every
+    /// row (`head_dim` = the whole projection for a norm over it).
+    fn rms_norm_heads(
+        &mut self,
+        x: &mut Self::Act,
+        col: usize,
+        n_heads: usize,
+        head_dim: usize,
+        w: Self::Vector<'_>,
+        eps: f32,
+    );
+    /// `out[t] = [w_0·x[t] | w_1·x[t] | …]`: every weight applied to every row of `x`, outputs side
+    /// by side, as one parallel job.
+    fn matmul(&mut self, x: &Self::Act, ws: &[Self::Mat<'_>], out: &mut Self::Act);
+    /// `x[t][col..col + b.len()] += b` for every row.
+    fn add_bias(&mut self, x: &mut Self::Act, col: usize, b: Self::Vector<'_>);
+    /// Rotate `n_heads` heads of `head_dim` from column `col`; row `t` sits at position `pos0 + t`.
+    fn rope(&mut self, x: &mut Self::Act, col: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope);
+    /// Store row `t`'s k and v (from `qkv`) at position `pos0 + t` of `layer`, then attend each
+    /// query over positions `0..=pos0 + t` (causal); `out` is `[rows, q_dim]`.
+    fn attention(
+        &mut self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        qkv: &Self::Act,
+        shape: &AttnShape,
+        pos0: usize,
+        out: &mut Self::Act,
+    );
+    /// SwiGLU expert FFNs for every job (see [`ExpertJob`]) into rows of `y`, which the caller
+    /// has shaped; rows no job names are left as they are.
+    fn expert_ffn(&mut self, x: &Self::Act, jobs: &[ExpertJob<'_, '_, Self>], y: &mut Self::Act);
+    /// `out[t] = Σ w · y[a]` over the assignments `a = (t, w)` with `done[a]`, summed per token in
+    /// assignment order (`out` is `[n_tok, y.cols]`, zero where a token has none).
+    fn combine(&mut self, y: &Self::Act, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut Self::Act);
+    /// `x += y`.
+    fn add(&mut self, x: &mut Self::Act, y: &Self::Act);
 }

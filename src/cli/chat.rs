@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use moerun::chat::{reuse_prefix, ChatError, ChatFormat, Conversation, Turn};
-use moerun::engine::{Engine, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
-use moerun::model::Model;
+use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
+use moerun::model::{Model, Resident};
 use moerun::stats::{Counters, ExpertCacheStats, MoeFacts, Outcome};
 use moerun::tokenizer::{StreamDecoder, Tokenizer};
 use rustyline::error::ReadlineError;
@@ -42,13 +42,13 @@ const HELP: &str = "/reset forgets the conversation, /stats shows what the engin
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
-    let model = Arc::new(Model::load_with(&path, a.offload.load_options(moerun::model::Resident::Auto))?);
+    let model = Arc::new(Model::load(&path)?);
     let name = model.file.get_str("general.name").ok().flatten().unwrap_or("model").to_string();
     let facts = MoeFacts::of(&model);
-    let cfg = a.engine.config();
-    let mut engine = Engine::new(Arc::clone(&model), cfg);
+    let cfg = EngineConfig { residency: a.offload.residency(Resident::Auto), ..a.engine.config() };
+    let mut engine = Engine::new(Arc::clone(&model), cfg)?;
     a.offload.apply(&mut engine, &model, &path)?;
-    let sess = engine.new_session();
+    let sess = engine.new_session()?;
     let sampler = a.sampling.config();
     let format = ChatFormat::new(Arc::clone(&tok))?;
     let mut chat = Chat {

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moerun::engine::{Engine, Flow, GenerateOptions};
+use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions};
 use moerun::model::{Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
@@ -39,16 +39,16 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Tokenizer::from_gguf(&path)?;
-    let model = Arc::new(Model::load_with(&path, a.offload.load_options(a.resident))?);
-    let cfg = a.engine.config();
-    let mut engine = Engine::new(Arc::clone(&model), cfg);
+    let model = Arc::new(Model::load(&path)?);
+    let cfg = EngineConfig { residency: a.offload.residency(a.resident), ..a.engine.config() };
+    let mut engine = Engine::new(Arc::clone(&model), cfg)?;
     a.offload.apply(&mut engine, &model, &path)?;
     let prompt =
         tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
     let sampler = a.sampling.config();
     let is_eog = |id: u32| tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: a.n_predict, sampler, is_eog: &is_eog };
-    let mut sess = engine.new_session();
+    let mut sess = engine.new_session()?;
     let mut stream = StreamDecoder::new(&tok);
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
@@ -101,6 +101,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
     }
-    engine.finish_trace().map_err(anyhow::Error::msg)?;
+    engine.finish_trace()?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use moerun::engine::offload::{default_sidecar, parse_budget, parse_size, Budget,
 use moerun::engine::Engine;
 use moerun::experts::PolicyKind;
 use moerun::io::{IoBackend, IoConfig};
-use moerun::model::{LoadOptions, Model, Resident};
+use moerun::model::{resident_bytes, Model, Residency, Resident};
 
 /// Room left for scratch buffers, the tokenizer and the allocator when deriving the expert
 /// budget from `--memory-budget`.
@@ -59,9 +59,11 @@ impl OffloadArgs {
         self.expert_budget.is_some() || self.memory_budget.is_some()
     }
 
-    /// Load options: with the cache on, routed experts stay out of resident memory.
-    pub fn load_options(&self, default: Resident) -> LoadOptions {
-        LoadOptions { resident: if self.enabled() { Resident::Dense } else { default } }
+    /// What the backend copies: with the cache on, routed experts stay out of resident memory;
+    /// `auto` is decided against the memory this process may still take.
+    pub fn residency(&self, default: Resident) -> Residency {
+        let which = if self.enabled() { Resident::Dense } else { default };
+        Residency { which, room: moerun::sysmem::available() }
     }
 
     /// The cache config for `model` (None when no budget was given); `kv_bytes` is the KV cache
@@ -71,11 +73,13 @@ impl OffloadArgs {
             (Some(b), _) => parse_budget(b).map_err(anyhow::Error::msg).context("--expert-budget")?,
             (None, Some(m)) => {
                 let total = parse_size(m).map_err(anyhow::Error::msg).context("--memory-budget")?;
-                let fixed = model.resident_bytes() + kv_bytes + OVERHEAD;
+                // With the cache on, the backend copies the dense weights (`residency`).
+                let dense = resident_bytes(model, Resident::Dense);
+                let fixed = dense + kv_bytes + OVERHEAD;
                 if total <= fixed {
                     bail!(
                         "--memory-budget {m}: dense weights ({:.1} MiB), KV cache ({:.1} MiB) and overhead ({} MiB) already need {:.1} MiB",
-                        model.resident_bytes() as f64 / 1048576.0,
+                        dense as f64 / 1048576.0,
                         kv_bytes as f64 / 1048576.0,
                         OVERHEAD >> 20,
                         fixed as f64 / 1048576.0
@@ -115,7 +119,7 @@ impl OffloadArgs {
 
     /// Put the expert cache (and the routing trace) on `engine`, if asked for.
     pub fn apply(&self, engine: &mut Engine, model: &Arc<Model>, model_path: &Path) -> anyhow::Result<()> {
-        let kv = engine.new_session().kv.bytes() as u64;
+        let kv = engine.session_kv_bytes();
         if let Some(cfg) = self.config(model, model_path, kv)? {
             engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
         }

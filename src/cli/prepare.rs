@@ -8,7 +8,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use moerun::gguf::GgmlType;
 use moerun::lowprec::{self, LowPrecSidecar};
-use moerun::model::{LoadOptions, Model, Resident};
+use moerun::model::Model;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -32,7 +32,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let low = GgmlType::parse(&a.low).with_context(|| format!("unknown ggml type '{}'", a.low))?;
     let path = super::model_path(a.model.as_deref())?;
     // No repacked copies: prepare reads every expert once, straight from the mapping.
-    let model = Model::load_with(&path, LoadOptions { resident: Resident::None })?;
+    let model = Model::load(&path)?;
     let out = a.output.unwrap_or_else(|| default_output(&path, low));
 
     let bar = ProgressBar::new(0);

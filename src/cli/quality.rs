@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use moerun::engine::{argmax, Engine, EngineConfig};
 use moerun::layers::Logits;
-use moerun::model::{LoadOptions, Model, Resident};
+use moerun::model::{Model, Residency, Resident};
 use moerun::tokenizer::{EncodeOptions, Tokenizer};
 
 #[derive(clap::Args, Debug)]
@@ -39,7 +39,7 @@ struct Pass {
 fn pass(engine: &mut Engine, seqs: &[Vec<u32>]) -> anyhow::Result<Pass> {
     let mut p = Pass { nll: 0.0, n: 0, top1: Vec::new() };
     for ids in seqs {
-        let mut sess = engine.new_session();
+        let mut sess = engine.new_session()?;
         if let Some(o) = engine.offload_mut() {
             o.reset_sequence();
         }
@@ -65,13 +65,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .filter(|p| !p.is_empty())
         .map(|p| tok.encode(p, EncodeOptions { add_bos: false, parse_special: false }))
         .collect::<Result<_, _>>()?;
-    let model = Arc::new(Model::load_with(&path, LoadOptions { resident: Resident::Dense })?);
+    let model = Arc::new(Model::load(&path)?);
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads);
-    let cfg = EngineConfig { threads, ..Default::default() };
-    let mut base = Engine::new(Arc::clone(&model), cfg.clone());
+    // Experts in ggml's plain layout in both runs, as the cache holds them.
+    let cfg = EngineConfig { threads, residency: Residency::fixed(Resident::Dense), ..Default::default() };
+    let mut base = Engine::new(Arc::clone(&model), cfg.clone())?;
     let full = pass(&mut base, &seqs)?;
     drop(base);
-    let mut eng = Engine::new(Arc::clone(&model), cfg);
+    let mut eng = Engine::new(Arc::clone(&model), cfg)?;
     a.offload.apply(&mut eng, &model, &path)?;
     let test = pass(&mut eng, &seqs)?;
     let ppl = |p: &Pass| (p.nll / p.n.max(1) as f64).exp();

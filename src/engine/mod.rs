@@ -1,17 +1,18 @@
-//! Sessions, prefill and decode, the KV cache and sampling. Knows nothing of HTTP or terminals;
-//! front doors drive it through `Engine` and `Session`.
+//! Sessions, prefill and decode, and sampling, over any [`Backend`] (the CPU one by default).
+//! Knows nothing of HTTP or terminals; front doors drive it through `Engine` and `Session`.
+//! Talks to the backend through the trait only; the KV cache is the backend's.
 
-pub mod kv;
 pub mod offload;
 pub mod sampler;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::cpu::ThreadPool;
+pub use crate::backend::KvType;
+use crate::backend::{cpu::CpuBackend, Backend, BackendError, KvConfig};
+use crate::experts::trace::TraceError;
 use crate::layers::{ExpertProvider, Forward, Logits, ModelExperts, ProviderError, RouteObserver, Scratch};
-use crate::model::Model;
-pub use kv::{KvCache, KvType};
+use crate::model::{Model, Residency, Resident};
 pub use sampler::{argmax, Sampler, SamplerConfig};
 
 /// Engine settings.
@@ -23,6 +24,8 @@ pub struct EngineConfig {
     pub kv_type: KvType,
     /// Prompt tokens per forward pass during prefill.
     pub n_batch: usize,
+    /// Which weights the backend copies out of the file mapping.
+    pub residency: Residency,
 }
 
 /// The default context cap when the model's own is larger (keeps the KV cache modest).
@@ -30,7 +33,13 @@ pub const DEFAULT_MAX_CTX: usize = 4096;
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { threads: default_threads(), n_ctx: 0, kv_type: KvType::F16, n_batch: 512 }
+        EngineConfig {
+            threads: default_threads(),
+            n_ctx: 0,
+            kv_type: KvType::F16,
+            n_batch: 512,
+            residency: Residency::default(),
+        }
     }
 }
 
@@ -47,17 +56,19 @@ pub enum EngineError {
     BadToken { id: u32, n_vocab: usize },
     #[error("nothing to evaluate: the prompt is empty")]
     EmptyInput,
-    #[error("loading experts failed: {0}")]
+    #[error(transparent)]
     Experts(#[from] ProviderError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
-/// One conversation's state: its KV cache and the tokens in it.
-pub struct Session {
-    pub kv: KvCache,
+/// One conversation's state: its KV cache (the backend's) and the tokens in it.
+pub struct Session<B: Backend = CpuBackend> {
+    pub kv: B::Kv,
     pub tokens: Vec<u32>,
 }
 
-impl Session {
+impl<B: Backend> Session<B> {
     pub fn n_past(&self) -> usize {
         self.tokens.len()
     }
@@ -68,10 +79,12 @@ impl Session {
     }
 }
 
-pub struct Engine {
+/// A model on a backend: its weights as the backend took them, scratch, and the expert cache.
+pub struct Engine<B: Backend = CpuBackend> {
     model: Arc<Model>,
-    pool: ThreadPool,
-    scratch: Scratch,
+    backend: B,
+    weights: B::Weights,
+    scratch: Scratch<B>,
     cfg: EngineConfig,
     n_ctx: usize,
     offload: Option<offload::Offload>,
@@ -82,14 +95,14 @@ pub struct Engine {
 struct TraceObserver {
     writer: crate::experts::trace::TraceWriter,
     /// The first write error (reported by `finish_trace`).
-    error: Option<String>,
+    error: Option<TraceError>,
 }
 
 impl RouteObserver for TraceObserver {
     fn route(&mut self, layer: usize, token: usize, route: &crate::layers::Route) {
         let experts: Vec<u16> = route.experts.iter().map(|&e| e as u16).collect();
         if let Err(e) = self.writer.record(token as u64, layer as u16, &experts, &route.weights) {
-            self.error.get_or_insert(e.to_string());
+            self.error.get_or_insert(e);
         }
     }
 }
@@ -165,20 +178,45 @@ pub fn context_length(model: &Model, cfg: &EngineConfig) -> usize {
     }
 }
 
-/// Bytes of one session's KV cache for `model` under `cfg`.
-pub fn session_kv_bytes(model: &Model, cfg: &EngineConfig) -> u64 {
-    let elem = match cfg.kv_type {
-        KvType::F16 => 2,
-        KvType::F32 => 4,
-    };
-    (2 * model.hp.n_layer * context_length(model, cfg) * model.hp.kv_dim() * elem) as u64
+/// The shape of one session's KV cache for `model` under `cfg`.
+pub fn kv_config(model: &Model, cfg: &EngineConfig) -> KvConfig {
+    let hp = &model.hp;
+    KvConfig {
+        ty: cfg.kv_type,
+        n_layer: hp.n_layer,
+        n_ctx: context_length(model, cfg),
+        n_head_kv: hp.n_head_kv,
+        head_dim: hp.head_dim,
+    }
 }
 
-impl Engine {
-    pub fn new(model: Arc<Model>, cfg: EngineConfig) -> Engine {
+/// Bytes of one session's KV cache for `model` under `cfg`.
+pub fn session_kv_bytes(model: &Model, cfg: &EngineConfig) -> u64 {
+    kv_config(model, cfg).bytes()
+}
+
+impl Engine<CpuBackend> {
+    /// `model` on the CPU backend with `cfg.threads` threads.
+    pub fn new(model: Arc<Model>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        Engine::with_backend(model, CpuBackend::new(cfg.threads), cfg)
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// `model` on `backend`, which takes the weights `cfg.residency` selects.
+    pub fn with_backend(model: Arc<Model>, mut backend: B, cfg: EngineConfig) -> Result<Engine<B>, EngineError> {
         let n_ctx = context_length(&model, &cfg);
-        let pool = ThreadPool::new(cfg.threads);
-        Engine { model, pool, scratch: Scratch::default(), cfg, n_ctx, offload: None, trace: None }
+        let weights = backend.take_weights(&model, cfg.residency)?;
+        Ok(Engine { model, backend, weights, scratch: Scratch::default(), cfg, n_ctx, offload: None, trace: None })
+    }
+
+    /// What the backend copied (`Auto` resolved) and the bytes those copies hold.
+    pub fn resident(&self) -> (Resident, u64) {
+        B::resident(&self.weights)
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Serve routed experts from a budgeted cache instead of the model's memory.
@@ -213,11 +251,11 @@ impl Engine {
     }
 
     /// Flush and close the trace, if one is being written.
-    pub fn finish_trace(&mut self) -> Result<(), String> {
+    pub fn finish_trace(&mut self) -> Result<(), TraceError> {
         match self.trace.take() {
             Some(t) => match t.error {
                 Some(e) => Err(e),
-                None => t.writer.finish().map(|_| ()).map_err(|e| e.to_string()),
+                None => t.writer.finish().map(|_| ()),
             },
             None => Ok(()),
         }
@@ -232,20 +270,21 @@ impl Engine {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.n_threads()
+        self.cfg.threads
     }
 
-    pub fn new_session(&self) -> Session {
-        let hp = &self.model.hp;
-        Session {
-            kv: KvCache::new(self.cfg.kv_type, hp.n_layer, self.n_ctx, hp.n_head_kv, hp.head_dim),
-            tokens: Vec::new(),
-        }
+    /// A new session, with a KV cache of the engine's context length in the backend's memory.
+    pub fn new_session(&self) -> Result<Session<B>, EngineError> {
+        Ok(Session { kv: self.backend.new_kv(&kv_config(&self.model, &self.cfg))?, tokens: Vec::new() })
+    }
+
+    /// Bytes one session's KV cache holds.
+    pub fn session_kv_bytes(&self) -> u64 {
+        session_kv_bytes(&self.model, &self.cfg)
     }
 
     /// Evaluate `tokens` after what `sess` holds; returns the requested logits.
-    pub fn eval(&mut self, sess: &mut Session, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
-        let model = Arc::clone(&self.model);
+    pub fn eval(&mut self, sess: &mut Session<B>, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
         let mut off = self.offload.take();
         let mut trace = self.trace.take();
         let obs: &mut dyn RouteObserver = match trace.as_mut() {
@@ -253,8 +292,8 @@ impl Engine {
             None => &mut (),
         };
         let r = match off.as_mut() {
-            Some(o) => self.eval_with(sess, tokens, want, o, obs),
-            None => self.eval_with(sess, tokens, want, &mut ModelExperts(&model), obs),
+            Some(o) => self.eval_with(sess, tokens, want, Provider::Cache(o), obs),
+            None => self.eval_with(sess, tokens, want, Provider::Model, obs),
         };
         self.offload = off;
         self.trace = trace;
@@ -264,10 +303,10 @@ impl Engine {
     /// `eval` with an explicit expert source and routing observer.
     pub fn eval_with(
         &mut self,
-        sess: &mut Session,
+        sess: &mut Session<B>,
         tokens: &[u32],
         want: Logits,
-        experts: &mut dyn ExpertProvider,
+        experts: Provider<'_, B>,
         obs: &mut dyn RouteObserver,
     ) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
@@ -280,7 +319,12 @@ impl Engine {
         if sess.n_past() + tokens.len() > self.n_ctx {
             return Err(EngineError::ContextFull { used: sess.n_past(), new: tokens.len(), n_ctx: self.n_ctx });
         }
-        let mut fwd = Forward { model: &self.model, pool: &self.pool, experts };
+        let mut model_experts = ModelExperts::<B> { model: &self.model, weights: &self.weights };
+        let experts: &mut dyn ExpertProvider<B> = match experts {
+            Provider::Model => &mut model_experts,
+            Provider::Cache(p) => p,
+        };
+        let mut fwd = Forward { model: &self.model, backend: &mut self.backend, weights: &self.weights, experts };
         let mut out = Vec::new();
         let batch = self.cfg.n_batch.max(1);
         let n_chunks = tokens.len().div_ceil(batch);
@@ -299,7 +343,7 @@ impl Engine {
     /// Prefill `prompt`, then sample up to `max_tokens`, calling `on_token` for each.
     pub fn generate(
         &mut self,
-        sess: &mut Session,
+        sess: &mut Session<B>,
         prompt: &[u32],
         opts: &GenerateOptions<'_>,
         on_token: &mut dyn FnMut(u32) -> Flow,
@@ -336,4 +380,12 @@ impl Engine {
         timings.generated_tokens = ids.len();
         Ok(Generation { ids, first_logits, stop, timings })
     }
+}
+
+/// Where a forward pass takes routed experts from.
+pub enum Provider<'a, B: Backend> {
+    /// The model's weights as the backend took them (all resident).
+    Model,
+    /// Any other provider: the expert cache, a test's.
+    Cache(&'a mut dyn ExpertProvider<B>),
 }

@@ -1,19 +1,27 @@
-//! The expert cache at work: routed experts live in fixed-size slots of RAM under a byte budget,
-//! `experts::ExpertCache` decides hits, loads, evictions and precision, and `io::IoService`
-//! streams misses from the model file (or the low-precision sidecar) with O_DIRECT while the
-//! hits compute. Invariant: a slot is viewed only after the read that filled it completed; a
-//! failed read empties its slot before the error is returned.
+//! The expert cache at work: routed experts live in fixed-size slots of host memory under a byte
+//! budget, `experts::ExpertCache` decides hits, loads, prefetches, evictions and precision, and
+//! `io::IoService` streams misses from the model file (or the low-precision sidecar) with
+//! O_DIRECT while the hits compute.
+//!
+//! Tickets: every `fetch` and every `prefetch` is one read group (a batch per file); a slot being
+//! filled is `Loading(group)`. `wait(l)` finishes only the groups layer l's plan needs, so reads
+//! started for later layers never hold it up. Invariants: a slot is viewed only once the reads
+//! that fill it have completed (`view` checks; nothing ever borrows the slot memory as a whole
+//! while reads are in flight); a slot is never refilled while a read into it is in flight; a
+//! failed read empties its slots before the error is returned.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::cpu::MatRef;
+use crate::backend::Backend;
 use crate::experts::{
-    Action, CacheConfig, CacheError, ExpertCache, ExpertKey, PolicyKind, Precision, SlotId, DEFAULT_HOBBIT_WEIGHTS,
+    Action, CacheConfig, CacheError, ExpertCache, ExpertKey, PlanKind, PolicyKind, Precision, SlotId,
+    DEFAULT_HOBBIT_WEIGHTS,
 };
-use crate::io::{align_extent, AlignedBuf, IoConfig, IoError, IoService, ReadOp, Ticket};
-use crate::layers::{used_experts, ExpertProvider, ProviderError, Route};
+use crate::io::{align_extent, AlignedBuf, IoConfig, IoError, IoService, ReadOp, Ticket, Urgency};
+use crate::layers::{used_experts, ExpertProvider, ExpertState, PrefetchId, Priority, ProviderError, Route};
 use crate::lowprec::{LowPrecError, LowPrecSidecar};
 use crate::model::{Model, WeightDesc};
 
@@ -25,13 +33,26 @@ pub enum Budget {
     Share(f64),
 }
 
+/// A size or budget that does not parse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SizeError {
+    #[error("bad percentage '{0}'")]
+    BadPercent(String),
+    #[error("percentage '{0}' must be in (0, 100]")]
+    PercentRange(String),
+    #[error("bad size '{0}'")]
+    BadSize(String),
+    #[error("unknown size unit '{unit}' in '{text}' (use KiB/MiB/GiB or KB/MB/GB)")]
+    Unit { unit: String, text: String },
+}
+
 /// Parse `2GiB`, `512MB`, `1.5G`, `123456` or (for `Budget`) `25%`.
-pub fn parse_budget(s: &str) -> Result<Budget, String> {
+pub fn parse_budget(s: &str) -> Result<Budget, SizeError> {
     let t = s.trim();
     if let Some(p) = t.strip_suffix('%') {
-        let v: f64 = p.trim().parse().map_err(|_| format!("bad percentage '{s}'"))?;
+        let v: f64 = p.trim().parse().map_err(|_| SizeError::BadPercent(s.to_string()))?;
         if !(0.0..=100.0).contains(&v) || v == 0.0 {
-            return Err(format!("percentage '{s}' must be in (0, 100]"));
+            return Err(SizeError::PercentRange(s.to_string()));
         }
         return Ok(Budget::Share(v / 100.0));
     }
@@ -39,11 +60,11 @@ pub fn parse_budget(s: &str) -> Result<Budget, String> {
 }
 
 /// Parse a byte size with an optional KiB/MiB/GiB (binary) or KB/MB/GB (decimal) suffix.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("bad size '{s}'"))?;
+    let v: f64 = num.parse().map_err(|_| SizeError::BadSize(s.to_string()))?;
     let mul: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
@@ -54,7 +75,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        u => return Err(format!("unknown size unit '{u}' in '{s}' (use KiB/MiB/GiB or KB/MB/GB)")),
+        u => return Err(SizeError::Unit { unit: u.to_string(), text: s.to_string() }),
     };
     Ok((v * mul) as u64)
 }
@@ -71,6 +92,8 @@ pub struct OffloadConfig {
     pub sidecar: Option<PathBuf>,
     pub thresholds: Option<(f32, f32)>,
     pub low_share: f32,
+    /// Compute misses from the file mapping instead of loading them (see `CacheConfig`).
+    pub host_compute: bool,
     pub io: IoConfig,
 }
 
@@ -85,6 +108,7 @@ impl Default for OffloadConfig {
             sidecar: None,
             thresholds: None,
             low_share: 0.25,
+            host_compute: false,
             io: IoConfig::default(),
         }
     }
@@ -115,7 +139,7 @@ struct SlotShape {
 
 impl SlotShape {
     /// Regions big enough for the aligned superset of any expert's matrices in `experts`.
-    fn for_experts<'a>(experts: impl Iterator<Item = [WeightDesc; 3]>) -> SlotShape {
+    fn for_experts(experts: impl Iterator<Item = [WeightDesc; 3]>) -> SlotShape {
         let mut cap = [0usize; 3];
         for ex in experts {
             for (c, w) in cap.iter_mut().zip(ex) {
@@ -126,28 +150,73 @@ impl SlotShape {
     }
 }
 
-/// One precision's slot memory and what each slot holds.
-struct Pool {
-    shape: SlotShape,
-    mem: AlignedBuf,
-    /// Per slot: the expert's matrices and each region's padding before the data.
-    content: Vec<Option<([WeightDesc; 3], [usize; 3])>>,
+/// Where a slot's bytes stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Empty,
+    /// Being filled by the reads of this group.
+    Loading(u64),
+    /// Its reads completed.
+    Ready,
 }
 
-impl Pool {
-    fn new(shape: SlotShape, n: usize) -> Result<Pool, IoError> {
-        Ok(Pool { shape, mem: AlignedBuf::new(shape.bytes * n)?, content: vec![None; n] })
+/// One slot: what it holds (the expert's matrices and each region's padding before the data).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    content: Option<([WeightDesc; 3], [usize; 3])>,
+    state: SlotState,
+}
+
+/// One precision's slot memory. The memory is only ever addressed slot by slot (raw pointers
+/// for reads, one slot's slices for views), never borrowed as a whole.
+struct Arena {
+    shape: SlotShape,
+    mem: AlignedBuf,
+    slots: Vec<Slot>,
+}
+
+impl Arena {
+    fn new(shape: SlotShape, n: usize) -> Result<Arena, IoError> {
+        Ok(Arena {
+            shape,
+            mem: AlignedBuf::new(shape.bytes * n)?,
+            slots: vec![Slot { content: None, state: SlotState::Empty }; n],
+        })
     }
 
-    fn view(&self, slot: SlotId) -> Option<[MatRef<'_>; 3]> {
-        let (descs, pads) = self.content.get(slot as usize)?.as_ref()?;
+    /// The three matrices' bytes of a slot whose reads have completed (`landed` answers for a
+    /// slot still marked `Loading`).
+    fn bytes(&self, slot: SlotId, landed: impl Fn(u64) -> bool) -> Option<([WeightDesc; 3], [&[u8]; 3])> {
+        let s = self.slots.get(slot as usize)?;
+        match s.state {
+            SlotState::Ready => {}
+            SlotState::Loading(g) if landed(g) => {}
+            _ => return None,
+        }
+        let (descs, pads) = s.content?;
         let base = slot as usize * self.shape.bytes;
         let m = |i: usize| {
             let at = base + self.shape.region[i] + pads[i];
-            descs[i].mat(&self.mem.as_slice()[at..at + descs[i].bytes as usize])
+            assert!(at + descs[i].bytes as usize <= self.mem.len(), "slot view out of bounds");
+            // SAFETY: in bounds of the allocation (asserted); this slot's reads have completed
+            // (state checked above, under the I/O service's lock for `landed`), no read into it
+            // can start while `&self` is borrowed (loads need `&mut Offload`), and no other
+            // reference covers these bytes mutably.
+            unsafe { std::slice::from_raw_parts(self.mem.as_ptr().add(at), descs[i].bytes as usize) }
         };
-        Some([m(0), m(1), m(2)])
+        Some((descs, [m(0), m(1), m(2)]))
     }
+}
+
+/// The reads of one `fetch` or one `prefetch`.
+struct Group {
+    /// (ticket, from the low-precision sidecar).
+    tickets: Vec<(Ticket, bool)>,
+    /// What the reads fill.
+    keys: Vec<(ExpertKey, Precision, SlotId)>,
+    prefetch: Option<PrefetchId>,
+    /// A cancelled prefetch: its experts were forgotten; its slots empty once the reads end.
+    cancelled: bool,
 }
 
 /// Counters a user can read (tokens/s comes from the caller's timing).
@@ -159,12 +228,21 @@ pub struct OffloadStats {
     pub loads_high: u64,
     pub loads_low: u64,
     pub skips: u64,
+    /// Misses computed from the host's copy instead of being loaded.
+    pub computed_on_host: u64,
     pub bytes_read_high: u64,
     pub bytes_read_low: u64,
+    /// Bytes read for prefetches (included in the two above).
+    pub bytes_prefetched: u64,
     /// Seconds the forward pass waited for reads.
     pub stall_s: f64,
     pub io_busy_s: f64,
     pub per_layer_hit_rate: Vec<f64>,
+    /// Per layer: experts prefetched, prefetched ones used by a later plan, and ones evicted or
+    /// cancelled unused.
+    pub per_layer_prefetched: Vec<u64>,
+    pub per_layer_prefetch_used: Vec<u64>,
+    pub per_layer_prefetch_wasted: Vec<u64>,
     pub slots_high: usize,
     pub slots_low: usize,
     pub budget_bytes: u64,
@@ -173,26 +251,30 @@ pub struct OffloadStats {
 /// What the current layer's plan decided for one expert.
 #[derive(Debug, Clone, Copy)]
 enum Decision {
-    At(Precision, SlotId, bool /* loaded by this plan */),
+    At(Precision, SlotId),
+    /// Computed from the file mapping.
+    Host,
     Skip,
 }
 
-/// The expert cache as an [`ExpertProvider`].
+/// The expert cache as an [`ExpertProvider`] for any backend that can view host memory.
 pub struct Offload {
     model: Arc<Model>,
     cache: ExpertCache,
-    high: Pool,
-    low: Option<(Pool, LowPrecSidecar)>,
+    high: Arena,
+    low: Option<(Arena, LowPrecSidecar)>,
     io_high: IoService,
     io_low: Option<IoService>,
+    /// The layer of the last `fetch` and its plan's decisions.
     layer: usize,
     decisions: Vec<(u16, Decision)>,
-    pending: Vec<(Ticket, bool /* low file */)>,
-    loading: Vec<ExpertKey>,
+    groups: HashMap<u64, Group>,
+    next_group: u64,
     step: u64,
     stall_s: f64,
     bytes_high: u64,
     bytes_low: u64,
+    bytes_prefetched: u64,
 }
 
 impl Offload {
@@ -232,14 +314,15 @@ impl Offload {
             pinned_layers: cfg.pinned_layers,
             per_layer: cfg.per_layer,
             thresholds: cfg.thresholds,
+            host_compute: cfg.host_compute,
         };
         let cache = ExpertCache::new(cache_cfg).map_err(|source| OffloadError::Cache { budget, source })?;
-        let high = Pool::new(high_shape, cache.n_slots(Precision::High))?;
+        let high = Arena::new(high_shape, cache.n_slots(Precision::High))?;
         let io_high = IoService::open(&path, cfg.io.clone())?;
         let (low, io_low) = match (sidecar, low_shape) {
             (Some(sc), Some(shape)) => {
                 let io = IoService::open(sc.path(), cfg.io.clone())?;
-                (Some((Pool::new(shape, cache.n_slots(Precision::Low))?, sc)), Some(io))
+                (Some((Arena::new(shape, cache.n_slots(Precision::Low))?, sc)), Some(io))
             }
             _ => (None, None),
         };
@@ -248,11 +331,7 @@ impl Offload {
             cache.n_slots(Precision::High),
             high_shape.bytes as f64 / 1048576.0,
             low.as_ref()
-                .map(|(p, _)| format!(
-                    " + {} low slots of {:.2} MiB",
-                    p.content.len(),
-                    p.shape.bytes as f64 / 1048576.0
-                ))
+                .map(|(a, _)| format!(" + {} low slots of {:.2} MiB", a.slots.len(), a.shape.bytes as f64 / 1048576.0))
                 .unwrap_or_default(),
             cfg.policy,
             io_high.backend(),
@@ -267,12 +346,13 @@ impl Offload {
             io_low,
             layer: usize::MAX,
             decisions: Vec::new(),
-            pending: Vec::new(),
-            loading: Vec::new(),
+            groups: HashMap::new(),
+            next_group: 0,
             step: 0,
             stall_s: 0.0,
             bytes_high: 0,
             bytes_low: 0,
+            bytes_prefetched: 0,
         })
     }
 
@@ -291,11 +371,16 @@ impl Offload {
             loads_high: c.loads_high,
             loads_low: c.loads_low,
             skips: c.skips,
+            computed_on_host: c.computed_elsewhere,
             bytes_read_high: self.bytes_high,
             bytes_read_low: self.bytes_low,
+            bytes_prefetched: self.bytes_prefetched,
             stall_s: self.stall_s,
             io_busy_s: self.io_high.stats().busy_s + self.io_low.as_ref().map(|i| i.stats().busy_s).unwrap_or(0.0),
             per_layer_hit_rate,
+            per_layer_prefetched: c.per_layer_prefetched.clone(),
+            per_layer_prefetch_used: c.per_layer_prefetch_used.clone(),
+            per_layer_prefetch_wasted: c.per_layer_prefetch_wasted.clone(),
             slots_high: self.cache.n_slots(Precision::High),
             slots_low: self.cache.n_slots(Precision::Low),
             budget_bytes: self.cache.config().budget_bytes,
@@ -304,7 +389,7 @@ impl Offload {
 
     /// Bytes of slot memory held.
     pub fn slot_bytes(&self) -> u64 {
-        self.high.mem.len() as u64 + self.low.as_ref().map(|(p, _)| p.mem.len() as u64).unwrap_or(0)
+        self.high.mem.len() as u64 + self.low.as_ref().map(|(a, _)| a.mem.len() as u64).unwrap_or(0)
     }
 
     /// Start of a new sequence (HOBBIT resets its per-sequence records).
@@ -312,43 +397,201 @@ impl Offload {
         self.cache.reset_sequence();
     }
 
-    fn decision(&self, e: u16) -> Option<Decision> {
+    fn arena(&self, p: Precision) -> Option<&Arena> {
+        match p {
+            Precision::High => Some(&self.high),
+            Precision::Low => self.low.as_ref().map(|(a, _)| a),
+        }
+    }
+
+    fn arena_mut(&mut self, p: Precision) -> Option<&mut Arena> {
+        match p {
+            Precision::High => Some(&mut self.high),
+            Precision::Low => self.low.as_mut().map(|(a, _)| a),
+        }
+    }
+
+    fn io(&self, low: bool) -> Option<&IoService> {
+        if low {
+            self.io_low.as_ref()
+        } else {
+            Some(&self.io_high)
+        }
+    }
+
+    /// Whether every read of group `g` has completed successfully.
+    fn landed(&self, g: u64) -> bool {
+        self.groups.get(&g).is_some_and(|grp| {
+            grp.tickets.iter().all(|&(t, low)| self.io(low).and_then(|io| io.finished(t)) == Some(true))
+        })
+    }
+
+    fn slot_state(&self, p: Precision, slot: SlotId) -> Option<SlotState> {
+        self.arena(p)?.slots.get(slot as usize).map(|s| s.state)
+    }
+
+    fn decision(&self, l: usize, e: u16) -> Option<Decision> {
+        if l != self.layer {
+            return None;
+        }
         self.decisions.iter().find(|(x, _)| *x == e).map(|&(_, d)| d)
     }
 
-    /// Queue the three reads filling `slot` with `key` at precision `p`.
-    fn load_ops(&mut self, key: ExpertKey, p: Precision, slot: SlotId, ops: &mut Vec<ReadOp>) {
+    /// Where expert `e` of layer `l` is: this layer's decision, else the cache's residency.
+    fn place(&self, l: usize, e: u16) -> Option<Decision> {
+        self.decision(l, e)
+            .or_else(|| self.cache.lookup(ExpertKey::new(l, e as usize)).map(|(s, p)| Decision::At(p, s)))
+    }
+
+    /// End group `g` (waiting for its reads when `block`; else only if they are all done): its
+    /// slots become `Ready`, or `Empty` where it was cancelled, its expert was evicted meanwhile,
+    /// or a read failed (the cache forgets those experts). Returns the first read error.
+    fn finish_group(&mut self, g: u64, block: bool) -> Result<(), ProviderError> {
+        if !block
+            && !self.groups.get(&g).is_some_and(|grp| {
+                grp.tickets.iter().all(|&(t, low)| self.io(low).and_then(|io| io.finished(t)).is_some())
+            })
+        {
+            return Ok(());
+        }
+        let Some(grp) = self.groups.remove(&g) else { return Ok(()) };
+        let mut first_err: Option<IoError> = None;
+        for &(t, low) in &grp.tickets {
+            if let Some(Err(e)) = self.io(low).map(|io| io.wait(t)) {
+                first_err.get_or_insert(e);
+            }
+        }
+        for &(key, p, slot) in &grp.keys {
+            let still_ours = !grp.cancelled && self.cache.lookup(key) == Some((slot, p));
+            if first_err.is_some() && still_ours {
+                self.cache.invalidate(key);
+            }
+            let ok = first_err.is_none() && still_ours;
+            if let Some(s) = self.arena_mut(p).and_then(|a| a.slots.get_mut(slot as usize)) {
+                if s.state == SlotState::Loading(g) {
+                    s.state = if ok { SlotState::Ready } else { SlotState::Empty };
+                    if !ok {
+                        s.content = None;
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(ProviderError::Io(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// End every group whose reads are all done, without blocking. A failed prefetch only
+    /// forgets its experts (a later demand read reports a persistent failure).
+    fn sweep(&mut self) {
+        let ids: Vec<u64> = self.groups.keys().copied().collect();
+        for g in ids {
+            if let Err(e) = self.finish_group(g, false) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Queue the three reads filling `slot` with `key` at precision `p`, for group `g`.
+    fn load_ops(
+        &mut self,
+        key: ExpertKey,
+        p: Precision,
+        slot: SlotId,
+        g: u64,
+        ops: &mut Vec<ReadOp>,
+    ) -> Result<(), ProviderError> {
         let (l, e) = (key.layer as usize, key.expert as usize);
-        let descs = match p {
-            Precision::High => {
+        let descs = match (p, &self.low) {
+            (Precision::High, _) => {
                 let ex = &self.model.experts(l).expect("plans name MoE layers only")[e];
                 [ex.gate, ex.up, ex.down]
             }
-            Precision::Low => self.low.as_ref().expect("low loads need the sidecar").1.expert(l, e),
+            (Precision::Low, Some((_, sc))) => sc.expert(l, e),
+            (Precision::Low, None) => return Err(ProviderError::NoSidecar { layer: l, expert: key.expert }),
         };
-        let pool = match p {
-            Precision::High => &mut self.high,
-            Precision::Low => &mut self.low.as_mut().expect("checked above").0,
-        };
-        let base = slot as usize * pool.shape.bytes;
+        let arena = self.arena_mut(p).ok_or(ProviderError::NoSidecar { layer: l, expert: key.expert })?;
+        let base = slot as usize * arena.shape.bytes;
         let mut pads = [0usize; 3];
+        let mut bytes = 0u64;
         for i in 0..3 {
             let (off, len, pad) = align_extent(descs[i].offset, descs[i].bytes);
             pads[i] = pad;
-            let at = base + pool.shape.region[i];
+            let at = base + arena.shape.region[i];
             // The region was sized for the largest aligned extent, so this stays in the slot.
-            let dst = pool.mem.as_mut_slice()[at..at + len].as_mut_ptr();
+            assert!(at + len <= arena.mem.len(), "slot region out of bounds");
+            // SAFETY: in bounds (asserted); only a pointer is formed, no reference to the memory.
+            let dst = unsafe { arena.mem.as_mut_ptr().add(at) };
             ops.push(ReadOp { file_offset: off, len, dst });
-            match p {
-                Precision::High => self.bytes_high += len as u64,
-                Precision::Low => self.bytes_low += len as u64,
-            }
+            bytes += len as u64;
         }
-        pool.content[slot as usize] = Some((descs, pads));
+        arena.slots[slot as usize] = Slot { content: Some((descs, pads)), state: SlotState::Loading(g) };
+        match p {
+            Precision::High => self.bytes_high += bytes,
+            Precision::Low => self.bytes_low += bytes,
+        }
+        Ok(())
+    }
+
+    /// Make sure no read is still filling any slot `plan` loads into (a cancelled or evicted
+    /// prefetch's): wait for those reads, whose content is being replaced anyway.
+    fn drain_targets(&mut self, plan: &crate::experts::Plan) {
+        let busy: Vec<u64> = plan
+            .loads()
+            .filter_map(|(_, slot, p, _)| match self.slot_state(p, slot) {
+                Some(SlotState::Loading(g)) => Some(g),
+                _ => None,
+            })
+            .collect();
+        for g in busy {
+            let t0 = Instant::now();
+            if let Err(e) = self.finish_group(g, true) {
+                tracing::warn!("{e}");
+            }
+            self.stall_s += t0.elapsed().as_secs_f64();
+        }
+    }
+
+    /// Issue the reads of `plan`'s loads as one group; returns its id (None if nothing to read).
+    fn issue(
+        &mut self,
+        plan: &crate::experts::Plan,
+        prefetch: Option<PrefetchId>,
+        urgency: Urgency,
+    ) -> Result<Option<u64>, ProviderError> {
+        let g = self.next_group;
+        let (mut ops_high, mut ops_low, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, slot, p, _) in plan.loads() {
+            let ops = if p == Precision::High { &mut ops_high } else { &mut ops_low };
+            self.load_ops(key, p, slot, g, ops)?;
+            keys.push((key, p, slot));
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        self.next_group += 1;
+        let mut tickets = Vec::new();
+        for (ops, low) in [(ops_high, false), (ops_low, true)] {
+            if ops.is_empty() {
+                continue;
+            }
+            if prefetch.is_some() {
+                self.bytes_prefetched += ops.iter().map(|o| o.len as u64).sum::<u64>();
+            }
+            let io = self.io(low).ok_or(ProviderError::NoSidecar { layer: plan.layer, expert: keys[0].0.expert })?;
+            // SAFETY: every op writes inside one slot's region of its arena, which lives as long
+            // as `self` (and the IoService, whose Drop waits for in-flight reads, is dropped
+            // with it); those slots are `Loading(g)`: nothing views them and nothing refills
+            // them until the reads are done (`finish_group`).
+            tickets.push((unsafe { io.submit_with(ops, urgency) }, low));
+        }
+        self.groups.insert(g, Group { tickets, keys, prefetch, cancelled: false });
+        Ok(Some(g))
     }
 }
 
-impl ExpertProvider for Offload {
+impl<B: Backend> ExpertProvider<B> for Offload {
     fn schedule(&mut self, l: usize, routes: &[Route]) -> Vec<Vec<u16>> {
         if l == 0 || self.layer > l {
             self.step += 1;
@@ -360,6 +603,7 @@ impl ExpertProvider for Offload {
     }
 
     fn fetch(&mut self, l: usize, wave: &[u16], routes: &[Route]) -> Result<(), ProviderError> {
+        self.sweep();
         self.layer = l;
         // One token: its experts in rank order with their gate weights, so HOBBIT's thresholds
         // apply. A batch (prefill): the wave at weight 0, i.e. all high precision, none skipped.
@@ -374,75 +618,122 @@ impl ExpertProvider for Offload {
             _ => wave.iter().map(|&e| (e, 0.0)).collect(),
         };
         let plan = self.cache.plan(l, self.step, &needed);
+        self.drain_targets(&plan);
         self.cache.apply(&plan);
         self.decisions.clear();
-        let mut ops_high = Vec::new();
-        let mut ops_low = Vec::new();
-        self.loading.clear();
         for &(key, action, _) in &plan.actions {
             let d = match action {
-                Action::Hit { slot, precision } => Decision::At(precision, slot, false),
-                Action::Load { slot, precision, .. } => {
-                    let ops = if precision == Precision::High { &mut ops_high } else { &mut ops_low };
-                    self.load_ops(key, precision, slot, ops);
-                    self.loading.push(key);
-                    Decision::At(precision, slot, true)
-                }
-                Action::Skip => Decision::Skip,
+                Action::Hit { slot, precision } | Action::Load { slot, precision, .. } => Decision::At(precision, slot),
+                Action::ComputeOn(_) => Decision::Host,
+                Action::Skip | Action::Prefetch { .. } => Decision::Skip,
             };
             self.decisions.push((key.expert, d));
         }
-        if !ops_high.is_empty() {
-            // SAFETY: every op writes inside one slot's region of `high.mem`, which lives as long
-            // as `self`; those slots are not viewed (`ready` is false, `view` waits) until
-            // `wait` returned, and `Drop` of the IoService waits for in-flight reads.
-            self.pending.push((unsafe { self.io_high.submit(ops_high) }, false));
-        }
-        if !ops_low.is_empty() {
-            let io =
-                self.io_low.as_ref().ok_or_else(|| ProviderError("low-precision load without a sidecar".into()))?;
-            // SAFETY: as above, for the low pool.
-            self.pending.push((unsafe { io.submit(ops_low) }, true));
-        }
+        self.issue(&plan, None, Urgency::Urgent)?;
         Ok(())
     }
 
-    fn ready(&self, _l: usize, e: u16) -> bool {
-        !matches!(self.decision(e), Some(Decision::At(_, _, true)))
-    }
-
-    fn wait(&mut self, _l: usize) -> Result<(), ProviderError> {
+    fn wait(&mut self, l: usize) -> Result<(), ProviderError> {
         let t0 = Instant::now();
-        let mut first_err: Option<IoError> = None;
-        for (t, low) in self.pending.drain(..) {
-            let io = if low { self.io_low.as_ref() } else { Some(&self.io_high) };
-            if let Some(Err(e)) = io.map(|io| io.wait(t)) {
+        let mut needed: Vec<u64> = Vec::new();
+        for &(e, d) in &self.decisions {
+            if let (Decision::At(p, slot), true) = (d, l == self.layer) {
+                if let Some(SlotState::Loading(g)) = self.slot_state(p, slot) {
+                    if !needed.contains(&g) {
+                        needed.push(g);
+                    }
+                }
+            }
+            let _ = e;
+        }
+        let mut first_err = None;
+        for g in needed {
+            if let Err(e) = self.finish_group(g, true) {
                 first_err.get_or_insert(e);
             }
         }
         self.stall_s += t0.elapsed().as_secs_f64();
-        if let Some(e) = first_err {
-            // The slots of this plan's loads hold garbage: forget them so nothing views them.
-            for key in self.loading.drain(..) {
-                if let Some((slot, p)) = self.cache.lookup(key) {
-                    let pool =
-                        if p == Precision::High { &mut self.high } else { &mut self.low.as_mut().expect("low slot").0 };
-                    pool.content[slot as usize] = None;
-                }
-                self.cache.invalidate(key);
+        match first_err {
+            Some(e) => {
+                // The failed loads' slots are empty; nothing of this plan is viewed any more.
+                self.decisions.clear();
+                Err(e)
             }
-            self.decisions.clear();
-            return Err(ProviderError(e.to_string()));
+            None => Ok(()),
         }
-        self.loading.clear();
-        Ok(())
     }
 
-    fn view(&self, _l: usize, e: u16) -> Option<[MatRef<'_>; 3]> {
-        match self.decision(e)? {
-            Decision::At(Precision::High, slot, _) => self.high.view(slot),
-            Decision::At(Precision::Low, slot, _) => self.low.as_ref()?.0.view(slot),
-            Decision::Skip => None,
+    fn state(&self, l: usize, e: u16) -> ExpertState {
+        match self.place(l, e) {
+            None => ExpertState::Absent,
+            Some(Decision::Skip) => ExpertState::Skipped,
+            Some(Decision::Host) => ExpertState::Ready,
+            Some(Decision::At(p, slot)) => match self.slot_state(p, slot) {
+                Some(SlotState::Ready) => ExpertState::Ready,
+                Some(SlotState::Loading(g)) if self.landed(g) => ExpertState::Ready,
+                Some(SlotState::Loading(_)) => ExpertState::Loading,
+                _ => ExpertState::Absent,
+            },
+        }
+    }
+
+    fn view(&self, l: usize, e: u16) -> Option<[B::Mat<'_>; 3]> {
+        let (descs, bytes) = match self.place(l, e)? {
+            Decision::Skip => return None,
+            Decision::Host => {
+                let ex = self.model.experts(l)?.get(e as usize)?;
+                let descs = [ex.gate, ex.up, ex.down];
+                (descs, descs.map(|w| self.model.bytes_of(&w)))
+            }
+            Decision::At(p, slot) => self.arena(p)?.bytes(slot, |g| self.landed(g))?,
+        };
+        Some([B::host_mat(&descs[0], bytes[0]), B::host_mat(&descs[1], bytes[1]), B::host_mat(&descs[2], bytes[2])])
+    }
+
+    fn prefetch(&mut self, l: usize, experts: &[(u16, f32)], priority: Priority) -> Result<PrefetchId, ProviderError> {
+        self.sweep();
+        // Never evict what the current layer uses or what is still being read.
+        let mut protect: Vec<ExpertKey> = self
+            .decisions
+            .iter()
+            .filter(|(_, d)| matches!(d, Decision::At(..)))
+            .map(|&(e, _)| ExpertKey::new(self.layer, e as usize))
+            .collect();
+        protect.extend(self.groups.values().flat_map(|g| g.keys.iter().map(|k| k.0)));
+        let mut plan = self.cache.plan_prefetch(l, self.step, experts, &protect);
+        debug_assert_eq!(plan.kind, PlanKind::Prefetch);
+        // A free slot whose last read (a cancelled prefetch) is still running is not worth a wait.
+        for a in &mut plan.actions {
+            if let Action::Prefetch { slot, precision, .. } = a.1 {
+                if matches!(self.slot_state(precision, slot), Some(SlotState::Loading(_))) {
+                    a.1 = Action::Skip;
+                }
+            }
+        }
+        self.cache.apply(&plan);
+        let id = PrefetchId(self.next_group);
+        let urgency = if priority == Priority::Demand { Urgency::Urgent } else { Urgency::Background };
+        self.issue(&plan, Some(id), urgency)?;
+        Ok(id)
+    }
+
+    fn cancel(&mut self, id: PrefetchId) {
+        let Some((&g, _)) = self.groups.iter().find(|(_, grp)| grp.prefetch == Some(id)) else { return };
+        if self.landed(g) {
+            // Its experts are in place: they simply stay cached.
+            return;
+        }
+        let keys = match self.groups.get_mut(&g) {
+            Some(grp) => {
+                grp.cancelled = true;
+                grp.keys.clone()
+            }
+            None => return,
+        };
+        for (key, p, slot) in keys {
+            if self.cache.lookup(key) == Some((slot, p)) {
+                self.cache.invalidate(key);
+            }
         }
     }
 }

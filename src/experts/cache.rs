@@ -5,7 +5,7 @@
 //! high slots; resident bytes never exceed the budget.
 
 use super::policy::{Now, Record, SeqClock, VictimKey};
-use super::{Action, CacheConfig, CacheError, CacheStats, ExpertKey, Plan, Precision, SlotId};
+use super::{Action, CacheConfig, CacheError, CacheStats, Device, ExpertKey, Plan, PlanKind, Precision, SlotId};
 use std::ops::Range;
 
 /// One precision's slots and which of them each layer may use.
@@ -50,6 +50,9 @@ impl ExpertCache {
             stats: CacheStats {
                 per_layer_hits: vec![0; cfg.n_layers],
                 per_layer_lookups: vec![0; cfg.n_layers],
+                per_layer_prefetched: vec![0; cfg.n_layers],
+                per_layer_prefetch_used: vec![0; cfg.n_layers],
+                per_layer_prefetch_wasted: vec![0; cfg.n_layers],
                 ..CacheStats::default()
             },
             cfg,
@@ -100,10 +103,32 @@ impl ExpertCache {
     /// - A load takes the lowest free slot of the layer's range, else evicts the
     ///   lowest-priority resident that is neither needed in this plan nor pinned, nor already
     ///   taken by an earlier load of this plan. If no low slot qualifies the load goes high.
+    /// - With `host_compute`, a miss is `ComputeOn(Host)` instead of a load.
     /// - `Skip` also answers what cannot be placed: a layer or expert out of range, a
     ///   duplicate expert, or (only if `needed` is longer than `top_k`) no slot at all.
     pub fn plan(&self, layer: usize, token: u64, needed: &[(u16, f32)]) -> Plan {
-        let mut plan = Plan { layer, token, actions: Vec::with_capacity(needed.len()) };
+        self.plan_kind(PlanKind::Demand, layer, token, needed, &[])
+    }
+
+    /// Decide which of the experts predicted for `layer` (index, predicted gate weight, in score
+    /// order) to load ahead of need. Pure, like `plan`. Resident ones are `Hit`s (nothing to
+    /// do); a miss becomes a `Prefetch` at the precision the thresholds give its predicted
+    /// weight, into a free slot or in place of an expert that is neither in `protect` (the
+    /// current layer's experts, reads in flight) nor pinned; what finds no such slot, or would be
+    /// skipped, or computed elsewhere, is `Skip`.
+    pub fn plan_prefetch(&self, layer: usize, token: u64, candidates: &[(u16, f32)], protect: &[ExpertKey]) -> Plan {
+        self.plan_kind(PlanKind::Prefetch, layer, token, candidates, protect)
+    }
+
+    fn plan_kind(
+        &self,
+        kind: PlanKind,
+        layer: usize,
+        token: u64,
+        needed: &[(u16, f32)],
+        protect: &[ExpertKey],
+    ) -> Plan {
+        let mut plan = Plan { kind, layer, token, actions: Vec::with_capacity(needed.len()) };
         let mut taken: Vec<(Precision, SlotId)> = Vec::with_capacity(needed.len());
         let (seq_first, seq_tokens) = self.seq.span_with(token);
         let now = Now { layer, n_layers: self.cfg.n_layers, seq_first, seq_tokens };
@@ -114,12 +139,17 @@ impl ExpertCache {
             let action = match (self.index(key), duplicate) {
                 (Some(i), false) => match self.resident[i] {
                     Some((precision, slot)) => Action::Hit { slot, precision },
-                    None => match self.want(layer, rank, s) {
-                        None => Action::Skip,
-                        Some(p) => match self.place(p, needed, &taken, &now) {
+                    None => match (self.want(layer, rank, s), kind) {
+                        (None, _) => Action::Skip,
+                        (Some(_), PlanKind::Demand) if self.cfg.host_compute => Action::ComputeOn(Device::Host),
+                        (Some(_), PlanKind::Prefetch) if self.cfg.host_compute => Action::Skip,
+                        (Some(p), _) => match self.place(p, needed, protect, &taken, &now) {
                             Some((precision, slot, evict)) => {
                                 taken.push((precision, slot));
-                                Action::Load { slot, precision, evict }
+                                match kind {
+                                    PlanKind::Demand => Action::Load { slot, precision, evict },
+                                    PlanKind::Prefetch => Action::Prefetch { slot, precision, evict },
+                                }
                             }
                             None => Action::Skip,
                         },
@@ -141,6 +171,9 @@ impl ExpertCache {
     /// skips.
     pub fn apply(&mut self, plan: &Plan) {
         self.step += 1;
+        if plan.kind == PlanKind::Prefetch {
+            return self.apply_prefetch(plan);
+        }
         self.seq.observe(plan.token);
         for &(key, action, _) in &plan.actions {
             self.stats.lookups += 1;
@@ -155,34 +188,66 @@ impl ExpertCache {
                     if precision == Precision::Low {
                         self.stats.hits_low += 1;
                     }
+                    if std::mem::take(&mut self.records[i].prefetched) {
+                        self.stats.per_layer_prefetch_used[key.layer as usize] += 1;
+                    }
                     self.touch(i, plan.token, true);
                 }
                 (Action::Load { slot, precision, .. }, Some(i))
                     if (slot as usize) < self.pool(precision).slots.len() =>
                 {
-                    if let Some(old) = self.pool_mut(precision).slots[slot as usize].take() {
-                        if let Some(o) = self.index(old) {
-                            self.resident[o] = None;
-                        }
-                        self.stats.evictions += 1;
-                        self.used[pool_index(precision)] -= 1;
-                    }
-                    if let Some((p0, s0)) = self.resident[i].take() {
-                        self.pool_mut(p0).slots[s0 as usize] = None;
-                        self.used[pool_index(p0)] -= 1;
-                    }
-                    self.used[pool_index(precision)] += 1;
-                    self.pool_mut(precision).slots[slot as usize] = Some(key);
-                    self.resident[i] = Some((precision, slot));
+                    self.place_key(key, i, precision, slot);
                     match precision {
                         Precision::High => self.stats.loads_high += 1,
                         Precision::Low => self.stats.loads_low += 1,
                     }
-                    self.stats.bytes_loaded += self.cfg.expert_bytes(precision);
                     self.touch(i, plan.token, false);
                 }
+                (Action::ComputeOn(_), Some(_)) => self.stats.computed_elsewhere += 1,
                 _ => self.stats.skips += 1,
             }
+        }
+    }
+
+    /// A prefetch plan's loads: residency and the prefetch counters change, nothing else (no
+    /// lookup, no use: the expert's recency is refreshed so the next plan does not evict it).
+    fn apply_prefetch(&mut self, plan: &Plan) {
+        for &(key, action, _) in &plan.actions {
+            if let (Action::Prefetch { slot, precision, .. }, Some(i)) = (action, self.index(key)) {
+                if (slot as usize) < self.pool(precision).slots.len() {
+                    self.place_key(key, i, precision, slot);
+                    self.stats.per_layer_prefetched[key.layer as usize] += 1;
+                    self.records[i].prefetched = true;
+                    self.records[i].last_step = self.step;
+                }
+            }
+        }
+    }
+
+    /// Put `key` (index `i`) into `slot`, evicting its occupant and freeing any slot `key` held.
+    fn place_key(&mut self, key: ExpertKey, i: usize, precision: Precision, slot: SlotId) {
+        if let Some(old) = self.pool_mut(precision).slots[slot as usize].take() {
+            if let Some(o) = self.index(old) {
+                self.resident[o] = None;
+                self.forget_prefetch(o);
+            }
+            self.stats.evictions += 1;
+            self.used[pool_index(precision)] -= 1;
+        }
+        if let Some((p0, s0)) = self.resident[i].take() {
+            self.pool_mut(p0).slots[s0 as usize] = None;
+            self.used[pool_index(p0)] -= 1;
+        }
+        self.used[pool_index(precision)] += 1;
+        self.pool_mut(precision).slots[slot as usize] = Some(key);
+        self.resident[i] = Some((precision, slot));
+        self.stats.bytes_loaded += self.cfg.expert_bytes(precision);
+    }
+
+    /// A prefetched expert leaves unused: count it as wasted.
+    fn forget_prefetch(&mut self, i: usize) {
+        if std::mem::take(&mut self.records[i].prefetched) {
+            self.stats.per_layer_prefetch_wasted[i / self.cfg.n_experts] += 1;
         }
     }
 
@@ -190,6 +255,7 @@ impl ExpertCache {
     /// becomes free and the next plan loads the expert again.
     pub fn invalidate(&mut self, key: ExpertKey) {
         let Some(i) = self.index(key) else { return };
+        self.forget_prefetch(i);
         if let Some((p, slot)) = self.resident[i].take() {
             self.pool_mut(p).slots[slot as usize] = None;
             self.used[pool_index(p)] -= 1;
@@ -260,13 +326,14 @@ impl ExpertCache {
         &self,
         p: Precision,
         needed: &[(u16, f32)],
+        protect: &[ExpertKey],
         taken: &[(Precision, SlotId)],
         now: &Now,
     ) -> Option<(Precision, SlotId, Option<ExpertKey>)> {
-        let found = self.slot_in(p, needed, taken, now).map(|(s, e)| (p, s, e));
+        let found = self.slot_in(p, needed, protect, taken, now).map(|(s, e)| (p, s, e));
         match (found, p) {
             (None, Precision::Low) => {
-                self.slot_in(Precision::High, needed, taken, now).map(|(s, e)| (Precision::High, s, e))
+                self.slot_in(Precision::High, needed, protect, taken, now).map(|(s, e)| (Precision::High, s, e))
             }
             _ => found,
         }
@@ -276,6 +343,7 @@ impl ExpertCache {
         &self,
         p: Precision,
         needed: &[(u16, f32)],
+        protect: &[ExpertKey],
         taken: &[(Precision, SlotId)],
         now: &Now,
     ) -> Option<(SlotId, Option<ExpertKey>)> {
@@ -289,7 +357,7 @@ impl ExpertCache {
         for s in range {
             let Some(occ) = pool.slots[s as usize] else { continue };
             let needed_here = occ.layer as usize == now.layer && needed.iter().any(|&(e, _)| e == occ.expert);
-            if needed_here || self.pinned(occ.layer as usize) || taken.contains(&(p, s)) {
+            if needed_here || protect.contains(&occ) || self.pinned(occ.layer as usize) || taken.contains(&(p, s)) {
                 continue;
             }
             let Some(i) = self.index(occ) else { continue };

@@ -380,7 +380,7 @@ fn stale_plans_still_leave_a_consistent_cache() {
     assert_eq!((c.lookup(k(0, 0)), c.lookup(k(0, 1))), (None, Some((0, Precision::High))));
     assert_eq!(c.stats().evictions, 1);
     c.apply(&a); // e0 back into slot 0
-    c.apply(&Plan { layer: 0, token: 1, actions: vec![(k(0, 2), load(7, None), 1.0)] });
+    c.apply(&Plan { layer: 0, token: 1, actions: vec![(k(0, 2), load(7, None), 1.0)], ..Default::default() });
     c.check_invariants();
     assert_eq!(c.stats().skips, 1);
 }

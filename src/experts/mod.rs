@@ -100,6 +100,9 @@ pub struct CacheConfig {
     /// HOBBIT mixed precision thresholds (T1, T2) on cumulative normalized gate weight
     /// (None = always high).
     pub thresholds: Option<(f32, f32)>,
+    /// Compute a miss where its bytes already are (the host) instead of loading it into a slot
+    /// — llama.cpp's `--cpu-moe`; the planner chooses this per expert from a cost model later.
+    pub host_compute: bool,
 }
 
 impl CacheConfig {
@@ -124,6 +127,7 @@ impl CacheConfig {
             pinned_layers: 0,
             per_layer: false,
             thresholds: None,
+            host_compute: false,
         }
     }
 
@@ -136,7 +140,14 @@ impl CacheConfig {
     }
 }
 
-/// What to do for one needed expert of this layer.
+/// Where a miss is computed instead of being loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Device {
+    /// The CPU, from the host's copy (the file mapping or host RAM).
+    Host,
+}
+
+/// What to do for one needed (or predicted) expert.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub enum Action {
     Hit {
@@ -149,15 +160,35 @@ pub enum Action {
         precision: Precision,
         evict: Option<ExpertKey>,
     },
+    /// A predicted expert of a later layer: load it into `slot` now, ahead of need (a prefetch
+    /// plan's load; never evicts an expert the current layer needs).
+    Prefetch {
+        slot: SlotId,
+        precision: Precision,
+        evict: Option<ExpertKey>,
+    },
+    /// Compute this miss on `Device` from where its bytes are; nothing is loaded.
+    ComputeOn(Device),
     /// Too unimportant this token (cumulative gate weight above T2): skip it. Also used for
     /// inputs the cache cannot place: an expert index out of range, a duplicate in one plan,
-    /// or a layer out of range.
+    /// or a layer out of range; in a prefetch plan, a prediction it does not load.
     Skip,
+}
+
+/// Whether a plan serves the layer being computed or predicts a later one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum PlanKind {
+    /// The experts the router chose: counted as lookups, hits and misses.
+    #[default]
+    Demand,
+    /// Predicted experts of a later layer: loads only, counted as prefetches.
+    Prefetch,
 }
 
 /// The decisions for one token in one layer, in router rank order.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Plan {
+    pub kind: PlanKind,
     pub layer: usize,
     pub token: u64,
     /// (expert, what to do, its normalized gate weight).
@@ -165,10 +196,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The loads of this plan: (expert, slot, precision, evicted expert).
+    /// The loads of this plan (prefetches included): (expert, slot, precision, evicted expert).
     pub fn loads(&self) -> impl Iterator<Item = (ExpertKey, SlotId, Precision, Option<ExpertKey>)> + '_ {
         self.actions.iter().filter_map(|&(k, a, _)| match a {
-            Action::Load { slot, precision, evict } => Some((k, slot, precision, evict)),
+            Action::Load { slot, precision, evict } | Action::Prefetch { slot, precision, evict } => {
+                Some((k, slot, precision, evict))
+            }
             _ => None,
         })
     }
@@ -188,6 +221,14 @@ pub struct CacheStats {
     pub hits_low: u64,
     pub per_layer_hits: Vec<u64>,
     pub per_layer_lookups: Vec<u64>,
+    /// Misses computed where their bytes are (`Action::ComputeOn`).
+    pub computed_elsewhere: u64,
+    /// Experts loaded by prefetch plans, per layer.
+    pub per_layer_prefetched: Vec<u64>,
+    /// Prefetched experts a later demand plan hit before they were evicted, per layer.
+    pub per_layer_prefetch_used: Vec<u64>,
+    /// Prefetched experts evicted (or forgotten) before any demand plan used them, per layer.
+    pub per_layer_prefetch_wasted: Vec<u64>,
 }
 
 impl CacheStats {

@@ -41,6 +41,8 @@ pub struct Record {
     pub seq_uses: u64,
     /// Hits in this sequence.
     pub seq_hits: u64,
+    /// Loaded by a prefetch plan and not yet used by a demand plan.
+    pub prefetched: bool,
 }
 
 /// The token span of the current sequence, as seen by `apply`.

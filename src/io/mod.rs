@@ -159,6 +159,15 @@ pub struct IoTuning {
     pub split_bytes: usize,
 }
 
+/// How soon a batch should be read: urgent batches are taken before any queued background
+/// one (reads already in flight finish first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Urgency {
+    #[default]
+    Urgent,
+    Background,
+}
+
 /// Identifies a submitted batch until `wait` consumes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ticket(u64);
@@ -247,6 +256,15 @@ impl IoService {
     /// anyone else (nor overlap another op's `dst`) until `wait` on the returned ticket has
     /// returned — or, if it is never waited, until the service has been dropped.
     pub unsafe fn submit(&self, ops: Vec<ReadOp>) -> Ticket {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.submit_with(ops, Urgency::Urgent) }
+    }
+
+    /// `submit` at the given urgency.
+    ///
+    /// # Safety
+    /// As for [`IoService::submit`].
+    pub unsafe fn submit_with(&self, ops: Vec<ReadOp>, urgency: Urgency) -> Ticket {
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let invalid = ops.iter().find_map(|op| self.shared.validate(op).err());
         if let Some(err) = invalid {
@@ -257,14 +275,21 @@ impl IoService {
         self.shared.register(id, jobs.len());
         if !jobs.is_empty() {
             let sent = match &self.engine {
-                Engine::Uring(t) => t.send(jobs),
-                Engine::Pread(p) => p.send(jobs),
+                Engine::Uring(t) => t.send(jobs, urgency),
+                Engine::Pread(p) => p.send(jobs, urgency),
             };
             if !sent {
                 self.shared.fail_batch(id, IoError::ServiceGone { path: self.shared.path.clone() });
             }
         }
         Ticket(id)
+    }
+
+    /// Whether the batch is done, without blocking or consuming it: `None` while reads are in
+    /// flight, `Some(true)` once every op succeeded (its bytes are all in place), `Some(false)`
+    /// if one failed (then `wait` reports why).
+    pub fn finished(&self, t: Ticket) -> Option<bool> {
+        self.shared.finished(t.0)
     }
 
     /// Blocks until every op of the batch is done; the first failure of the batch, if any.

@@ -2,26 +2,29 @@
 //! as the io_uring thread (validation, EOF tail, short reads) through `Shared`.
 
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::shared::{GoneGuard, Job, Next, Shared};
-use super::IoError;
+use crossbeam_channel::Sender;
+
+use super::shared::{GoneGuard, Job, Next, Queues, Shared};
+use super::{IoError, Urgency};
 
 pub(super) struct PreadPool {
-    tx: Option<Sender<Job>>,
+    /// (urgent, background) queues.
+    tx: Option<(Sender<Job>, Sender<Job>)>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl PreadPool {
     pub fn start(shared: &Arc<Shared>, n_threads: usize) -> Result<PreadPool, IoError> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut pool = PreadPool { tx: Some(tx), threads: Vec::new() };
+        let (urgent_tx, urgent) = crossbeam_channel::unbounded::<Job>();
+        let (background_tx, background) = crossbeam_channel::unbounded::<Job>();
+        let mut pool = PreadPool { tx: Some((urgent_tx, background_tx)), threads: Vec::new() };
         for i in 0..n_threads.max(1) {
-            let (sh, rx) = (Arc::clone(shared), Arc::clone(&rx));
-            let spawned = std::thread::Builder::new().name(format!("moerun-pread-{i}")).spawn(move || worker(&sh, &rx));
+            let sh = Arc::clone(shared);
+            let q = Queues { urgent: urgent.clone(), background: background.clone() };
+            let spawned = std::thread::Builder::new().name(format!("moerun-pread-{i}")).spawn(move || worker(&sh, &q));
             match spawned {
                 Ok(h) => pool.threads.push(h),
                 Err(source) => {
@@ -34,8 +37,9 @@ impl PreadPool {
     }
 
     /// Queues the jobs; false if the workers are gone.
-    pub fn send(&self, jobs: Vec<Job>) -> bool {
-        let Some(tx) = &self.tx else { return false };
+    pub fn send(&self, jobs: Vec<Job>, urgency: Urgency) -> bool {
+        let Some((urgent, background)) = &self.tx else { return false };
+        let tx = if urgency == Urgency::Urgent { urgent } else { background };
         jobs.into_iter().all(|job| tx.send(job).is_ok())
     }
 
@@ -48,14 +52,10 @@ impl PreadPool {
     }
 }
 
-fn worker(shared: &Shared, rx: &Mutex<Receiver<Job>>) {
+fn worker(shared: &Shared, queues: &Queues<Job>) {
     let _guard = GoneGuard(shared);
-    loop {
-        // The lock is held only while taking one job off the queue.
-        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return, // queue closed and drained
-        };
+    // `None`: both queues closed and drained.
+    while let Some(job) = queues.recv() {
         shared.busy_enter();
         let result = shared.chunks(&job.op).try_for_each(|chunk| read_chunk(shared, &job, chunk));
         shared.busy_exit();

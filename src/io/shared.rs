@@ -15,6 +15,32 @@ pub(super) struct Job {
     pub batch: u64,
 }
 
+/// The two queues every reader takes jobs from, urgent first.
+pub(super) struct Queues<T> {
+    pub urgent: crossbeam_channel::Receiver<T>,
+    pub background: crossbeam_channel::Receiver<T>,
+}
+
+impl<T> Queues<T> {
+    /// The next message, urgent first; blocks while both are empty; `None` once both are closed
+    /// and drained.
+    pub fn recv(&self) -> Option<T> {
+        if let Ok(m) = self.urgent.try_recv() {
+            return Some(m);
+        }
+        crossbeam_channel::select_biased! {
+            recv(self.urgent) -> m => match m {
+                Ok(m) => Some(m),
+                Err(_) => self.background.recv().ok(),
+            },
+            recv(self.background) -> m => match m {
+                Ok(m) => Some(m),
+                Err(_) => self.urgent.recv().ok(),
+            },
+        }
+    }
+}
+
 /// A kernel-sized piece of a job: `len` bytes at `offset` into `dst`.
 #[derive(Clone, Copy)]
 pub(super) struct Chunk {
@@ -195,6 +221,18 @@ impl Shared {
             st.stats.batches += 1;
             drop(st);
             self.done.notify_all();
+        }
+    }
+
+    /// Whether batch `id` has finished: `None` while ops are in flight, else whether every op
+    /// succeeded (an unknown batch counts as failed). Does not consume the batch.
+    pub fn finished(&self, id: u64) -> Option<bool> {
+        let st = self.lock();
+        match st.batches.get(&id) {
+            None => Some(false),
+            Some(b) if b.remaining == 0 => Some(b.error.is_none()),
+            Some(_) if st.gone => Some(false),
+            Some(_) => None,
         }
     }
 

@@ -4,20 +4,20 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{opcode, types, IoUring};
 
 use super::shared::{Chunk, GoneGuard, Job, Next, Shared};
-use super::IoError;
+use super::{IoError, Urgency};
 
 /// user_data of the eventfd poll; read slots use their index.
 const WAKE: u64 = u64::MAX;
 
 enum Msg {
-    Batch(Vec<Job>),
+    Batch(Vec<Job>, Urgency),
     Shutdown,
 }
 
@@ -42,7 +42,7 @@ impl UringThread {
         }
         // SAFETY: efd is a freshly created descriptor owned by nobody else.
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = crossbeam_channel::unbounded();
         let (sh, wk) = (Arc::clone(shared), Arc::clone(&wake));
         let thread = std::thread::Builder::new()
             .name("moerun-uring".into())
@@ -55,8 +55,8 @@ impl UringThread {
     }
 
     /// Queues a batch and wakes the thread; false if the thread is gone.
-    pub fn send(&self, jobs: Vec<Job>) -> bool {
-        let ok = self.tx.send(Msg::Batch(jobs)).is_ok();
+    pub fn send(&self, jobs: Vec<Job>, urgency: Urgency) -> bool {
+        let ok = self.tx.send(Msg::Batch(jobs, urgency)).is_ok();
         self.kick();
         ok
     }
@@ -118,7 +118,9 @@ struct Reader<'a> {
     /// In-flight pieces by slot (user_data), and free slots.
     slots: Vec<Option<Piece>>,
     free_slots: Vec<usize>,
+    /// Queued pieces: urgent ones, then background ones (a resubmitted remainder goes first).
     pending: VecDeque<Piece>,
+    background: VecDeque<Piece>,
     in_flight: usize,
     shutting_down: bool,
 }
@@ -136,6 +138,7 @@ impl<'a> Reader<'a> {
             slots: vec![None; qd],
             free_slots: (0..qd).rev().collect(),
             pending: VecDeque::new(),
+            background: VecDeque::new(),
             in_flight: 0,
             shutting_down: false,
         }
@@ -143,7 +146,7 @@ impl<'a> Reader<'a> {
 
     fn run(mut self, rx: &Receiver<Msg>) {
         loop {
-            if self.in_flight == 0 && self.pending.is_empty() {
+            if self.in_flight == 0 && self.pending.is_empty() && self.background.is_empty() {
                 if self.shutting_down {
                     break;
                 }
@@ -178,7 +181,7 @@ impl<'a> Reader<'a> {
     fn take(&mut self, msg: Msg) {
         match msg {
             Msg::Shutdown => self.shutting_down = true,
-            Msg::Batch(jobs) => {
+            Msg::Batch(jobs, urgency) => {
                 for job in jobs {
                     let chunks: Vec<Chunk> = self.shared.chunks(&job.op).collect();
                     let state = OpState { job, chunks_left: chunks.len(), error: None };
@@ -192,7 +195,8 @@ impl<'a> Reader<'a> {
                             self.ops.len() - 1
                         }
                     };
-                    self.pending.extend(chunks.into_iter().map(|chunk| Piece { op, chunk, done: 0 }));
+                    let queue = if urgency == Urgency::Urgent { &mut self.pending } else { &mut self.background };
+                    queue.extend(chunks.into_iter().map(|chunk| Piece { op, chunk, done: 0 }));
                 }
             }
         }
@@ -201,7 +205,7 @@ impl<'a> Reader<'a> {
     /// Pushes queued pieces into free slots until the ring holds `qd` reads.
     fn fill(&mut self) {
         while !self.free_slots.is_empty() {
-            let Some(piece) = self.pending.pop_front() else {
+            let Some(piece) = self.pending.pop_front().or_else(|| self.background.pop_front()) else {
                 break;
             };
             let Some(slot) = self.free_slots.pop() else {

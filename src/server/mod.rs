@@ -73,7 +73,9 @@ pub enum ServerError {
     #[error("the engine thread panicked")]
     WorkerPanicked,
     #[error("expert cache: {0}")]
-    Offload(String),
+    Offload(#[from] crate::engine::offload::OffloadError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 /// What every handler sees.
@@ -109,16 +111,15 @@ impl Server {
         let aliases = stem.into_iter().filter(|s| *s != model_id).collect();
         let facts = MoeFacts::of(&model);
         let format = ChatFormat::new(Arc::clone(&tok))?;
-        let mut engine = Engine::new(Arc::clone(&model), cfg.engine.clone());
+        let mut engine = Engine::new(Arc::clone(&model), cfg.engine.clone())?;
         if let Some(oc) = &cfg.offload {
-            engine.set_offload(
-                crate::engine::offload::Offload::new(model, oc).map_err(|e| ServerError::Offload(e.to_string()))?,
-            );
+            engine.set_offload(crate::engine::offload::Offload::new(model, oc)?);
         }
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
+        let sess = engine.new_session()?;
         let stats = SharedStats::default();
         let (queue, worker) =
-            worker::spawn(engine, tok, cfg.queue_capacity, stats.clone()).map_err(ServerError::Spawn)?;
+            worker::spawn(engine, sess, tok, cfg.queue_capacity, stats.clone()).map_err(ServerError::Spawn)?;
         let state = Arc::new(AppState {
             model_id: model_id.clone(),
             aliases,

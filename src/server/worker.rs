@@ -93,19 +93,20 @@ impl Queue {
 /// `Queue` clone is dropped and the queue is drained.
 pub fn spawn(
     engine: Engine,
+    sess: Session,
     tok: Arc<Tokenizer>,
     capacity: usize,
     stats: SharedStats,
 ) -> std::io::Result<(Queue, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let worker_stats = stats.clone();
-    let handle =
-        std::thread::Builder::new().name("moerun-engine".into()).spawn(move || run(engine, &tok, rx, &worker_stats))?;
+    let handle = std::thread::Builder::new()
+        .name("moerun-engine".into())
+        .spawn(move || run(engine, sess, &tok, rx, &worker_stats))?;
     Ok((Queue { tx, stats }, handle))
 }
 
-fn run(mut engine: Engine, tok: &Tokenizer, mut rx: mpsc::Receiver<Job>, stats: &SharedStats) {
-    let mut sess = engine.new_session();
+fn run(mut engine: Engine, mut sess: Session, tok: &Tokenizer, mut rx: mpsc::Receiver<Job>, stats: &SharedStats) {
     while let Some(job) = rx.blocking_recv() {
         if job.events.is_closed() {
             stats.lock().counters.record_unstarted(Outcome::Cancelled);

@@ -4,9 +4,9 @@
 
 use std::cell::UnsafeCell;
 
-use super::ggml::{kernels, Kernels};
 use super::pool::ThreadPool;
 use super::repack::{self, Layout, GEMM_TOKENS};
+use crate::ggml::{kernels, Kernels};
 use crate::gguf::GgmlType;
 
 /// A row-major weight matrix view: `rows` rows of `cols` elements of `ty` (ggml's `[cols, rows]`).
@@ -110,13 +110,16 @@ impl Default for QActs {
     }
 }
 
-/// An output buffer that threads fill at disjoint indices.
+/// An output buffer that threads fill at disjoint indices: it borrows the buffer uniquely for its
+/// lifetime, so nothing reads the values until the writers are done; `set` is `unsafe` because
+/// only its callers can know that no two threads write one index.
 pub struct SharedOut<'a> {
     cells: &'a [UnsafeCell<f32>],
 }
 
-// SAFETY: every user writes disjoint indices (each (token, row) pair belongs to one chunk, and a
-// chunk is handed to exactly one thread), and the buffer is read only after the pool joins.
+// SAFETY: shared across the pool's threads only to call `set`/`span`, whose callers guarantee
+// (their `# Safety`) that each index is written by one thread during a job; nothing reads the
+// cells through a `SharedOut`.
 unsafe impl Sync for SharedOut<'_> {}
 
 impl<'a> SharedOut<'a> {
@@ -127,9 +130,14 @@ impl<'a> SharedOut<'a> {
         SharedOut { cells: unsafe { std::slice::from_raw_parts(ptr, len) } }
     }
 
+    /// Write `v` at index `i` (bounds-checked).
+    ///
+    /// # Safety
+    /// No other thread may write index `i` while this `SharedOut` is shared.
     #[inline]
-    pub fn set(&self, i: usize, v: f32) {
-        // SAFETY: see the Sync impl: no other thread touches index `i` during the job.
+    pub unsafe fn set(&self, i: usize, v: f32) {
+        // SAFETY: the caller guarantees no other thread touches index `i`; `cells` is borrowed
+        // from a unique `&mut [f32]`, so nobody reads it meanwhile.
         unsafe { *self.cells[i].get() = v }
     }
 
@@ -146,7 +154,7 @@ pub struct MatJob<'a> {
     pub w: MatRef<'a>,
     pub act: &'a QActs,
     /// Only these tokens of `act` (all if `None`).
-    pub tokens: Option<&'a [usize]>,
+    pub tokens: Option<&'a [u32]>,
     pub out: &'a SharedOut<'a>,
     pub out_stride: usize,
     pub out_offset: usize,
@@ -156,7 +164,11 @@ pub struct MatJob<'a> {
 const ROW_CHUNK: usize = 16;
 
 /// Run all products as one parallel job over the concatenated rows (see `ThreadPool::for_each_affine`).
-pub fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
+///
+/// # Safety
+/// No two jobs may write the same output index (the indices `t * out_stride + out_offset + r` of
+/// different jobs sharing a `SharedOut` are disjoint); each job's indices are in bounds (checked).
+pub unsafe fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
     // Each thread walks its own contiguous stretch of the batch's rows in 16-row chunks and
     // then steals the others' leftovers. Measured on 2 cores, decode of a 12-layer Qwen3-MoE
     // Q4_0 against llama.cpp in paired runs: chunks handed out in global order 0.96–0.98×; a
@@ -165,8 +177,7 @@ pub fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
     let mut starts = Vec::with_capacity(jobs.len() + 1);
     let mut total = 0usize;
     for j in jobs {
-        debug_assert_eq!(j.act.ty, j.w.k.vec_dot_type);
-        debug_assert_eq!(j.act.cols, j.w.cols);
+        assert!(j.act.ty == j.w.k.vec_dot_type && j.act.cols == j.w.cols, "activations converted for another weight");
         starts.push(total);
         total += j.w.rows.div_ceil(ROW_CHUNK);
     }
@@ -191,7 +202,8 @@ fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
             for r in rows {
                 let wr = j.w.row(r);
                 for t in 0..j.act.n_tok {
-                    j.out.set(t * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t)));
+                    // SAFETY: output (t, r) belongs to this chunk of rows, which one thread runs.
+                    unsafe { j.out.set(t * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t))) };
                 }
             }
         }
@@ -199,7 +211,8 @@ fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
             for r in rows {
                 let wr = j.w.row(r);
                 for (i, &t) in toks.iter().enumerate() {
-                    j.out.set(i * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t)));
+                    // SAFETY: output (i, r) belongs to this chunk of rows, which one thread runs.
+                    unsafe { j.out.set(i * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t as usize))) };
                 }
             }
         }
@@ -236,7 +249,7 @@ fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
         }
         Some(toks) => {
             for (i, &t) in toks.iter().enumerate() {
-                gemv(j.act.row(t), i);
+                gemv(j.act.row(t as usize), i);
             }
         }
     }
@@ -248,7 +261,10 @@ pub fn matmul(pool: &ThreadPool, w: MatRef<'_>, x: &[f32], acts: &mut QActs, out
     let n_tok = acts.n_tok;
     assert_eq!(out.len(), n_tok * w.rows);
     let shared = SharedOut::new(out);
-    matmul_batch(pool, &[MatJob { w, act: acts, tokens: None, out: &shared, out_stride: w.rows, out_offset: 0 }]);
+    // SAFETY: one job.
+    unsafe {
+        matmul_batch(pool, &[MatJob { w, act: acts, tokens: None, out: &shared, out_stride: w.rows, out_offset: 0 }])
+    };
 }
 
 #[cfg(test)]

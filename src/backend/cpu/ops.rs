@@ -2,6 +2,9 @@
 //! them (f64 accumulation where ggml uses `ggml_float`, iterative RoPE angles), so our numbers
 //! track llama.cpp's closely.
 
+use crate::arch::RopeStyle;
+use crate::backend::Rope;
+
 /// `out = x / sqrt(mean(x²) + eps) * w` (ggml's `rms_norm` followed by `mul`).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
@@ -27,7 +30,7 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let src = x.to_vec();
-    let sum = super::ggml::vec_soft_max(x, &src, max);
+    let sum = crate::ggml::vec_soft_max(x, &src, max);
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v *= inv;
@@ -47,61 +50,42 @@ pub fn sigmoid(x: f32) -> f32 {
 /// `gate[i] = silu(gate[i]) * up[i]`, with ggml's vector `silu` (bit-identical to its `swiglu`).
 pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
     let g = gate.to_vec();
-    super::ggml::vec_swiglu(gate, &g, up);
+    crate::ggml::vec_swiglu(gate, &g, up);
 }
 
-/// How RoPE pairs dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum RopeStyle {
-    /// Adjacent pairs (2i, 2i+1): llama.
-    Normal,
-    /// Halves (i, i + d/2): GPT-NeoX, Qwen, OLMoE.
-    Neox,
-}
-
-/// Rotary embedding parameters.
-#[derive(Debug, Clone, Copy)]
-pub struct Rope {
-    pub style: RopeStyle,
-    pub n_dims: usize,
-    pub freq_base: f32,
-    pub freq_scale: f32,
-}
-
-impl Rope {
-    /// cos/sin for every pair at position `pos` (`cache` is `n_dims` long: cos, sin interleaved).
-    pub fn angles(&self, pos: usize, cache: &mut [f32]) {
-        let theta_scale = self.freq_base.powf(-2.0 / self.n_dims as f32);
-        let mut theta = pos as f32;
-        for i in (0..self.n_dims).step_by(2) {
-            let t = self.freq_scale * theta;
-            cache[i] = t.cos();
-            cache[i + 1] = t.sin();
-            theta *= theta_scale;
-        }
+/// cos/sin for every pair at position `pos` (`cache` is `n_dims` long: cos, sin interleaved),
+/// with ggml's iterative angles.
+pub fn rope_angles(rope: &Rope, pos: usize, cache: &mut [f32]) {
+    let theta_scale = rope.freq_base.powf(-2.0 / rope.n_dims as f32);
+    let mut theta = pos as f32;
+    for i in (0..rope.n_dims).step_by(2) {
+        let t = rope.freq_scale * theta;
+        cache[i] = t.cos();
+        cache[i + 1] = t.sin();
+        theta *= theta_scale;
     }
+}
 
-    /// Rotate one head vector in place with precomputed `angles`.
-    pub fn apply(&self, head: &mut [f32], angles: &[f32]) {
-        let n = self.n_dims;
-        match self.style {
-            RopeStyle::Normal => {
-                for i in (0..n).step_by(2) {
-                    let (c, s) = (angles[i], angles[i + 1]);
-                    let (x0, x1) = (head[i], head[i + 1]);
-                    head[i] = x0.mul_add(c, -(x1 * s));
-                    head[i + 1] = x0.mul_add(s, x1 * c);
-                }
+/// Rotate one head vector in place with precomputed `angles`.
+pub fn rope_apply(rope: &Rope, head: &mut [f32], angles: &[f32]) {
+    let n = rope.n_dims;
+    match rope.style {
+        RopeStyle::Normal => {
+            for i in (0..n).step_by(2) {
+                let (c, s) = (angles[i], angles[i + 1]);
+                let (x0, x1) = (head[i], head[i + 1]);
+                head[i] = x0.mul_add(c, -(x1 * s));
+                head[i + 1] = x0.mul_add(s, x1 * c);
             }
-            RopeStyle::Neox => {
-                let half = n / 2;
-                for i in (0..n).step_by(2) {
-                    let ic = i / 2;
-                    let (c, s) = (angles[i], angles[i + 1]);
-                    let (x0, x1) = (head[ic], head[ic + half]);
-                    head[ic] = x0 * c - x1 * s;
-                    head[ic + half] = x0 * s + x1 * c;
-                }
+        }
+        RopeStyle::Neox => {
+            let half = n / 2;
+            for i in (0..n).step_by(2) {
+                let ic = i / 2;
+                let (c, s) = (angles[i], angles[i + 1]);
+                let (x0, x1) = (head[ic], head[ic + half]);
+                head[ic] = x0 * c - x1 * s;
+                head[ic + half] = x0 * s + x1 * c;
             }
         }
     }
@@ -141,7 +125,7 @@ pub fn dot_f16(k: &[u8], q: &[u8]) -> f32 {
 
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    super::ggml::f16_to_f32(u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]))
+    crate::ggml::f16_to_f32(u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]))
 }
 
 /// `acc[i] = f16(v[i]·s + acc[i])` over f16 values (raw native-endian bytes for `v`): ggml's
@@ -150,7 +134,7 @@ pub fn mad_f16(acc: &mut [u16], v: &[u8], s: f32) {
     assert_eq!(2 * acc.len(), v.len());
     let done = simd::mad_f16(acc, v, s);
     for i in done..acc.len() {
-        acc[i] = super::ggml::f32_to_f16(f16_at(v, i).mul_add(s, super::ggml::f16_to_f32(acc[i])));
+        acc[i] = crate::ggml::f32_to_f16(f16_at(v, i).mul_add(s, crate::ggml::f16_to_f32(acc[i])));
     }
 }
 
@@ -158,7 +142,7 @@ pub fn mad_f16(acc: &mut [u16], v: &[u8], s: f32) {
 pub fn scale_f16(acc: &mut [u16], s: f32) {
     let done = simd::scale_f16(acc, s);
     for a in &mut acc[done..] {
-        *a = super::ggml::f32_to_f16(super::ggml::f16_to_f32(*a) * s);
+        *a = crate::ggml::f32_to_f16(crate::ggml::f16_to_f32(*a) * s);
     }
 }
 
@@ -299,13 +283,13 @@ mod tests {
         for style in [RopeStyle::Normal, RopeStyle::Neox] {
             let rope = Rope { style, n_dims: 8, freq_base: 10000.0, freq_scale: 1.0 };
             let mut ang = vec![0f32; 8];
-            rope.angles(0, &mut ang);
+            rope_angles(&rope, 0, &mut ang);
             let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
             let mut h = orig.clone();
-            rope.apply(&mut h, &ang);
+            rope_apply(&rope, &mut h, &ang);
             assert_eq!(h, orig);
-            rope.angles(17, &mut ang);
-            rope.apply(&mut h, &ang);
+            rope_angles(&rope, 17, &mut ang);
+            rope_apply(&rope, &mut h, &ang);
             let n0: f32 = orig.iter().map(|v| v * v).sum();
             let n1: f32 = h.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-3);
@@ -313,7 +297,7 @@ mod tests {
     }
 
     fn f16_bytes(v: &[f32]) -> Vec<u8> {
-        v.iter().flat_map(|&x| super::super::ggml::f32_to_f16(x).to_ne_bytes()).collect()
+        v.iter().flat_map(|&x| crate::ggml::f32_to_f16(x).to_ne_bytes()).collect()
     }
 
     #[test]
@@ -321,7 +305,7 @@ mod tests {
         let a: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let b: Vec<f32> = (0..32).map(|i| (i as f32 * 0.11).cos() * 2.0).collect();
         let (ka, qb) = (f16_bytes(&a), f16_bytes(&b));
-        let r = |x: f32| super::super::ggml::f16_to_f32(super::super::ggml::f32_to_f16(x)) as f64;
+        let r = |x: f32| crate::ggml::f16_to_f32(crate::ggml::f32_to_f16(x)) as f64;
         let want: f64 = a.iter().zip(&b).map(|(&x, &y)| r(x) * r(y)).sum();
         assert_eq!(dot_f16(&ka, &qb), want as f32);
     }
@@ -329,7 +313,7 @@ mod tests {
     /// The vector f16 helpers give the portable loops' bits exactly.
     #[test]
     fn f16_helpers_match_scalar_bits() {
-        use super::super::ggml::{f16_to_f32, f32_to_f16};
+        use crate::ggml::{f16_to_f32, f32_to_f16};
         let a: Vec<f32> = (0..200).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let b: Vec<f32> = (0..200).map(|i| (i as f32 * 0.11).cos() * 2.0).collect();
         for n in [8, 64, 128, 133, 200] {
@@ -364,7 +348,7 @@ mod tests {
     fn dot_f16_blocks_of_64_stay_close_to_exact() {
         let a: Vec<f32> = (0..160).map(|i| (i as f32 * 0.29).sin()).collect();
         let b: Vec<f32> = (0..160).map(|i| (i as f32 * 0.07).cos()).collect();
-        let r = |x: f32| super::super::ggml::f16_to_f32(super::super::ggml::f32_to_f16(x)) as f64;
+        let r = |x: f32| crate::ggml::f16_to_f32(crate::ggml::f32_to_f16(x)) as f64;
         let want: f64 = a.iter().zip(&b).map(|(&x, &y)| r(x) * r(y)).sum();
         assert!((dot_f16(&f16_bytes(&a), &f16_bytes(&b)) as f64 - want).abs() < 1e-4);
     }

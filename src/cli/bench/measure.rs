@@ -70,7 +70,7 @@ pub(super) fn max_rss(rss: Option<f64>) -> Option<f64> {
 
 /// One timed greedy run of our engine in a fresh session.
 pub(super) fn time_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
-    let mut sess = engine.new_session();
+    let mut sess = engine.new_session()?;
     let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
     time_run(
         prompt,

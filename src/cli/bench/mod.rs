@@ -103,16 +103,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let run_ours = a.only != Some(Only::Llama);
     let run_llama = a.compare || a.only == Some(Only::Llama);
-    let model = Arc::new(Model::load_with(
-        &path,
-        a.offload.load_options(if run_ours { a.resident } else { moerun::model::Resident::None }),
-    )?);
+    let model = Arc::new(Model::load(&path)?);
+    let residency = a.offload.residency(if run_ours { a.resident } else { Resident::None });
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
     let mut engine = Engine::new(
         Arc::clone(&model),
-        EngineConfig { threads: if run_ours { threads } else { 1 }, n_ctx, kv_type: KvType::F16, ..Default::default() },
-    );
+        EngineConfig {
+            threads: if run_ours { threads } else { 1 },
+            n_ctx,
+            kv_type: KvType::F16,
+            residency,
+            ..Default::default()
+        },
+    )?;
     if run_ours {
         a.offload.apply(&mut engine, &model, &path)?;
     }
@@ -191,7 +195,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let decode_ratio = paired(&ours.1, &theirs.1);
     let prefill_ratio = paired(&ours.0, &theirs.0);
-    let kv_mib = engine.new_session().kv.bytes() as f64 / (1024.0 * 1024.0);
+    let kv_mib = engine.session_kv_bytes() as f64 / (1024.0 * 1024.0);
+    let (resident_mode, resident_bytes) = engine.resident();
     let moerun_side =
         run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
     let cache = engine.offload().map(|o| o.stats());
@@ -234,8 +239,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(r) = rss {
         println!(
             "moerun peak anonymous RSS: {r:.1} MiB = resident weights ({:?}) {:.1} MiB + KV cache {kv_mib:.1} MiB + expert slots + the rest (other weights stay in the file mapping)",
-            model.resident_mode(),
-            model.resident_bytes() as f64 / 1048576.0
+            resident_mode,
+            resident_bytes as f64 / 1048576.0
         );
     }
 
@@ -245,9 +250,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prompt_tokens: prompt.len(),
         gen_tokens: a.n_gen,
         repeats: a.repeats,
-        resident: model.resident_mode(),
+        resident: resident_mode,
         rss_anon_mib_peak: rss,
-        resident_weights_mib: model.resident_bytes() as f64 / 1048576.0,
+        resident_weights_mib: resident_bytes as f64 / 1048576.0,
         kv_cache_mib: kv_mib,
         moerun: moerun_side,
         expert_cache: cache,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use moerun::engine::offload::{parse_budget, Budget, Offload};
 use moerun::engine::{Engine, EngineConfig};
-use moerun::model::Model;
+use moerun::model::{Model, Resident};
 use plotters::prelude::*;
 
 use super::measure::{measure_ours, Stat};
@@ -50,8 +50,9 @@ pub(super) fn run(sweep: SweepRun<'_>) -> anyhow::Result<()> {
         let mut a = args.clone();
         a.expert_budget = Some(b.clone());
         a.memory_budget = None;
-        let mut engine = Engine::new(Arc::clone(model), EngineConfig { threads, n_ctx, ..Default::default() });
-        let kv = engine.new_session().kv.bytes() as u64;
+        let cfg = EngineConfig { threads, n_ctx, residency: a.residency(Resident::Dense), ..Default::default() };
+        let mut engine = Engine::new(Arc::clone(model), cfg)?;
+        let kv = engine.session_kv_bytes();
         let cfg = a.config(model, path, kv)?.context("a sweep budget")?;
         engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
         let ((pf, dec), _) = measure_ours(&mut engine, prompt, n_gen, repeats)?;

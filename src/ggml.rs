@@ -1,5 +1,7 @@
-//! Safe access to ggml's per-type CPU kernels (`vec_dot`, `from_float`, `to_float`) through our
-//! bindings. Holds no state beyond a once-built table of function pointers.
+//! Our bindings to ggml's per-type traits (`to_float`, `from_float`, `vec_dot`) and its vector helpers,
+//! through `llama-cpp-sys-2`: what every room that converts or multiplies GGUF data calls (the CPU
+//! backends, `lowprec`, `synth`, model validation). Holds no state beyond a once-built table of
+//! function pointers.
 
 use std::sync::OnceLock;
 

@@ -1,26 +1,9 @@
-//! The KV cache: per layer, one row of K and one of V per position, stored as f16 (llama.cpp's
-//! default) or f32. Invariant: rows `0..len` hold the keys/values of the tokens seen so far.
+//! The CPU backend's KV cache: per layer, one row of K and one of V per position, stored as f16
+//! (llama.cpp's default) or f32, and attention over it computed the way ggml's CPU flash
+//! attention computes it. Invariant: rows `0..len` hold the keys/values of the tokens seen so far.
 
-use crate::backend::cpu::ggml::f16_to_f32;
-use crate::backend::cpu::kernels;
-use crate::gguf::GgmlType;
-
-/// Storage type of the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
-pub enum KvType {
-    #[default]
-    F16,
-    F32,
-}
-
-impl KvType {
-    pub fn ggml(self) -> GgmlType {
-        match self {
-            KvType::F16 => GgmlType::F16,
-            KvType::F32 => GgmlType::F32,
-        }
-    }
-}
+use crate::backend::{KvConfig, KvType};
+use crate::ggml::{f16_to_f32, kernels};
 
 pub struct KvCache {
     ty: KvType,
@@ -34,7 +17,8 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(ty: KvType, n_layer: usize, n_ctx: usize, n_head_kv: usize, head_dim: usize) -> KvCache {
+    pub fn new(cfg: &KvConfig) -> KvCache {
+        let KvConfig { ty, n_layer, n_ctx, n_head_kv, head_dim } = *cfg;
         let kv_dim = n_head_kv * head_dim;
         let elem = if ty == KvType::F16 { 2 } else { 4 };
         let bytes = n_ctx * kv_dim * elem;
@@ -92,7 +76,7 @@ impl KvCache {
         for p in 0..n_pos {
             let k = self.k_head(l, p, h);
             let s = match self.ty {
-                KvType::F16 => crate::backend::cpu::ops::dot_f16(k, q),
+                KvType::F16 => super::ops::dot_f16(k, q),
                 KvType::F32 => kk.dot(hd, k, q),
             } * scale;
             let (mut ms, mut vs) = (1.0f32, 1.0f32);
@@ -109,7 +93,7 @@ impl KvCache {
             let off = p * self.kv_dim * self.head_bytes / hd + h * self.head_bytes;
             let v = &self.v[l][off..off + self.head_bytes];
             match self.ty {
-                KvType::F16 => crate::backend::cpu::ops::mad_f16(acc16, v, vs),
+                KvType::F16 => super::ops::mad_f16(acc16, v, vs),
                 KvType::F32 => {
                     for (a, b) in out.iter_mut().zip(v.chunks_exact(4)) {
                         *a += f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) * vs;
@@ -128,7 +112,7 @@ impl KvCache {
 
     fn scale_acc(&self, out: &mut [f32], acc16: &mut [u16], ms: f32) {
         match self.ty {
-            KvType::F16 => crate::backend::cpu::ops::scale_f16(acc16, ms),
+            KvType::F16 => super::ops::scale_f16(acc16, ms),
             KvType::F32 => out.iter_mut().for_each(|a| *a *= ms),
         }
     }

@@ -1,0 +1,283 @@
+//! The transformer layers, written once for every architecture and every backend: attention (GQA,
+//! optional q/k norm and biases, RoPE), the router (`RouterConfig` data), the SwiGLU expert FFN
+//! and the weighted combine, as calls to a [`Backend`]. Never copies a routing loop per family,
+//! never touches a device buffer itself.
+
+mod provider;
+
+pub use provider::{used_experts, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError};
+
+use crate::arch::{Gating, QkNorm, RouterConfig};
+use crate::backend::{AttnShape, Backend, ExpertJob, Rope};
+use crate::model::{ExpertDesc, Ffn, Layer, Model};
+
+/// One token's routing decision in one layer: experts by rank and their final weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub experts: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// Softmax/sigmoid over router logits, top-k, optional renormalization and scale.
+pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
+    match cfg.gating {
+        Gating::Softmax => crate::backend::cpu::ops::softmax(logits),
+        Gating::Sigmoid => logits.iter_mut().for_each(|v| *v = crate::backend::cpu::ops::sigmoid(*v)),
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    // Descending by probability; ties keep the lower index first.
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    let mut weights: Vec<f32> = idx.iter().map(|&e| logits[e as usize]).collect();
+    if cfg.renormalize {
+        // llama.cpp clamps the sum to the smallest normal f16 before dividing.
+        let sum = weights.iter().sum::<f32>().max(6.103_515_6e-5);
+        weights.iter_mut().for_each(|w| *w /= sum);
+    }
+    if cfg.scale != 1.0 {
+        weights.iter_mut().for_each(|w| *w *= cfg.scale);
+    }
+    Route { experts: idx, weights }
+}
+
+/// Reusable buffers of one forward pass, in the backend's memory.
+pub struct Scratch<B: Backend> {
+    x: B::Act,
+    h: B::Act,
+    qkv: B::Act,
+    attn: B::Act,
+    o: B::Act,
+    logits_r: B::Act,
+    /// Per assignment (token, expert): the expert's output.
+    ydown: B::Act,
+    moe: B::Act,
+    shared: B::Act,
+    gate: B::Act,
+    logits: B::Act,
+    /// Router probabilities on the host.
+    probs: Vec<f32>,
+}
+
+impl<B: Backend> Default for Scratch<B> {
+    fn default() -> Self {
+        Scratch {
+            x: B::Act::default(),
+            h: B::Act::default(),
+            qkv: B::Act::default(),
+            attn: B::Act::default(),
+            o: B::Act::default(),
+            logits_r: B::Act::default(),
+            ydown: B::Act::default(),
+            moe: B::Act::default(),
+            shared: B::Act::default(),
+            gate: B::Act::default(),
+            logits: B::Act::default(),
+            probs: Vec::new(),
+        }
+    }
+}
+
+/// What the caller wants back from a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last token only.
+    Last,
+    /// Logits of every token of the batch.
+    All,
+}
+
+/// Observes routing decisions (statistics, traces, the expert cache).
+pub trait RouteObserver {
+    /// `token` is the absolute position of the token in its session.
+    fn route(&mut self, layer: usize, token: usize, route: &Route);
+}
+
+impl RouteObserver for () {
+    fn route(&mut self, _: usize, _: usize, _: &Route) {}
+}
+
+/// Everything a forward pass borrows.
+pub struct Forward<'a, B: Backend> {
+    pub model: &'a Model,
+    pub backend: &'a mut B,
+    pub weights: &'a B::Weights,
+    pub experts: &'a mut dyn ExpertProvider<B>,
+}
+
+impl<B: Backend> Forward<'_, B> {
+    /// Run `tokens` at positions `pos0..` through the model, appending to `kv`; returns logits
+    /// `[n_out × n_vocab]`.
+    pub fn run(
+        &mut self,
+        tokens: &[u32],
+        pos0: usize,
+        kv: &mut B::Kv,
+        s: &mut Scratch<B>,
+        want: Logits,
+        obs: &mut dyn RouteObserver,
+    ) -> Result<Vec<f32>, ProviderError> {
+        let m = self.model;
+        let w = self.weights;
+        let hp = &m.hp;
+        let n = tokens.len();
+        // [n, d] embeddings
+        self.backend.get_rows(B::mat(w, &m.tok_embd), tokens, &mut s.x);
+        for (l, layer) in m.layers.iter().enumerate() {
+            self.attention(l, layer, pos0, kv, s);
+            self.ffn(l, layer, pos0, n, s, obs)?;
+        }
+        // Final norm and head over the requested rows.
+        let x = match want {
+            Logits::Last if n > 1 => {
+                self.backend.copy_rows(&s.x, n - 1..n, &mut s.o);
+                &s.o
+            }
+            _ => &s.x,
+        };
+        self.backend.rms_norm(x, B::vector(w, m.output_norm), hp.rms_eps, &mut s.h);
+        self.backend.matmul(&s.h, &[B::mat(w, &m.output)], &mut s.logits);
+        Ok(self.backend.read(&s.logits).into_owned())
+    }
+
+    fn attention(&mut self, l: usize, layer: &Layer, pos0: usize, kv: &mut B::Kv, s: &mut Scratch<B>) {
+        let (m, w, b) = (self.model, self.weights, &mut *self.backend);
+        let hp = &m.hp;
+        let (qd, kvd, hd) = (hp.q_dim(), hp.kv_dim(), hp.head_dim);
+        b.rms_norm(&s.x, B::vector(w, layer.attn_norm), hp.rms_eps, &mut s.h);
+        // [n, q + 2·kv]: q, k and v side by side, computed in one parallel job.
+        b.matmul(&s.h, &[B::mat(w, &layer.wq), B::mat(w, &layer.wk), B::mat(w, &layer.wv)], &mut s.qkv);
+        for (bias, col) in [(layer.bq, 0), (layer.bk, qd), (layer.bv, qd + kvd)] {
+            if let Some(bias) = bias {
+                b.add_bias(&mut s.qkv, col, B::vector(w, bias));
+            }
+        }
+        match (m.spec.qk_norm, layer.q_norm, layer.k_norm) {
+            (QkNorm::PerHead, Some(qn), Some(kn)) => {
+                b.rms_norm_heads(&mut s.qkv, 0, hp.n_head, hd, B::vector(w, qn), hp.rms_eps);
+                b.rms_norm_heads(&mut s.qkv, qd, hp.n_head_kv, hd, B::vector(w, kn), hp.rms_eps);
+            }
+            (QkNorm::Full, Some(qn), Some(kn)) => {
+                b.rms_norm_heads(&mut s.qkv, 0, 1, qd, B::vector(w, qn), hp.rms_eps);
+                b.rms_norm_heads(&mut s.qkv, qd, 1, kvd, B::vector(w, kn), hp.rms_eps);
+            }
+            _ => {}
+        }
+        let rope =
+            Rope { style: m.spec.rope, n_dims: hp.n_rot, freq_base: hp.rope_freq_base, freq_scale: hp.rope_freq_scale };
+        b.rope(&mut s.qkv, 0, hp.n_head, hd, pos0, &rope);
+        b.rope(&mut s.qkv, qd, hp.n_head_kv, hd, pos0, &rope);
+        let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, scale: hp.attn_scale };
+        b.attention(kv, l, &s.qkv, &shape, pos0, &mut s.attn);
+        b.matmul(&s.attn, &[B::mat(w, &layer.wo)], &mut s.o);
+        b.add(&mut s.x, &s.o);
+    }
+
+    fn ffn(
+        &mut self,
+        l: usize,
+        layer: &Layer,
+        pos0: usize,
+        n: usize,
+        s: &mut Scratch<B>,
+        obs: &mut dyn RouteObserver,
+    ) -> Result<(), ProviderError> {
+        let (m, w) = (self.model, self.weights);
+        let hp = &m.hp;
+        let d = hp.n_embd;
+        self.backend.rms_norm(&s.x, B::vector(w, layer.ffn_norm), hp.rms_eps, &mut s.h);
+        match &layer.ffn {
+            Ffn::Dense(e) => self.dense_expert(e, n, None, s, true),
+            Ffn::Moe { router, shared, .. } => {
+                let k = hp.n_expert_used;
+                self.backend.matmul(&s.h, &[B::mat(w, router)], &mut s.logits_r);
+                s.probs.clear();
+                s.probs.extend_from_slice(&self.backend.read(&s.logits_r));
+                let routes: Vec<Route> = s
+                    .probs
+                    .chunks_exact_mut(hp.n_expert)
+                    .enumerate()
+                    .map(|(t, logits)| {
+                        let r = route(logits, k, &hp.router);
+                        obs.route(l, pos0 + t, &r);
+                        r
+                    })
+                    .collect();
+                // Assignments (token, weight) in token-major, rank order, and their experts.
+                let assign: Vec<(u32, f32)> = routes
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(t, r)| r.weights.iter().map(move |&w| (t as u32, w)))
+                    .collect();
+                let expert_of: Vec<u16> = routes.iter().flat_map(|r| r.experts.iter().map(|&e| e as u16)).collect();
+                let mut done = vec![false; assign.len()];
+                self.backend.resize(&mut s.ydown, assign.len(), d);
+                for wave in self.experts.schedule(l, &routes) {
+                    self.experts.fetch(l, &wave, &routes)?;
+                    // Experts already in place are computed while the misses load.
+                    let (ready, rest): (Vec<u16>, Vec<u16>) =
+                        wave.iter().partition(|&&e| self.experts.state(l, e) == ExpertState::Ready);
+                    self.wave_outputs(l, &ready, &expert_of, &assign, &mut done, s);
+                    self.experts.wait(l)?;
+                    self.wave_outputs(l, &rest, &expert_of, &assign, &mut done, s);
+                }
+                self.backend.combine(&s.ydown, &assign, &done, n, &mut s.moe);
+                if let Some(sh) = shared {
+                    // The shared expert's output, scaled per token by sigmoid(gate · h).
+                    self.backend.matmul(&s.h, &[B::mat(w, &sh.gate_inp)], &mut s.gate);
+                    let gates: Vec<f32> =
+                        self.backend.read(&s.gate).iter().map(|&g| crate::backend::cpu::ops::sigmoid(g)).collect();
+                    self.dense_expert(&sh.ffn, n, Some(&gates), s, false);
+                    self.backend.add(&mut s.moe, &s.shared);
+                }
+            }
+        }
+        self.backend.add(&mut s.x, &s.moe);
+        Ok(())
+    }
+
+    /// A dense FFN (all tokens, one expert): into `s.moe` when `into_moe`, else into `s.shared`,
+    /// each token's output scaled by `gates[t]` (1 without).
+    fn dense_expert(&mut self, e: &ExpertDesc, n: usize, gates: Option<&[f32]>, s: &mut Scratch<B>, into_moe: bool) {
+        let w = self.weights;
+        let rows: Vec<u32> = (0..n as u32).collect();
+        let mats = [B::mat(w, &e.gate), B::mat(w, &e.up), B::mat(w, &e.down)];
+        self.backend.resize(&mut s.ydown, n, self.model.hp.n_embd);
+        self.backend.expert_ffn(&s.h, &[ExpertJob { mats, tokens: &rows, out_rows: &rows }], &mut s.ydown);
+        let assign: Vec<(u32, f32)> = (0..n).map(|t| (t as u32, gates.map_or(1.0, |g| g[t]))).collect();
+        let out = if into_moe { &mut s.moe } else { &mut s.shared };
+        self.backend.combine(&s.ydown, &assign, &vec![true; n], n, out);
+    }
+
+    /// Outputs of the assignments served by `experts` into their rows of `s.ydown`; experts the
+    /// provider has no view of (skipped) leave their assignments undone.
+    fn wave_outputs(
+        &mut self,
+        l: usize,
+        experts: &[u16],
+        expert_of: &[u16],
+        assign: &[(u32, f32)],
+        done: &mut [bool],
+        s: &mut Scratch<B>,
+    ) {
+        let mut views = Vec::with_capacity(experts.len());
+        let mut groups: Vec<(Vec<u32>, Vec<u32>)> = Vec::with_capacity(experts.len());
+        for &e in experts {
+            if let Some(v) = self.experts.view(l, e) {
+                let rows: Vec<u32> = (0..assign.len() as u32).filter(|&a| expert_of[a as usize] == e).collect();
+                rows.iter().for_each(|&a| done[a as usize] = true);
+                let tokens = rows.iter().map(|&a| assign[a as usize].0).collect();
+                views.push(v);
+                groups.push((tokens, rows));
+            }
+        }
+        if views.is_empty() {
+            return;
+        }
+        let jobs: Vec<ExpertJob<B>> = views
+            .iter()
+            .zip(&groups)
+            .map(|(&mats, (tokens, rows))| ExpertJob { mats, tokens, out_rows: rows })
+            .collect();
+        self.backend.expert_ffn(&s.h, &jobs, &mut s.ydown);
+    }
+}
