@@ -22,6 +22,12 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// `n` token ids in `0..n_vocab`: the fixed pseudo-random prompt benchmarks use (llama-bench
+    /// also times random tokens), the same for every engine given the same seed.
+    pub fn tokens(&mut self, n: usize, n_vocab: usize) -> Vec<u32> {
+        (0..n).map(|_| (self.next_u64() % n_vocab.max(1) as u64) as u32).collect()
+    }
+
     /// Approximately normal with mean 0 and standard deviation `std` (sum of four uniforms).
     pub fn next_normal(&mut self, std: f32) -> f32 {
         let s: f64 = (0..4).map(|_| self.next_f64()).sum::<f64>() - 2.0;

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::arch::{tn, TensorKind};
+use crate::arch::{self, tn, ArchSpec, ExpertWidth, QkNorm, TensorKind};
 use crate::ggml::kernels;
 use crate::gguf::{GgmlType, GgufError, GgufStreamWriter, Value};
 use crate::rng::SplitMix64;
@@ -143,8 +143,8 @@ struct Planned {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
-    #[error("synth: unknown architecture '{0}' (llama, qwen2moe, qwen3moe, olmoe)")]
-    UnknownArch(String),
+    #[error("synth: unknown architecture '{arch}' (moerun runs: {known})")]
+    UnknownArch { arch: String, known: String },
     #[error("synth: {ty} cannot hold rows of {cols} values (block size {block})")]
     BadShape { ty: &'static str, cols: usize, block: u64 },
     #[error("synth: ggml cannot quantize to {0}")]
@@ -178,11 +178,15 @@ impl SynthConfig {
         }
     }
 
+    fn spec(&self) -> Result<&'static ArchSpec, SynthError> {
+        arch::spec(&self.arch).ok_or_else(|| SynthError::UnknownArch {
+            arch: self.arch.clone(),
+            known: arch::SPECS.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
+        })
+    }
+
     fn plan(&self) -> Result<Vec<Planned>, SynthError> {
-        let a = self.arch.as_str();
-        if !["llama", "qwen2moe", "qwen3moe", "olmoe"].contains(&a) {
-            return Err(SynthError::UnknownArch(self.arch.clone()));
-        }
+        let spec = self.spec()?;
         let (d, q, kv, hd) = (
             self.n_embd as u64,
             (self.n_head * self.head_dim) as u64,
@@ -206,28 +210,28 @@ impl SynthConfig {
             push(TensorKind::AttnK, l, w, &[d, kv], Fill::Banked(std * 4.0));
             push(TensorKind::AttnV, l, w, &[d, kv], Fill::Banked(std * 4.0));
             push(TensorKind::AttnOut, l, w, &[q, d], Fill::Banked(std));
-            if a == "qwen2moe" {
+            if spec.attn_bias {
                 push(TensorKind::AttnQBias, l, GgmlType::F32, &[q], Fill::Random(std));
                 push(TensorKind::AttnKBias, l, GgmlType::F32, &[kv], Fill::Random(std));
                 push(TensorKind::AttnVBias, l, GgmlType::F32, &[kv], Fill::Random(std));
             }
-            match a {
-                "qwen3moe" => {
+            match spec.qk_norm {
+                QkNorm::PerHead => {
                     push(TensorKind::AttnQNorm, l, GgmlType::F32, &[hd], Fill::Norm);
                     push(TensorKind::AttnKNorm, l, GgmlType::F32, &[hd], Fill::Norm);
                 }
-                "olmoe" => {
+                QkNorm::Full => {
                     push(TensorKind::AttnQNorm, l, GgmlType::F32, &[q], Fill::Norm);
                     push(TensorKind::AttnKNorm, l, GgmlType::F32, &[kv], Fill::Norm);
                 }
-                _ => {}
+                QkNorm::None => {}
             }
             push(TensorKind::FfnNorm, l, GgmlType::F32, &[d], Fill::Norm);
             push(TensorKind::FfnGateInp, l, GgmlType::F32, &[d, e], Fill::Random(0.1));
             push(TensorKind::FfnGateExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
             push(TensorKind::FfnUpExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
             push(TensorKind::FfnDownExps, l, w, &[f, d, e], Fill::Banked(std * 2.0));
-            if a == "qwen2moe" {
+            if spec.shared_expert {
                 let fs = self.n_ff_shexp as u64;
                 push(TensorKind::FfnGateInpShexp, l, GgmlType::F32, &[d], Fill::Random(0.1));
                 push(TensorKind::FfnGateShexp, l, w, &[d, fs], Fill::Banked(std * 2.0));
@@ -250,7 +254,7 @@ impl SynthConfig {
         Ok(out)
     }
 
-    fn metadata(&self) -> Vec<(String, Value)> {
+    fn metadata(&self, spec: &ArchSpec) -> Vec<(String, Value)> {
         let a = &self.arch;
         let u = |v: usize| Value::U32(v as u32);
         let mut m: Vec<(String, Value)> = vec![
@@ -272,10 +276,10 @@ impl SynthConfig {
             (format!("{a}.expert_used_count"), u(self.n_expert_used)),
             (format!("{a}.vocab_size"), u(self.n_vocab)),
         ];
-        if a != "llama" && a != "olmoe" {
+        if spec.expert_width == ExpertWidth::ExpertKey {
             m.push((format!("{a}.expert_feed_forward_length"), u(self.n_ff_exp)));
         }
-        if a == "qwen2moe" {
+        if spec.shared_expert {
             m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
         }
         m.extend(byte_level_vocab(self.n_vocab));
@@ -289,7 +293,7 @@ impl SynthConfig {
             plan.iter().map(|p| (p.name.as_str(), p.ty, p.shape.as_slice())).collect();
         let total: u64 =
             plan.iter().map(|p| p.ty.row_bytes(p.shape[0]).unwrap_or(0) * p.shape[1..].iter().product::<u64>()).sum();
-        let mut w = GgufStreamWriter::new(path, &self.metadata(), &descs)?;
+        let mut w = GgufStreamWriter::new(path, &self.metadata(self.spec()?), &descs)?;
         let mut done = 0u64;
         for (i, p) in plan.iter().enumerate() {
             let cols = p.shape[0] as usize;
@@ -412,7 +416,7 @@ mod tests {
     #[test]
     fn every_family_loads_back_and_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for arch in ["llama", "qwen2moe", "qwen3moe", "olmoe"] {
+        for arch in crate::arch::SPECS.iter().map(|s| s.name) {
             let path = dir.path().join(format!("{arch}.gguf"));
             tiny(arch, GgmlType::F16).write(&path, &mut |_, _| {}).expect("write");
             let m = Model::load(&path).unwrap_or_else(|e| panic!("{arch}: {e}"));

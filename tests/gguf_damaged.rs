@@ -2,6 +2,8 @@
 //! one must open to an error whose message names the file and the field or tensor at fault.
 //! Also opens the real fixtures and compares our reading with llama.cpp's own gguf reader.
 
+mod common;
+
 use std::ffi::{CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -198,16 +200,6 @@ fn damages_are_distinct_and_the_base_is_valid() {
     assert!(f.get("deep").and_then(Value::as_array).is_some());
 }
 
-fn fixtures_dir() -> Option<&'static Path> {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipped: ../shared/fixtures not found");
-        None
-    }
-}
-
 fn fixture_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for sub in std::fs::read_dir(dir).expect("read fixtures").flatten() {
@@ -223,11 +215,11 @@ fn fixture_files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn real_fixtures_open_and_fit_their_files() {
-    let Some(dir) = fixtures_dir() else { return };
+    let Some(dir) = common::fixtures() else { return };
     let rustdoc = GgufFile::open(dir.join("rustdoc-moe/rustdoc-moe-Q8_0.gguf")).expect("rustdoc-moe opens");
     assert_eq!(rustdoc.get_str("general.architecture").expect("arch"), Some("llama"));
     assert!(rustdoc.get_u64("llama.expert_count").expect("expert count").is_some());
-    let files = fixture_files(dir);
+    let files = fixture_files(&dir);
     assert!(files.len() >= 6, "fixtures: {files:?}");
     for path in files {
         let f = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -275,8 +267,8 @@ fn reading_agrees_with_llama_cpp() {
     let every_type = dir.path().join("every_type.gguf");
     w.write(&every_type).expect("write every_type");
     let mut files = vec![written, every_type];
-    match fixtures_dir() {
-        Some(fixtures) => files.extend(fixture_files(fixtures)),
+    match common::fixtures() {
+        Some(fixtures) => files.extend(fixture_files(&fixtures)),
         None => println!("comparing the writer's output only"),
     }
     for path in files {

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use moerun::arch::{QkNorm, SPECS};
 use moerun::engine::{argmax, Engine, EngineConfig};
 use moerun::gguf::GgmlType;
 use moerun::layers::Logits;
@@ -15,8 +16,9 @@ use moerun::synth::SynthConfig;
 fn config(arch: &str, ty: GgmlType) -> SynthConfig {
     SynthConfig {
         n_layer: 3,
-        // OLMoE has no grouped-query attention (llama.cpp sizes its k-norm by n_embd).
-        n_head_kv: if arch == "olmoe" { 8 } else { 4 },
+        // A norm over the whole k projection (OLMoE) is sized by n_embd in llama.cpp: no
+        // grouped-query attention there.
+        n_head_kv: if moerun::arch::spec(arch).is_some_and(|s| s.qk_norm == QkNorm::Full) { 8 } else { 4 },
         n_ff_exp: 256,
         n_expert: 8,
         rms_eps: 1e-6,
@@ -57,7 +59,7 @@ fn check(path: &Path, tol: f32) -> Result<(), String> {
 fn every_family_matches_linked_llama_cpp() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut failures = Vec::new();
-    for arch in ["llama", "qwen2moe", "qwen3moe", "olmoe"] {
+    for arch in SPECS.iter().map(|s| s.name) {
         for (ty, tol) in [(GgmlType::F32, 0.002), (GgmlType::F16, 0.002), (GgmlType::Q8_0, 0.02)] {
             let path = dir.path().join(format!("{arch}-{}.gguf", ty.name()));
             config(arch, ty).write(&path, &mut |_, _| {}).expect("synth");

@@ -1,12 +1,13 @@
 //! The tokenizer against llama.cpp's reference tokenizations of the shared fixtures, plus
 //! streaming decode and the bundled model's chat template.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use moerun::tokenizer::{ChatMessage, EncodeOptions, StreamDecoder, Tokenizer};
 use serde::Deserialize;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 const RUSTDOC: &str = "rustdoc-moe/rustdoc-moe-Q8_0.gguf";
 
 /// As the fixtures were made: no BOS, special-token text parsed.
@@ -21,17 +22,6 @@ struct Reference {
 struct Case {
     prompt_text: String,
     prompt_ids: Vec<u32>,
-}
-
-/// The fixture folder, or `None` after saying why the caller skips.
-fn fixtures(test: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(FIXTURES);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipped {test}: fixture folder {} not found", dir.display());
-        None
-    }
 }
 
 fn load(dir: &Path, rel: &str) -> Tokenizer {
@@ -68,9 +58,7 @@ fn check(tokenizer: &Tokenizer, label: &str, case: &Case) {
 
 #[test]
 fn every_fixture_prompt_tokenizes_like_llama_cpp() {
-    let Some(dir) = fixtures("every_fixture_prompt_tokenizes_like_llama_cpp") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let refs = reference_files(&dir);
     assert!(!refs.is_empty(), "no *.ref.json under {}", dir.display());
     let mut n_cases = 0;
@@ -103,9 +91,7 @@ struct Specials {
 
 #[test]
 fn special_tokens_of_each_fixture() {
-    let Some(dir) = fixtures("special_tokens_of_each_fixture") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     // The tiny random models' GGUFs have no add_bos_token key and no EOT: libllama's defaults
     // for a gpt2/"gpt-2" vocabulary are no BOS and no EOT.
     let tiny = Specials { n_vocab: 3072, bos: Some(0), eos: Some(1), eot: None, add_bos_default: false };
@@ -139,9 +125,7 @@ fn special_tokens_of_each_fixture() {
 
 #[test]
 fn bos_and_special_parsing_options() {
-    let Some(dir) = fixtures("bos_and_special_parsing_options") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, RUSTDOC);
     let text = "<|user|>\nhi";
     let plain = tok.encode(text, AS_REFERENCE).expect("encode");
@@ -161,9 +145,7 @@ fn bos_and_special_parsing_options() {
 
 #[test]
 fn stream_decoder_never_splits_a_character() {
-    let Some(dir) = fixtures("stream_decoder_never_splits_a_character") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, RUSTDOC);
     let text = "héllo → 世界 🦀 done";
     let ids = tok.encode(text, AS_REFERENCE).expect("encode");
@@ -183,9 +165,7 @@ fn stream_decoder_never_splits_a_character() {
 
 #[test]
 fn stream_decoder_matches_decode_over_the_whole_vocabulary() {
-    let Some(dir) = fixtures("stream_decoder_matches_decode_over_the_whole_vocabulary") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, RUSTDOC);
     // Every token once, in id order and reversed: byte tokens in odd orders exercise invalid
     // sequences as well as split characters.
@@ -201,9 +181,7 @@ fn stream_decoder_matches_decode_over_the_whole_vocabulary() {
 
 #[test]
 fn rustdoc_chat_template_renders_a_conversation() {
-    let Some(dir) = fixtures("rustdoc_chat_template_renders_a_conversation") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, RUSTDOC);
     assert!(tok.chat_template_error().is_none());
     let template = tok.chat_template().expect("rustdoc-moe carries tokenizer.chat_template");
@@ -222,9 +200,7 @@ fn rustdoc_chat_template_renders_a_conversation() {
 
 #[test]
 fn rustdoc_chat_template_reproduces_the_fixture_chat_prompt() {
-    let Some(dir) = fixtures("rustdoc_chat_template_reproduces_the_fixture_chat_prompt") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, RUSTDOC);
     let template = tok.chat_template().expect("chat template");
     let prompt =
@@ -242,18 +218,14 @@ fn rustdoc_chat_template_reproduces_the_fixture_chat_prompt() {
 
 #[test]
 fn fixtures_without_a_template_have_none() {
-    let Some(dir) = fixtures("fixtures_without_a_template_have_none") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, "mixtral-tiny/mixtral-tiny-Q8_0.gguf");
     assert!(tok.chat_template().is_none() && tok.chat_template_error().is_none());
 }
 
 #[test]
 fn one_tokenizer_serves_many_threads() {
-    let Some(dir) = fixtures("one_tokenizer_serves_many_threads") else {
-        return;
-    };
+    let Some(dir) = common::fixtures() else { return };
     let tok = load(&dir, RUSTDOC);
     let texts = ["The borrow checker", "fn main() {}", "<|user|>\nhi<|end|>\n", "héllo 世界 🦀"];
     let expect: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, AS_REFERENCE).expect("encode")).collect();

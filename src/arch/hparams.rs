@@ -1,6 +1,6 @@
 //! Hyper-parameters read from GGUF metadata with the family's key prefix.
 
-use super::{ArchError, ArchSpec, RouterConfig};
+use super::{ArchError, ArchSpec, ExpertWidth, RouterConfig};
 use crate::gguf::GgufFile;
 
 /// The numbers that shape a model.
@@ -65,9 +65,10 @@ impl HParams {
         if n_expert > 0 && (n_expert_used == 0 || n_expert_used > n_expert) {
             return Err(bad("expert_used_count", format!("{n_expert_used} of {n_expert} experts")));
         }
-        let n_ff_exp = opt("expert_feed_forward_length")?.unwrap_or(
-            if n_expert_used > 0 && spec.name != "llama" && spec.name != "olmoe" { n_ff / n_expert_used } else { n_ff },
-        );
+        let n_ff_exp = opt("expert_feed_forward_length")?.unwrap_or(match spec.expert_width {
+            ExpertWidth::ExpertKey if n_expert_used > 0 => n_ff / n_expert_used,
+            _ => n_ff,
+        });
         let n_ff_shexp = opt("expert_shared_feed_forward_length")?.unwrap_or(n_ff);
         let rms_eps = optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
         let rope_freq_base = optf("rope.freq_base")?.unwrap_or(10000.0);

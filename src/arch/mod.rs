@@ -44,6 +44,16 @@ pub enum QkNorm {
     Full,
 }
 
+/// Where the routed experts' FFN width comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ExpertWidth {
+    /// `{arch}.feed_forward_length` (Mixtral, OLMoE).
+    FeedForward,
+    /// `{arch}.expert_feed_forward_length` (Qwen MoE; when absent, `feed_forward_length /
+    /// expert_used_count`). Any family's file may carry that key; this says which it needs.
+    ExpertKey,
+}
+
 /// One model family.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ArchSpec {
@@ -59,6 +69,7 @@ pub struct ArchSpec {
     pub shared_expert: bool,
     /// `output.weight` may be absent and tied to the token embedding.
     pub tied_output_allowed: bool,
+    pub expert_width: ExpertWidth,
 }
 
 const SOFTMAX_RENORM: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: true, scale: 1.0 };
@@ -74,6 +85,7 @@ pub static SPECS: &[ArchSpec] = &[
         router: SOFTMAX_RENORM,
         shared_expert: false,
         tied_output_allowed: true,
+        expert_width: ExpertWidth::FeedForward,
     },
     ArchSpec {
         name: "qwen2moe",
@@ -83,6 +95,7 @@ pub static SPECS: &[ArchSpec] = &[
         router: SOFTMAX_PLAIN,
         shared_expert: true,
         tied_output_allowed: true,
+        expert_width: ExpertWidth::ExpertKey,
     },
     ArchSpec {
         name: "qwen3moe",
@@ -92,6 +105,7 @@ pub static SPECS: &[ArchSpec] = &[
         router: SOFTMAX_RENORM,
         shared_expert: false,
         tied_output_allowed: true,
+        expert_width: ExpertWidth::ExpertKey,
     },
     ArchSpec {
         name: "olmoe",
@@ -101,6 +115,7 @@ pub static SPECS: &[ArchSpec] = &[
         router: SOFTMAX_PLAIN,
         shared_expert: false,
         tied_output_allowed: false,
+        expert_width: ExpertWidth::FeedForward,
     },
 ];
 

@@ -200,6 +200,8 @@ pub trait Backend: 'static {
     type Act: Default;
     /// One session's keys and values, in the backend's memory.
     type Kv;
+    /// Held across a run of operations with host work between them (see [`Backend::hot`]).
+    type Hot;
 
     fn name(&self) -> &'static str;
     /// Whether `op` runs on weights of type `ty`.
@@ -214,6 +216,11 @@ pub trait Backend: 'static {
     fn vector<'a>(weights: &'a Self::Weights, v: VecRef) -> Self::Vector<'a>;
     /// A view of `w`'s bytes in ggml's plain layout, held in host memory.
     fn host_mat<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a>;
+
+    /// Keep the backend ready for a run of operations with host work between them (a
+    /// generation: sampling, streaming, the next token) until the guard drops: the CPU backend
+    /// keeps its threads spinning instead of letting them sleep.
+    fn hot(&self) -> Self::Hot;
 
     /// Reshape `a` to `rows × cols` (contents unspecified).
     fn resize(&self, a: &mut Self::Act, rows: usize, cols: usize);

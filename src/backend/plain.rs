@@ -117,6 +117,7 @@ impl Backend for PlainBackend {
     type Weights = PlainWeights;
     type Act = HostAct;
     type Kv = PlainKv;
+    type Hot = ();
 
     fn name(&self) -> &'static str {
         "plain f32"
@@ -149,6 +150,8 @@ impl Backend for PlainBackend {
         assert_eq!(bytes.len(), row_bytes * w.rows, "a weight view of the wrong size");
         PlainMat { ty: w.ty, rows: w.rows, cols: w.cols, data: bytes, row_bytes, k }
     }
+
+    fn hot(&self) {}
 
     fn resize(&self, a: &mut HostAct, rows: usize, cols: usize) {
         a.resize(rows, cols);

@@ -14,8 +14,12 @@ pub struct Args {
     #[arg(short, long)]
     model: Option<PathBuf>,
     /// The prompt; special tokens in it are parsed.
-    #[arg(short, long)]
-    prompt: String,
+    #[arg(short, long, required_unless_present = "prompt_tokens")]
+    prompt: Option<String>,
+    /// Instead of a text, a fixed pseudo-random prompt of this many token ids (as `bench` and
+    /// llama-bench time prefill), for scripted speed runs.
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_tokens: Option<usize>,
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 128)]
     n_predict: usize,
@@ -43,8 +47,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = EngineConfig { residency: a.offload.residency(a.resident), ..a.engine.config() };
     let mut engine = Engine::new(Arc::clone(&model), cfg)?;
     a.offload.apply(&mut engine, &model, &path)?;
-    let prompt =
-        tok.encode(&a.prompt, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?;
+    let prompt = match (&a.prompt, a.prompt_tokens) {
+        (_, Some(n)) => moerun::rng::SplitMix64::new(42).tokens(n.max(1), model.hp.n_vocab),
+        (Some(p), None) => {
+            tok.encode(p, EncodeOptions { add_bos: !a.no_bos && tok.add_bos_default(), parse_special: true })?
+        }
+        (None, None) => anyhow::bail!("give a prompt: -p TEXT or --prompt-tokens N"),
+    };
     let sampler = a.sampling.config();
     let is_eog = |id: u32| tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: a.n_predict, sampler, is_eog: &is_eog };

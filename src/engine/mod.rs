@@ -348,6 +348,9 @@ impl<B: Backend> Engine<B> {
         opts: &GenerateOptions<'_>,
         on_token: &mut dyn FnMut(u32) -> Flow,
     ) -> Result<Generation, EngineError> {
+        // Sampling and the caller's streaming sit between the forward passes: keep the
+        // backend's threads spinning through them.
+        let _hot = self.backend.hot();
         let mut sampler = Sampler::new(opts.sampler.clone());
         let mut timings = Timings { prompt_tokens: prompt.len(), ..Default::default() };
         let t0 = Instant::now();

@@ -5,6 +5,13 @@
 use crate::backend::{KvConfig, KvType};
 use crate::ggml::{f16_to_f32, kernels};
 
+/// Buffers one `attend` call reuses: the f16 value accumulator and the scores.
+#[derive(Default)]
+pub struct AttendScratch {
+    acc16: Vec<u16>,
+    scores: Vec<f32>,
+}
+
 pub struct KvCache {
     ty: KvType,
     n_ctx: usize,
@@ -63,22 +70,36 @@ impl KvCache {
 
     /// Attention of one query head over positions `0..n_pos` of kv head `h` in layer `l`, the
     /// way ggml's CPU flash attention computes it: scores summed like the reference build's
-    /// `vec_dot_f16` (`ops::dot_f16`; ggml's `vec_dot` for an f32 cache), an online softmax, and
-    /// the value accumulator kept in the cache's own precision (f16 rounding after every step for
-    /// an f16 cache). `q` is the query already converted to the cache type.
-    pub fn attend(&self, l: usize, h: usize, n_pos: usize, q: &[u8], scale: f32, out: &mut [f32], acc16: &mut [u16]) {
+    /// `vec_dot_f16` (`ops::dot_f16`, all positions' at once; ggml's `vec_dot` for an f32
+    /// cache), an online softmax, and the value accumulator kept in the cache's own precision
+    /// (f16 rounding after every step for an f16 cache). `q` is the query already converted to
+    /// the cache type; `out` takes the head's output.
+    pub fn attend(
+        &self,
+        l: usize,
+        h: usize,
+        n_pos: usize,
+        q: &[u8],
+        scale: f32,
+        out: &mut [f32],
+        s: &mut AttendScratch,
+    ) {
         let kk = kernels(self.ty.ggml()).expect("kv kernels");
         let hd = self.head_dim;
+        let row = self.kv_dim * self.head_bytes / hd;
         let mut sum = 0f32;
         let mut max = f32::NEG_INFINITY;
         out.iter_mut().for_each(|v| *v = 0.0);
-        acc16.iter_mut().for_each(|v| *v = 0);
+        s.acc16.clear();
+        s.acc16.resize(hd, 0);
+        let acc16 = &mut s.acc16;
+        s.scores.resize(n_pos, 0.0);
+        match self.ty {
+            KvType::F16 => super::ops::dot_f16_strided(&self.k[l][h * self.head_bytes..], row, q, &mut s.scores),
+            KvType::F32 => (0..n_pos).for_each(|p| s.scores[p] = kk.dot(hd, self.k_head(l, p, h), q)),
+        }
         for p in 0..n_pos {
-            let k = self.k_head(l, p, h);
-            let s = match self.ty {
-                KvType::F16 => super::ops::dot_f16(k, q),
-                KvType::F32 => kk.dot(hd, k, q),
-            } * scale;
+            let s = s.scores[p] * scale;
             let (mut ms, mut vs) = (1.0f32, 1.0f32);
             if s > max {
                 let old = max;

@@ -77,9 +77,14 @@ impl Backend for CpuBackend {
     type Weights = CpuWeights;
     type Act = HostAct;
     type Kv = KvCache;
+    type Hot = pool::Hot;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn hot(&self) -> pool::Hot {
+        self.pool.hot()
     }
 
     fn supports(&self, op: Op, ty: GgmlType) -> bool {
@@ -199,11 +204,11 @@ impl Backend for CpuBackend {
         self.pool.for_chunks(n * shape.n_head, 1, &|r| {
             let mut qc = vec![0u8; kq.act_row_bytes(hd)];
             let mut acc = vec![0f32; hd];
-            let mut acc16 = vec![0u16; hd];
+            let mut scratch = kv::AttendScratch::default();
             for th in r {
                 let (t, h) = (th / shape.n_head, th % shape.n_head);
                 kq.quantize_act(&qkv.row(t)[h * hd..(h + 1) * hd], &mut qc);
-                kvr.attend(layer, h / group, pos0 + t + 1, &qc, shape.scale, &mut acc, &mut acc16);
+                kvr.attend(layer, h / group, pos0 + t + 1, &qc, shape.scale, &mut acc, &mut scratch);
                 for (i, &a) in acc.iter().enumerate() {
                     // SAFETY: (t, h) is handed to one thread; its `hd` outputs are its own.
                     unsafe { shared.set(t * qd + h * hd + i, a) };

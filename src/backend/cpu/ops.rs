@@ -107,20 +107,80 @@ pub fn dot_f16(k: &[u8], q: &[u8]) -> f32 {
     if np > 0 {
         let mut acc = [[0f32; 16]; 4];
         simd::fma_blocks_f16(&k[..2 * np], &q[..2 * np], &mut acc);
-        let [a0, a1, a2, a3] = &mut acc;
-        for l in 0..16 {
-            a0[l] += a2[l];
-            a1[l] += a3[l];
-        }
-        for l in 0..16 {
-            a0[l] += a1[l];
-        }
-        sum = lane_tree_sum(a0) as f64;
+        sum = block_sum(&mut acc) as f64;
     }
     for e in np..n {
         sum += (f16_at(k, e) * f16_at(q, e)) as f64;
     }
     sum as f32
+}
+
+/// `out[r] = dot_f16(k[r·stride..][..q.len()], q)` for `r < out.len()`, bit-identical to
+/// `dot_f16` row by row. The f64 tail of each score is a chain of dependent adds; here eight
+/// rows' chains run side by side (each still in its own order), and the exact f16×f16 products
+/// come from vector conversions of the query once and of each key row, instead of one scalar
+/// conversion per element and row.
+pub fn dot_f16_strided(k: &[u8], stride: usize, q: &[u8], out: &mut [f32]) {
+    const LANES: usize = 8;
+    let n = q.len() / 2;
+    let np = n & !63;
+    let tail = n - np;
+    let row = |r: usize| &k[r * stride..r * stride + q.len()];
+    // The whole blocks of each row, as `dot_f16` sums them.
+    let mut head = [0f64; LANES];
+    let mut qf = vec![0f32; tail];
+    simd::f16_to_f32(&q[2 * np..], &mut qf);
+    let mut prods = vec![0f32; LANES * tail];
+    for (c, outs) in out.chunks_mut(LANES).enumerate() {
+        let r0 = c * LANES;
+        for (j, h) in head.iter_mut().enumerate().take(outs.len()) {
+            *h = 0.0;
+            if np > 0 {
+                let kr = row(r0 + j);
+                let mut acc = [[0f32; 16]; 4];
+                simd::fma_blocks_f16(&kr[..2 * np], &q[..2 * np], &mut acc);
+                *h = block_sum(&mut acc) as f64;
+            }
+        }
+        if tail == 0 {
+            outs.iter_mut().zip(&head).for_each(|(o, &h)| *o = h as f32);
+            continue;
+        }
+        // Exact products (11-bit × 11-bit significands fit f32), row by row.
+        for j in 0..outs.len() {
+            let p = &mut prods[j * tail..(j + 1) * tail];
+            simd::f16_to_f32(&row(r0 + j)[2 * np..], p);
+            p.iter_mut().zip(&qf).for_each(|(p, &q)| *p *= q);
+        }
+        let mut sum = head;
+        if outs.len() == LANES {
+            for e in 0..tail {
+                for (j, s) in sum.iter_mut().enumerate() {
+                    *s += prods[j * tail + e] as f64;
+                }
+            }
+        } else {
+            for (j, s) in sum.iter_mut().enumerate().take(outs.len()) {
+                for e in 0..tail {
+                    *s += prods[j * tail + e] as f64;
+                }
+            }
+        }
+        outs.iter_mut().zip(&sum).for_each(|(o, &s)| *o = s as f32);
+    }
+}
+
+/// The four 16-lane accumulators of a block reduced as ggml reduces them.
+fn block_sum(acc: &mut [[f32; 16]; 4]) -> f32 {
+    let [a0, a1, a2, a3] = acc;
+    for l in 0..16 {
+        a0[l] += a2[l];
+        a1[l] += a3[l];
+    }
+    for l in 0..16 {
+        a0[l] += a1[l];
+    }
+    lane_tree_sum(a0)
 }
 
 #[inline]
@@ -179,6 +239,24 @@ mod simd {
             }
         }
 
+        /// f16 values (raw native-endian bytes) to f32, exactly.
+        pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+            let n = dst.len();
+            assert!(src.len() >= 2 * n);
+            let whole = n & !7;
+            // SAFETY: features as above; each load reads 16 bytes of `src[..2n]` and each store
+            // writes 8 floats of `dst[..n]` (i + 8 <= whole <= n).
+            unsafe {
+                for i in (0..whole).step_by(8) {
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i));
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+                }
+            }
+            for i in whole..n {
+                dst[i] = crate::ggml::f16_to_f32(u16::from_ne_bytes([src[2 * i], src[2 * i + 1]]));
+            }
+        }
+
         /// Whole groups of 8; returns how many elements were done.
         pub fn mad_f16(acc: &mut [u16], v: &[u8], s: f32) -> usize {
             let n = acc.len() & !7;
@@ -232,6 +310,12 @@ mod simd {
 
         pub fn mad_f16(_acc: &mut [u16], _v: &[u8], _s: f32) -> usize {
             0
+        }
+
+        pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = f16_at(src, i);
+            }
         }
 
         pub fn scale_f16(_acc: &mut [u16], _s: f32) -> usize {
@@ -341,6 +425,29 @@ mod tests {
             scale_f16(&mut acc16, 0.377);
             want.iter_mut().for_each(|w| *w = f32_to_f16(f16_to_f32(*w) * 0.377));
             assert_eq!(acc16, want, "n = {n}");
+        }
+    }
+
+    /// Many rows at once give each row's `dot_f16` bits exactly, whatever the head size and the
+    /// number of rows (whole groups of eight and a remainder).
+    #[test]
+    fn strided_scores_match_dot_f16_bits() {
+        for n in [8, 32, 40, 64, 96, 128] {
+            for rows in [1, 7, 8, 13, 24] {
+                // Rows of n values with 3 more between them; values over a wide range.
+                let stride = 2 * n + 6;
+                let k: Vec<f32> =
+                    (0..rows * stride / 2).map(|i| ((i as f32 * 0.731).sin() * 40.0).powi(3) * 1e-3).collect();
+                let kb = f16_bytes(&k);
+                let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.17).cos() * 3.0).collect();
+                let qb = f16_bytes(&q);
+                let mut got = vec![0f32; rows];
+                dot_f16_strided(&kb, stride, &qb, &mut got);
+                for (r, &g) in got.iter().enumerate() {
+                    let want = dot_f16(&kb[r * stride..r * stride + 2 * n], &qb);
+                    assert_eq!(g.to_bits(), want.to_bits(), "n {n}, rows {rows}, row {r}");
+                }
+            }
         }
     }
 

@@ -1,25 +1,53 @@
-//! A persistent pool of compute threads for the CPU kernels. Workers spin briefly between jobs
-//! (a decode step issues many small jobs) and sleep on a condition variable when idle.
-//! Invariant: `run` returns only after every thread has finished the job, so jobs may borrow.
+//! A persistent pool of compute threads for the CPU kernels. A forward pass issues many small
+//! jobs (tens per token on a small model), so a hand-off must cost no more than an atomic store
+//! and a cache-line transfer: workers spin between jobs, and sleep only when no job came for
+//! `IDLE_SPIN` and nobody holds the pool [`Hot`]. Waking a sleeping worker goes through the
+//! kernel and, on a VM, through the hypervisor: measured here at up to 4 ms a token when workers
+//! slept between a generation's jobs.
+//!
+//! A job whose work any subset of threads can finish (`for_chunks`, `for_each_affine`: threads
+//! claim items from shared cursors) does not wait for a worker that has not started it: the
+//! caller closes the job once its own share is done and waits only for workers that joined in.
+//! On a shared VM a vCPU can be descheduled for milliseconds; without this, every job waits for
+//! it.
+//! Invariant: `run` returns only after every thread that runs the job has finished it (and no
+//! thread starts it afterwards), so jobs may borrow.
 
 use std::cell::UnsafeCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
 
 type Job = dyn Fn(usize) + Sync;
 
-/// How long a worker spins for the next job before it sleeps.
-const SPIN_ITERS: u32 = 1 << 12;
+/// How long an idle worker keeps spinning for the next job before it sleeps (unless held hot).
+/// Longer than any gap between the jobs of one token (sampling, routing, norms), short enough
+/// that an idle server does not burn a core.
+const IDLE_SPIN: Duration = Duration::from_millis(2);
+
+/// Spins between looks at the clock.
+const SPINS_PER_CHECK: u32 = 256;
 
 struct Shared {
-    epoch: AtomicU64,
-    /// The current job, valid while `epoch` is odd-numbered-newer than a worker's last seen value
-    /// and until `done` reaches the worker count.
+    /// Bumped by `run` to publish a job; workers spin on it (its own cache line).
+    epoch: CachePadded<AtomicU64>,
+    /// Workers that finished the current job (its own cache line: written by every worker).
+    done: CachePadded<AtomicUsize>,
+    /// For a shareable job: `CLOSED` once the caller stops waiting for latecomers, plus the
+    /// number of workers that joined before that.
+    joined: CachePadded<AtomicUsize>,
+    /// Whether the current job may be finished by any subset of the threads.
+    shareable: AtomicBool,
+    /// The current job, valid while `epoch` is newer than a worker's last seen value and until
+    /// `done` reaches the worker count.
     job: UnsafeCell<Option<*const Job>>,
-    done: AtomicUsize,
     quit: AtomicBool,
+    /// Holders of [`Hot`]: while non-zero, workers never sleep.
+    hot: AtomicUsize,
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
@@ -39,15 +67,28 @@ pub struct ThreadPool {
     caller: Mutex<()>,
 }
 
+/// Keeps the pool's workers spinning (never sleeping) while it lives: hold it across a run of
+/// jobs whose gaps may exceed `IDLE_SPIN` (a generation: sampling, streaming, the next token).
+pub struct Hot(Arc<Shared>);
+
+impl Drop for Hot {
+    fn drop(&mut self) {
+        self.0.hot.fetch_sub(1, Ordering::Release);
+    }
+}
+
 impl ThreadPool {
     /// A pool of `n_threads` threads in all: the calling thread plus `n_threads - 1` workers.
     pub fn new(n_threads: usize) -> ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
+            epoch: CachePadded::new(AtomicU64::new(0)),
+            done: CachePadded::new(AtomicUsize::new(0)),
+            joined: CachePadded::new(AtomicUsize::new(0)),
+            shareable: AtomicBool::new(false),
             job: UnsafeCell::new(None),
-            done: AtomicUsize::new(0),
             quit: AtomicBool::new(false),
+            hot: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -68,8 +109,30 @@ impl ThreadPool {
         self.workers.len() + 1
     }
 
+    /// Keep the workers awake until the guard drops (see [`Hot`]); wakes sleeping ones now, so
+    /// the first job does not pay for it.
+    pub fn hot(&self) -> Hot {
+        self.shared.hot.fetch_add(1, Ordering::SeqCst);
+        if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
+            let _l = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        Hot(Arc::clone(&self.shared))
+    }
+
     /// Run `f(thread_index)` once on every thread of the pool (index 0 is the caller) and wait.
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.dispatch(f, false);
+    }
+
+    /// Run `f(thread_index)` on the caller and on every worker that picks it up before the
+    /// caller's own call returns; `f` must finish whatever work is left whoever calls it (threads
+    /// claim items from shared cursors), so a worker the host has descheduled is not waited for.
+    fn run_shared(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.dispatch(f, true);
+    }
+
+    fn dispatch(&self, f: &(dyn Fn(usize) + Sync), shareable: bool) {
         if self.workers.is_empty() {
             f(0);
             return;
@@ -81,6 +144,8 @@ impl ThreadPool {
         // SAFETY: no worker reads `job` now: all finished the previous job (we waited for it).
         unsafe { *self.shared.job.get() = Some(ptr) };
         self.shared.done.store(0, Ordering::Relaxed);
+        self.shared.joined.store(0, Ordering::Relaxed);
+        self.shared.shareable.store(shareable, Ordering::Relaxed);
         // SeqCst on both sides of this store→load / store→load pair (here and in `worker`) so a
         // worker going to sleep either sees the new epoch or is seen as a sleeper.
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
@@ -89,11 +154,17 @@ impl ThreadPool {
             self.shared.wake.notify_all();
         }
         f(0);
-        let n = self.workers.len();
+        let n = if shareable {
+            // No worker starts the job after this: wait for those that did.
+            self.shared.joined.fetch_or(CLOSED, Ordering::AcqRel) & !CLOSED
+        } else {
+            self.workers.len()
+        };
         let mut spins = 0u32;
         while self.shared.done.load(Ordering::Acquire) < n {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins % 4096 == 0 {
+                // A worker descheduled by the host: let it have the core.
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -111,7 +182,7 @@ impl ThreadPool {
             return;
         }
         let next = AtomicUsize::new(0);
-        self.run(&|_| loop {
+        self.run_shared(&|_| loop {
             let start = next.fetch_add(chunk, Ordering::Relaxed);
             if start >= n {
                 break;
@@ -131,12 +202,13 @@ impl ThreadPool {
             return;
         }
         let ends: Vec<usize> = (1..=nt).map(|t| n * t / nt).collect();
-        let cursors: Vec<PaddedCursor> = (0..nt).map(|t| PaddedCursor(AtomicUsize::new(n * t / nt))).collect();
-        self.run(&|ti| {
+        let cursors: Vec<CachePadded<AtomicUsize>> =
+            (0..nt).map(|t| CachePadded::new(AtomicUsize::new(n * t / nt))).collect();
+        self.run_shared(&|ti| {
             for k in 0..nt {
                 let t = (ti + k) % nt;
                 loop {
-                    let i = cursors[t].0.fetch_add(1, Ordering::Relaxed);
+                    let i = cursors[t].fetch_add(1, Ordering::Relaxed);
                     if i >= ends[t] {
                         break;
                     }
@@ -147,14 +219,11 @@ impl ThreadPool {
     }
 }
 
-/// A cursor on its own cache line, so threads claiming from their own ranges do not contend.
-#[repr(align(128))]
-struct PaddedCursor(AtomicUsize);
-
 fn worker(shared: &Shared, idx: usize) {
     let mut seen = 0u64;
     loop {
         let mut spins = 0u32;
+        let mut idle_since: Option<Instant> = None;
         loop {
             if shared.quit.load(Ordering::Acquire) {
                 return;
@@ -162,30 +231,59 @@ fn worker(shared: &Shared, idx: usize) {
             if shared.epoch.load(Ordering::Acquire) != seen {
                 break;
             }
-            if spins < SPIN_ITERS {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                let guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
-                shared.sleepers.fetch_add(1, Ordering::SeqCst);
-                let guard = shared
-                    .wake
-                    .wait_while(guard, |_| {
-                        shared.epoch.load(Ordering::SeqCst) == seen && !shared.quit.load(Ordering::Acquire)
-                    })
-                    .unwrap_or_else(|e| e.into_inner());
-                shared.sleepers.fetch_sub(1, Ordering::AcqRel);
-                drop(guard);
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins % SPINS_PER_CHECK != 0 || shared.hot.load(Ordering::Relaxed) > 0 {
+                continue;
             }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < IDLE_SPIN {
+                continue;
+            }
+            let guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            shared.sleepers.fetch_add(1, Ordering::SeqCst);
+            let guard = shared
+                .wake
+                .wait_while(guard, |_| {
+                    shared.epoch.load(Ordering::SeqCst) == seen
+                        && !shared.quit.load(Ordering::Acquire)
+                        && shared.hot.load(Ordering::SeqCst) == 0
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            shared.sleepers.fetch_sub(1, Ordering::AcqRel);
+            drop(guard);
+            idle_since = None;
         }
         seen = shared.epoch.load(Ordering::Acquire);
+        if shared.shareable.load(Ordering::Relaxed) && !join(shared) {
+            // The caller finished this job without us and returned: never touch it.
+            continue;
+        }
         // SAFETY: the epoch we observed was published after `job` was written, and the caller
-        // keeps the closure alive until we bump `done`.
+        // keeps the closure alive until we bump `done` (for a shareable job, until every worker
+        // that joined has: see `join`).
         if let Some(job) = unsafe { *shared.job.get() } {
             // SAFETY: see above.
             unsafe { (*job)(idx) };
         }
         shared.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Marks a shareable job closed in `Shared::joined`.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// Join the current shareable job unless the caller has closed it.
+fn join(shared: &Shared) -> bool {
+    let mut s = shared.joined.load(Ordering::Acquire);
+    loop {
+        if s & CLOSED != 0 {
+            return false;
+        }
+        match shared.joined.compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(now) => s = now,
+        }
     }
 }
 
@@ -245,13 +343,33 @@ mod tests {
     }
 
     #[test]
-    fn sleeping_workers_wake_up() {
+    fn sleeping_workers_wake_up_and_hot_ones_never_sleep() {
         let pool = ThreadPool::new(2);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        let sleepers = || pool.shared.sleepers.load(Ordering::SeqCst);
+        // However slowly the host schedules it, an idle worker ends up asleep.
+        let t0 = Instant::now();
+        while sleepers() != 1 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "an idle worker never slept");
+            std::thread::sleep(IDLE_SPIN);
+        }
         let hits = AtomicUsize::new(0);
         pool.run(&|_| {
             hits.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 2);
+        let hot = pool.hot();
+        let t0 = Instant::now();
+        while sleepers() != 0 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "holding the pool hot did not wake its worker");
+            std::thread::sleep(IDLE_SPIN);
+        }
+        // A hot worker never reaches the sleeping branch, however long nothing comes.
+        std::thread::sleep(IDLE_SPIN * 10);
+        assert_eq!(sleepers(), 0, "a hot worker went to sleep");
+        drop(hot);
+        pool.run(&|_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 4);
     }
 }

@@ -122,8 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     // A fixed pseudo-random prompt over the vocabulary (the same for both engines).
     let mut rng = SplitMix64::new(42);
-    let n_vocab = model.hp.n_vocab as u64;
-    let prompt: Vec<u32> = (0..a.prompt.max(1)).map(|_| (rng.next_u64() % n_vocab) as u32).collect();
+    let prompt = rng.tokens(a.prompt.max(1), model.hp.n_vocab);
 
     eprintln!(
         "bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats",
