@@ -234,14 +234,13 @@ fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
     match j.tokens {
         None => {
             let groups = j.act.grouped.len() / (GEMM_TOKENS * j.act.row_bytes).max(1);
-            for g in 0..groups {
-                let gb = GEMM_TOKENS * j.act.row_bytes;
-                let out = j
-                    .out
-                    .span(g * GEMM_TOKENS * j.out_stride + j.out_offset + r0, (GEMM_TOKENS - 1) * j.out_stride + nc);
-                // SAFETY: as for gemv, with 4 tokens' interleaved activations and 4 output rows
-                // of `out_stride` floats, of which we write columns r0..r0+nc.
-                unsafe { repack::gemm_q4_0x8(j.w.cols, w, j.act.grouped[g * gb..].as_ptr(), out, j.out_stride, nc) };
+            if groups > 0 {
+                let n_tok = groups * GEMM_TOKENS;
+                let out = j.out.span(j.out_offset + r0, (n_tok - 1) * j.out_stride + nc);
+                // SAFETY: as for gemv, with every group's interleaved activations (`grouped`
+                // holds exactly `groups` of them) and `n_tok` output rows of `out_stride` floats,
+                // of which we write columns r0..r0+nc.
+                unsafe { repack::gemm_q4_0x8(j.w.cols, w, j.act.grouped.as_ptr(), n_tok, out, j.out_stride, nc) };
             }
             for t in groups * GEMM_TOKENS..j.act.n_tok {
                 gemv(j.act.row(t), t);

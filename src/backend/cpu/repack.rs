@@ -88,22 +88,27 @@ pub unsafe fn gemv_q4_0x8(cols: usize, w: *const u8, act: *const u8, out: *mut f
     unsafe { ggml_gemv_q4_0_8x8_q8_0(cols as c_int, out, nc, w.cast(), act.cast(), 1, nc as c_int) }
 }
 
-/// Four tokens at once: `out[t * out_stride + r]` for t in 0..4; `act4` is from [`quantize_4x8`].
+/// `n_tok` tokens (a multiple of 4) at once: `out[t * out_stride + r]` for t in 0..n_tok; `act4`
+/// holds their groups of four from [`quantize_4x8`], one after another. One call for all of them,
+/// as llama.cpp makes it: ggml's AVX-512 kernel takes 16 tokens × 16 rows at a time, and only
+/// when it is given at least 16 tokens.
 ///
 /// # Safety
-/// As [`gemv_q4_0x8`], with `out` covering 4 rows of `out_stride` floats.
-pub unsafe fn gemm_q4_0x8(cols: usize, w: *const u8, act4: *const u8, out: *mut f32, out_stride: usize, nc: usize) {
+/// As [`gemv_q4_0x8`], with `act4` holding `n_tok / 4` groups and `out` covering `n_tok` rows of
+/// `out_stride` floats.
+pub unsafe fn gemm_q4_0x8(
+    cols: usize,
+    w: *const u8,
+    act4: *const u8,
+    n_tok: usize,
+    out: *mut f32,
+    out_stride: usize,
+    nc: usize,
+) {
+    debug_assert!(n_tok % GEMM_TOKENS == 0);
     // SAFETY: forwarded to the caller's contract.
     unsafe {
-        ggml_gemm_q4_0_8x8_q8_0(
-            cols as c_int,
-            out,
-            out_stride,
-            w.cast(),
-            act4.cast(),
-            GEMM_TOKENS as c_int,
-            nc as c_int,
-        )
+        ggml_gemm_q4_0_8x8_q8_0(cols as c_int, out, out_stride, w.cast(), act4.cast(), n_tok as c_int, nc as c_int)
     }
 }
 
@@ -137,13 +142,15 @@ mod tests {
         }
         let mut packed = vec![0u8; plain.len()];
         repack_q4_0x8(&plain, rows, cols, &mut packed);
-        let x: Vec<f32> = (0..4 * cols).map(|_| rng.next_normal(1.0)).collect();
+        // 20 tokens: one call takes the AVX-512 path for 16 and the 4-token path for the rest.
+        let n_tok = 20;
+        let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.next_normal(1.0)).collect();
         let arb = q8.act_row_bytes(cols);
-        let mut acts = vec![0u8; 4 * arb];
-        for t in 0..4 {
+        let mut acts = vec![0u8; n_tok * arb];
+        for t in 0..n_tok {
             q8.quantize_row(&x[t * cols..(t + 1) * cols], &mut acts[t * arb..(t + 1) * arb]);
         }
-        let want: Vec<f32> = (0..4)
+        let want: Vec<f32> = (0..n_tok)
             .flat_map(|t| {
                 (0..rows)
                     .map(|r| k.dot(cols, &plain[r * rb..(r + 1) * rb], &acts[t * arb..(t + 1) * arb]))
@@ -161,12 +168,15 @@ mod tests {
                 want[r]
             );
         }
-        let mut a4 = vec![0u8; 4 * arb];
-        quantize_4x8(&x, cols, &mut a4);
-        let mut got4 = vec![0f32; 4 * rows];
-        // SAFETY: as above, 4 output rows of `rows` floats.
-        unsafe { gemm_q4_0x8(cols, packed.as_ptr(), a4.as_ptr(), got4.as_mut_ptr(), rows, rows) };
-        for i in 0..4 * rows {
+        let mut a4 = vec![0u8; n_tok * arb];
+        for g in 0..n_tok / GEMM_TOKENS {
+            let (xs, out) = (&x[g * 4 * cols..(g + 1) * 4 * cols], &mut a4[g * 4 * arb..(g + 1) * 4 * arb]);
+            quantize_4x8(xs, cols, out);
+        }
+        let mut got4 = vec![0f32; n_tok * rows];
+        // SAFETY: as above, all groups of four, `n_tok` output rows of `rows` floats.
+        unsafe { gemm_q4_0x8(cols, packed.as_ptr(), a4.as_ptr(), n_tok, got4.as_mut_ptr(), rows, rows) };
+        for i in 0..n_tok * rows {
             assert!((got4[i] - want[i]).abs() <= 1e-3 * want[i].abs().max(1.0), "gemm {i}: {} vs {}", got4[i], want[i]);
         }
     }
