@@ -144,7 +144,7 @@ impl<B: Backend> ExpertProvider<B> for Prefetching {
         let id: PrefetchId =
             <Offload as ExpertProvider<B>>::prefetch(&mut self.off, next, &(self.predict)(next), Priority::Prefetch)?;
         self.issued += 1;
-        if self.issued % 2 == 0 {
+        if self.issued.is_multiple_of(2) {
             <Offload as ExpertProvider<B>>::cancel(&mut self.off, id);
         }
         Ok(())

@@ -140,7 +140,7 @@ impl Backend for PlainBackend {
         Self::host_mat(w, weights.0.bytes_of(w))
     }
 
-    fn vector<'a>(weights: &'a PlainWeights, v: VecRef) -> &'a [f32] {
+    fn vector(weights: &PlainWeights, v: VecRef) -> &[f32] {
         weights.0.vector(v)
     }
 

@@ -5,6 +5,15 @@
 use crate::backend::{KvConfig, KvType};
 use crate::ggml::{f16_to_f32, kernels};
 
+/// Which keys and values one query attends to: kv head `kv_head` of `layer`, positions
+/// `0..n_pos`.
+#[derive(Debug, Clone, Copy)]
+pub struct Head {
+    pub layer: usize,
+    pub kv_head: usize,
+    pub n_pos: usize,
+}
+
 /// Buffers one `attend` call reuses: the f16 value accumulator and the scores.
 #[derive(Default)]
 pub struct AttendScratch {
@@ -74,16 +83,8 @@ impl KvCache {
     /// cache), an online softmax, and the value accumulator kept in the cache's own precision
     /// (f16 rounding after every step for an f16 cache). `q` is the query already converted to
     /// the cache type; `out` takes the head's output.
-    pub fn attend(
-        &self,
-        l: usize,
-        h: usize,
-        n_pos: usize,
-        q: &[u8],
-        scale: f32,
-        out: &mut [f32],
-        s: &mut AttendScratch,
-    ) {
+    pub fn attend(&self, head: Head, q: &[u8], scale: f32, out: &mut [f32], s: &mut AttendScratch) {
+        let Head { layer: l, kv_head: h, n_pos } = head;
         let kk = kernels(self.ty.ggml()).expect("kv kernels");
         let hd = self.head_dim;
         let row = self.kv_dim * self.head_bytes / hd;

@@ -104,7 +104,7 @@ impl Backend for CpuBackend {
         weights.mat(w)
     }
 
-    fn vector<'a>(weights: &'a CpuWeights, v: VecRef) -> &'a [f32] {
+    fn vector(weights: &CpuWeights, v: VecRef) -> &[f32] {
         weights.model().vector(v)
     }
 
@@ -208,7 +208,8 @@ impl Backend for CpuBackend {
             for th in r {
                 let (t, h) = (th / shape.n_head, th % shape.n_head);
                 kq.quantize_act(&qkv.row(t)[h * hd..(h + 1) * hd], &mut qc);
-                kvr.attend(layer, h / group, pos0 + t + 1, &qc, shape.scale, &mut acc, &mut scratch);
+                let head = kv::Head { layer, kv_head: h / group, n_pos: pos0 + t + 1 };
+                kvr.attend(head, &qc, shape.scale, &mut acc, &mut scratch);
                 for (i, &a) in acc.iter().enumerate() {
                     // SAFETY: (t, h) is handed to one thread; its `hd` outputs are its own.
                     unsafe { shared.set(t * qd + h * hd + i, a) };

@@ -193,8 +193,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn mad_f16(acc: &mut [u16], v: &[u8], s: f32) {
     assert_eq!(2 * acc.len(), v.len());
     let done = simd::mad_f16(acc, v, s);
-    for i in done..acc.len() {
-        acc[i] = crate::ggml::f32_to_f16(f16_at(v, i).mul_add(s, crate::ggml::f16_to_f32(acc[i])));
+    for (i, a) in acc.iter_mut().enumerate().skip(done) {
+        *a = crate::ggml::f32_to_f16(f16_at(v, i).mul_add(s, crate::ggml::f16_to_f32(*a)));
     }
 }
 
@@ -216,7 +216,7 @@ mod simd {
 
         /// Four 16-lane accumulators over whole blocks of 64 elements (`k.len() % 128 == 0`).
         pub fn fma_blocks_f16(k: &[u8], q: &[u8], acc: &mut [[f32; 16]; 4]) {
-            debug_assert!(k.len() == q.len() && k.len() % 128 == 0);
+            debug_assert!(k.len() == q.len() && k.len().is_multiple_of(128));
             // SAFETY: the target features are enabled at compile time (cfg above); every load
             // reads 16 bytes inside `k`/`q` (i + 32·j + 16·h + 16 ≤ len), every store 32 bytes
             // inside one `[f32; 16]` half.

@@ -163,7 +163,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while self.shared.done.load(Ordering::Acquire) < n {
             spins = spins.wrapping_add(1);
-            if spins % 4096 == 0 {
+            if spins.is_multiple_of(4096) {
                 // A worker descheduled by the host: let it have the core.
                 std::thread::yield_now();
             } else {
@@ -233,7 +233,7 @@ fn worker(shared: &Shared, idx: usize) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % SPINS_PER_CHECK != 0 || shared.hot.load(Ordering::Relaxed) > 0 {
+            if !spins.is_multiple_of(SPINS_PER_CHECK) || shared.hot.load(Ordering::Relaxed) > 0 {
                 continue;
             }
             let since = *idle_since.get_or_insert_with(Instant::now);

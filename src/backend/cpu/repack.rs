@@ -47,7 +47,7 @@ pub const GEMM_TOKENS: usize = 4;
 
 /// Whether a `rows × cols` weight of type `ty` can be repacked (and into what).
 pub fn repackable(ty: GgmlType, rows: usize, cols: usize) -> Option<Layout> {
-    (ty == GgmlType::Q4_0 && rows % Q4_0_GROUP == 0 && cols % 32 == 0).then_some(Layout::Q4_0x8)
+    (ty == GgmlType::Q4_0 && rows.is_multiple_of(Q4_0_GROUP) && cols.is_multiple_of(32)).then_some(Layout::Q4_0x8)
 }
 
 /// Repack plain Q4_0 rows (`src`, `rows × cols`) into `dst` (same length) as `Q4_0x8`.
@@ -105,7 +105,7 @@ pub unsafe fn gemm_q4_0x8(
     out_stride: usize,
     nc: usize,
 ) {
-    debug_assert!(n_tok % GEMM_TOKENS == 0);
+    debug_assert!(n_tok.is_multiple_of(GEMM_TOKENS));
     // SAFETY: forwarded to the caller's contract.
     unsafe {
         ggml_gemm_q4_0_8x8_q8_0(cols as c_int, out, out_stride, w.cast(), act4.cast(), n_tok as c_int, nc as c_int)
