@@ -419,11 +419,20 @@ impl Offload {
         }
     }
 
+    /// Whether group `g`'s reads are all done: `None` while any is in flight (or the group is
+    /// unknown), else whether they all succeeded. Never blocks.
+    fn group_done(&self, g: u64) -> Option<bool> {
+        let grp = self.groups.get(&g)?;
+        let mut ok = true;
+        for &(t, low) in &grp.tickets {
+            ok &= self.io(low).and_then(|io| io.finished(t))?;
+        }
+        Some(ok)
+    }
+
     /// Whether every read of group `g` has completed successfully.
     fn landed(&self, g: u64) -> bool {
-        self.groups.get(&g).is_some_and(|grp| {
-            grp.tickets.iter().all(|&(t, low)| self.io(low).and_then(|io| io.finished(t)) == Some(true))
-        })
+        self.group_done(g) == Some(true)
     }
 
     fn slot_state(&self, p: Precision, slot: SlotId) -> Option<SlotState> {
@@ -447,11 +456,7 @@ impl Offload {
     /// slots become `Ready`, or `Empty` where it was cancelled, its expert was evicted meanwhile,
     /// or a read failed (the cache forgets those experts). Returns the first read error.
     fn finish_group(&mut self, g: u64, block: bool) -> Result<(), ProviderError> {
-        if !block
-            && !self.groups.get(&g).is_some_and(|grp| {
-                grp.tickets.iter().all(|&(t, low)| self.io(low).and_then(|io| io.finished(t)).is_some())
-            })
-        {
+        if !block && self.group_done(g).is_none() {
             return Ok(());
         }
         let Some(grp) = self.groups.remove(&g) else { return Ok(()) };
@@ -635,16 +640,19 @@ impl<B: Backend> ExpertProvider<B> for Offload {
 
     fn wait(&mut self, l: usize) -> Result<(), ProviderError> {
         let t0 = Instant::now();
+        // The read groups still filling the slots of layer l's decisions (its own loads, and
+        // prefetches of experts it hit); nothing else.
         let mut needed: Vec<u64> = Vec::new();
-        for &(e, d) in &self.decisions {
-            if let (Decision::At(p, slot), true) = (d, l == self.layer) {
-                if let Some(SlotState::Loading(g)) = self.slot_state(p, slot) {
-                    if !needed.contains(&g) {
-                        needed.push(g);
+        if l == self.layer {
+            for &(_, d) in &self.decisions {
+                if let Decision::At(p, slot) = d {
+                    if let Some(SlotState::Loading(g)) = self.slot_state(p, slot) {
+                        if !needed.contains(&g) {
+                            needed.push(g);
+                        }
                     }
                 }
             }
-            let _ = e;
         }
         let mut first_err = None;
         for g in needed {
