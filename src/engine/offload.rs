@@ -558,6 +558,16 @@ impl Offload {
         }
     }
 
+    /// Refuse a plan whose loads this cache cannot carry out, before it is applied (low
+    /// precision without a sidecar: the cache never plans that, but a half-applied plan would
+    /// leave experts the cache thinks resident and no read filling them).
+    fn check_plan(&self, plan: &crate::experts::Plan) -> Result<(), ProviderError> {
+        match plan.loads().find(|&(_, _, p, _)| p == Precision::Low && self.low.is_none()) {
+            Some((key, ..)) => Err(ProviderError::NoSidecar { layer: key.layer as usize, expert: key.expert }),
+            None => Ok(()),
+        }
+    }
+
     /// Issue the reads of `plan`'s loads as one group; returns its id (None if nothing to read).
     fn issue(
         &mut self,
@@ -623,6 +633,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             _ => wave.iter().map(|&e| (e, 0.0)).collect(),
         };
         let plan = self.cache.plan(l, self.step, &needed);
+        self.check_plan(&plan)?;
         self.drain_targets(&plan);
         self.cache.apply(&plan);
         self.decisions.clear();
@@ -718,6 +729,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
                 }
             }
         }
+        self.check_plan(&plan)?;
         self.cache.apply(&plan);
         let id = PrefetchId(self.next_group);
         let urgency = if priority == Priority::Demand { Urgency::Urgent } else { Urgency::Background };
