@@ -124,3 +124,23 @@ fn fixtures_match_llama_cpp_on_the_cpu_backend() {
 fn fixtures_match_llama_cpp_on_the_plain_f32_backend() {
     fixtures_match_llama_cpp(PlainBackend::new, &PLAIN);
 }
+
+/// The families being added (`../shared/fixtures-next`), one by one as they land: qwen2moe's
+/// converter writes the shared-expert gate as `[n_embd, 1]` (the F16 file), `llama-quantize` as
+/// `[n_embd]` (the Q4_K_M file); both must load and match.
+#[test]
+fn qwen2moe_fixtures_next_match_llama_cpp() {
+    let Some(root) = common::fixtures() else { return };
+    let dir = root.join("../fixtures-next/qwen2moe-tiny");
+    let mut failures = Vec::new();
+    for (gguf, r) in common::ref_pairs_in(&dir) {
+        let name = gguf.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let mut eng = engine(&gguf, CpuBackend::new(2));
+        for c in &r.cases {
+            if let Err(e) = check(&mut eng, &name, c, &KERNELS, false) {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

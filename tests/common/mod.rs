@@ -39,20 +39,23 @@ pub struct RefCase {
 
 /// Every `(gguf, ref)` pair under the fixtures folder, sorted.
 pub fn ref_pairs(root: &Path) -> Vec<(PathBuf, RefFile)> {
-    let mut out = Vec::new();
     let mut dirs: Vec<_> = std::fs::read_dir(root).expect("read fixtures").flatten().map(|e| e.path()).collect();
     dirs.sort();
-    for dir in dirs.into_iter().filter(|d| d.is_dir()) {
-        let mut files: Vec<_> = std::fs::read_dir(&dir).expect("read dir").flatten().map(|e| e.path()).collect();
-        files.sort();
-        for f in files {
-            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            if let Some(stem) = name.strip_suffix(".ref.json") {
-                let gguf = dir.join(format!("{stem}.gguf"));
-                let text = std::fs::read_to_string(&f).expect("read ref");
-                let r: RefFile = serde_json::from_str(&text).expect("parse ref");
-                out.push((gguf, r));
-            }
+    dirs.into_iter().filter(|d| d.is_dir()).flat_map(|d| ref_pairs_in(&d)).collect()
+}
+
+/// The `(gguf, ref)` pairs of one fixture folder, sorted.
+pub fn ref_pairs_in(dir: &Path) -> Vec<(PathBuf, RefFile)> {
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir).expect("read dir").flatten().map(|e| e.path()).collect();
+    files.sort();
+    for f in files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if let Some(stem) = name.strip_suffix(".ref.json") {
+            let gguf = dir.join(format!("{stem}.gguf"));
+            let text = std::fs::read_to_string(&f).expect("read ref");
+            let r: RefFile = serde_json::from_str(&text).expect("parse ref");
+            out.push((gguf, r));
         }
     }
     out
