@@ -132,6 +132,11 @@ impl HostAct {
         self.cols = cols;
     }
 
+    /// Every value, row by row: a host backend's [`Backend::read`].
+    pub fn values(&self) -> &[f32] {
+        &self.data[..self.rows * self.cols]
+    }
+
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }

@@ -158,7 +158,7 @@ impl Backend for PlainBackend {
     }
 
     fn read<'a>(&mut self, a: &'a HostAct) -> Cow<'a, [f32]> {
-        Cow::Borrowed(&a.data[..a.rows * a.cols])
+        Cow::Borrowed(a.values())
     }
 
     fn new_kv(&self, cfg: &KvConfig) -> Result<PlainKv, BackendError> {

@@ -117,7 +117,7 @@ impl Backend for CpuBackend {
     }
 
     fn read<'a>(&mut self, a: &'a HostAct) -> Cow<'a, [f32]> {
-        Cow::Borrowed(&a.data[..a.rows * a.cols])
+        Cow::Borrowed(a.values())
     }
 
     fn new_kv(&self, cfg: &KvConfig) -> Result<KvCache, BackendError> {
