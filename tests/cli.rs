@@ -83,6 +83,26 @@ fn inspect_without_a_model_uses_the_bundled_one() {
     assert_eq!(v["name"], "rustdoc-moe");
 }
 
+/// From an empty prompt the bundled model ends after a few tokens; `--ignore-eos` (llama.cpp's
+/// flag: end tokens are never chosen) carries the same greedy run on to the asked length.
+#[test]
+fn ignore_eos_generates_past_the_end_token() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "-p", "", "-n", "40", "--temp", "0", "--json", "-t", "2"];
+        args.extend_from_slice(extra);
+        let v = json(&args);
+        let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).expect("ids");
+        (v["stop"].as_str().unwrap_or_default().to_string(), ids)
+    };
+    let (stop, ended) = run(&[]);
+    assert_eq!(stop, "eog", "the bundled model should end on its own here: {ended:?}");
+    assert!(ended.len() < 40);
+    let (stop, carried) = run(&["--ignore-eos"]);
+    assert_eq!(stop, "length");
+    assert_eq!(carried.len(), 40);
+    assert_eq!(&carried[..ended.len()], &ended[..], "the same greedy run up to the end token");
+}
+
 #[test]
 fn generate_json_gives_llama_cpp_greedy_tokens() {
     let Some(root) = common::fixtures() else { return };

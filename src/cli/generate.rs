@@ -33,6 +33,10 @@ pub struct Args {
     /// Which weights are copied into resident memory (Q4_0 repacked for ggml's interleaved kernels).
     #[arg(long, value_enum, default_value_t = Resident::Auto)]
     resident: Resident,
+    /// Keep generating past end-of-generation tokens: they are never chosen (llama.cpp's
+    /// `--ignore-eos`), so greedy runs can be compared for a fixed length.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print one JSON object (ids, text, top logits, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -54,8 +58,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give a prompt: -p TEXT or --prompt-tokens N"),
     };
-    let sampler = a.sampling.config();
-    let is_eog = |id: u32| tok.is_eog(id);
+    let mut sampler = a.sampling.config();
+    if a.ignore_eos {
+        sampler.banned = (0..tok.n_vocab() as u32).filter(|&id| tok.is_eog(id)).collect();
+    }
+    let ignore_eos = a.ignore_eos;
+    let is_eog = |id: u32| !ignore_eos && tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: a.n_predict, sampler, is_eog: &is_eog };
     let mut sess = engine.new_session()?;
     let mut stream = StreamDecoder::new(&tok);

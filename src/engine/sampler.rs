@@ -13,6 +13,9 @@ pub struct SamplerConfig {
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
     pub seed: u64,
+    /// Tokens that are never chosen (their logits count as -inf), as llama.cpp's `--ignore-eos`
+    /// does with the end-of-generation tokens.
+    pub banned: Vec<u32>,
 }
 
 impl Default for SamplerConfig {
@@ -25,6 +28,7 @@ impl Default for SamplerConfig {
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             seed: 0,
+            banned: Vec::new(),
         }
     }
 }
@@ -65,6 +69,11 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = &self.cfg;
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        for &id in &c.banned {
+            if let Some(x) = cand.get_mut(id as usize) {
+                x.1 = f32::NEG_INFINITY;
+            }
+        }
         if c.repeat_penalty != 1.0 && c.repeat_last_n > 0 {
             let start = history.len().saturating_sub(c.repeat_last_n);
             let mut seen = history[start..].to_vec();
@@ -125,6 +134,14 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn banned_tokens_are_never_chosen() {
+        let cfg = SamplerConfig { banned: vec![1, 3], ..SamplerConfig::greedy() };
+        assert_eq!(Sampler::new(cfg.clone()).sample(&[0.1, 2.0, -1.0, 1.9], &[]), 0);
+        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, ..cfg });
+        assert!((0..200).all(|_| ![1, 3].contains(&s.sample(&[0.1, 2.0, -1.0, 1.9], &[]))));
+    }
 
     #[test]
     fn greedy_is_argmax() {
