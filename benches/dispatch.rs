@@ -26,7 +26,17 @@ trait Ops {
     fn matmul(&mut self, x: &HostAct, ws: &[MatRef<'_>], out: &mut HostAct);
     fn add_bias(&mut self, x: &mut HostAct, col: usize, b: &[f32]);
     fn rope(&mut self, x: &mut HostAct, col: usize, n: usize, hd: usize, pos0: usize, rope: &Rope);
-    fn attention(&mut self, kv: &mut KvCache, l: usize, qkv: &HostAct, s: &AttnShape, pos0: usize, out: &mut HostAct);
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        kv: &mut KvCache,
+        l: usize,
+        qkv: &HostAct,
+        s: &AttnShape,
+        sinks: Option<&[f32]>,
+        pos0: usize,
+        out: &mut HostAct,
+    );
     fn expert_ffn(&mut self, x: &HostAct, jobs: &[ExpertJob<'_, '_, CpuBackend>], y: &mut HostAct);
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct);
     fn add(&mut self, x: &mut HostAct, y: &HostAct);
@@ -54,8 +64,17 @@ impl Ops for CpuBackend {
     fn rope(&mut self, x: &mut HostAct, col: usize, n: usize, hd: usize, pos0: usize, rope: &Rope) {
         Backend::rope(self, x, col, n, hd, pos0, rope)
     }
-    fn attention(&mut self, kv: &mut KvCache, l: usize, qkv: &HostAct, s: &AttnShape, pos0: usize, out: &mut HostAct) {
-        Backend::attention(self, kv, l, qkv, s, pos0, out)
+    fn attention(
+        &mut self,
+        kv: &mut KvCache,
+        l: usize,
+        qkv: &HostAct,
+        s: &AttnShape,
+        sinks: Option<&[f32]>,
+        pos0: usize,
+        out: &mut HostAct,
+    ) {
+        Backend::attention(self, kv, l, qkv, s, sinks, pos0, out)
     }
     fn expert_ffn(&mut self, x: &HostAct, jobs: &[ExpertJob<'_, '_, CpuBackend>], y: &mut HostAct) {
         Backend::expert_ffn(self, x, jobs, y)
@@ -137,8 +156,17 @@ impl Backend for DynCpu {
     fn rope(&mut self, x: &mut HostAct, col: usize, n: usize, hd: usize, pos0: usize, rope: &Rope) {
         self.ops.rope(x, col, n, hd, pos0, rope)
     }
-    fn attention(&mut self, kv: &mut KvCache, l: usize, qkv: &HostAct, s: &AttnShape, pos0: usize, out: &mut HostAct) {
-        self.ops.attention(kv, l, qkv, s, pos0, out)
+    fn attention(
+        &mut self,
+        kv: &mut KvCache,
+        l: usize,
+        qkv: &HostAct,
+        s: &AttnShape,
+        sinks: Option<&[f32]>,
+        pos0: usize,
+        out: &mut HostAct,
+    ) {
+        self.ops.attention(kv, l, qkv, s, sinks, pos0, out)
     }
     fn expert_ffn(&mut self, x: &HostAct, jobs: &[ExpertJob<'_, '_, Self>], y: &mut HostAct) {
         // The same views re-labelled for the CPU backend's ops (both backends' `Mat` is `MatRef`).

@@ -105,6 +105,8 @@ pub struct AttnShape {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding window: a query at position q sees keys at p with `q - p < window` (0: all).
+    pub window: usize,
 }
 
 impl AttnShape {
@@ -259,13 +261,17 @@ pub trait Backend: 'static {
     /// Rotate `n_heads` heads of `head_dim` from column `col`; row `t` sits at position `pos0 + t`.
     fn rope(&mut self, x: &mut Self::Act, col: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope);
     /// Store row `t`'s k and v (from `qkv`) at position `pos0 + t` of `layer`, then attend each
-    /// query over positions `0..=pos0 + t` (causal); `out` is `[rows, q_dim]`.
+    /// query over positions `0..=pos0 + t` (causal; within `shape.window` if set); `sinks`, one
+    /// logit per query head, join each head's softmax with no value (gpt-oss). `out` is
+    /// `[rows, q_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
         kv: &mut Self::Kv,
         layer: usize,
         qkv: &Self::Act,
         shape: &AttnShape,
+        sinks: Option<Self::Vector<'_>>,
         pos0: usize,
         out: &mut Self::Act,
     );

@@ -246,10 +246,14 @@ impl Backend for PlainBackend {
         layer: usize,
         qkv: &HostAct,
         shape: &AttnShape,
+        sinks: Option<&[f32]>,
         pos0: usize,
         out: &mut HostAct,
     ) {
         let (n, hd, qd, kvd) = (qkv.rows, shape.head_dim, shape.q_dim(), shape.kv_dim());
+        // llama.cpp converts the query to the cache type for short batches and keeps it f32 on
+        // its tiled path (batches of 64+ rows).
+        let q_ty = if n >= super::cpu::kv::TILE { KvType::F32 } else { kv.ty };
         for t in 0..n {
             let row = qkv.row(t);
             let at = (pos0 + t) * kv.kv_dim;
@@ -262,22 +266,26 @@ impl Backend for PlainBackend {
         let group = shape.n_head / shape.n_head_kv;
         for t in 0..n {
             let n_pos = pos0 + t + 1;
+            let start = if shape.window == 0 { 0 } else { n_pos.saturating_sub(shape.window) };
             for h in 0..shape.n_head {
-                let q: Vec<f32> = qkv.row(t)[h * hd..(h + 1) * hd].iter().map(|&v| kv_round(kv.ty, v)).collect();
+                let q: Vec<f32> = qkv.row(t)[h * hd..(h + 1) * hd].iter().map(|&v| kv_round(q_ty, v)).collect();
                 let kh = (h / group) * hd;
-                let scores: Vec<f64> = (0..n_pos)
+                let scores: Vec<f64> = (start..n_pos)
                     .map(|p| {
                         dot(&q, &kv.k[layer][p * kv.kv_dim + kh..p * kv.kv_dim + kh + hd]) as f64 * shape.scale as f64
                     })
                     .collect();
                 // Softmax and the weighted sum of values in f64 (ggml accumulates the values in
                 // f16, rounding after every position: arithmetic, not a data type, so not here).
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                // A sink joins the softmax with no value.
+                let sink = sinks.map(|s| s[h] as f64);
+                let max = scores.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
+                let sum: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
                 let o = &mut out.row_mut(t)[h * hd..(h + 1) * hd];
                 for (i, o) in o.iter_mut().enumerate() {
-                    let acc: f64 = (0..n_pos).map(|p| e[p] * kv.v[layer][p * kv.kv_dim + kh + i] as f64).sum();
+                    let acc: f64 =
+                        (start..n_pos).map(|p| e[p - start] * kv.v[layer][p * kv.kv_dim + kh + i] as f64).sum();
                     *o = (acc / sum) as f32;
                 }
             }

@@ -166,8 +166,9 @@ impl<B: Backend> Forward<'_, B> {
             Rope { style: m.spec.rope, n_dims: hp.n_rot, freq_base: hp.rope_freq_base, freq_scale: hp.rope_freq_scale };
         b.rope(&mut s.qkv, 0, hp.n_head, hd, pos0, &rope);
         b.rope(&mut s.qkv, qd, hp.n_head_kv, hd, pos0, &rope);
-        let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, scale: hp.attn_scale };
-        b.attention(kv, l, &s.qkv, &shape, pos0, &mut s.attn);
+        let shape =
+            AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, scale: hp.attn_scale, window: 0 };
+        b.attention(kv, l, &s.qkv, &shape, None, pos0, &mut s.attn);
         b.matmul(&s.attn, &[B::mat(w, &layer.wo)], &mut s.o);
         b.add(&mut s.x, &s.o);
     }

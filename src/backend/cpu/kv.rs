@@ -6,12 +6,49 @@ use crate::backend::{KvConfig, KvType};
 use crate::ggml::{f16_to_f32, kernels};
 
 /// Which keys and values one query attends to: kv head `kv_head` of `layer`, positions
-/// `0..n_pos`.
+/// `start..n_pos` (`start` > 0 under a sliding window).
 #[derive(Debug, Clone, Copy)]
 pub struct Head {
     pub layer: usize,
     pub kv_head: usize,
+    pub start: usize,
     pub n_pos: usize,
+}
+
+/// Query rows (and key positions) per tile of the tiled attention path: ggml's CPU flash
+/// attention takes it for batches of at least this many query rows, in tiles of this size
+/// from key position 0.
+pub const TILE: usize = 64;
+
+/// A tile of query rows of one head for [`KvCache::attend_tile`]: rows sit at positions
+/// `pos0..pos0 + rows`; each sees the keys at or before its own position and, with a sliding
+/// `window` (0: none), fewer than `window` positions back.
+#[derive(Debug, Clone, Copy)]
+pub struct QTile {
+    pub layer: usize,
+    pub kv_head: usize,
+    pub pos0: usize,
+    pub rows: usize,
+    pub window: usize,
+}
+
+impl QTile {
+    fn sees(&self, row: usize, pos: usize) -> bool {
+        let q = self.pos0 + row;
+        pos <= q && (self.window == 0 || q - pos < self.window)
+    }
+}
+
+/// Buffers one `attend_tile` call reuses (all f32): a key tile transposed, a value tile, the
+/// scores, and per row the running max, sum and output accumulator.
+#[derive(Default)]
+pub struct TileScratch {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    kq: Vec<f32>,
+    p: Vec<f32>,
+    m: Vec<f32>,
+    s: Vec<f32>,
 }
 
 /// Buffers one `attend` call reuses: the f16 value accumulator and the scores.
@@ -83,8 +120,8 @@ impl KvCache {
     /// cache), an online softmax, and the value accumulator kept in the cache's own precision
     /// (f16 rounding after every step for an f16 cache). `q` is the query already converted to
     /// the cache type; `out` takes the head's output.
-    pub fn attend(&self, head: Head, q: &[u8], scale: f32, out: &mut [f32], s: &mut AttendScratch) {
-        let Head { layer: l, kv_head: h, n_pos } = head;
+    pub fn attend(&self, head: Head, q: &[u8], scale: f32, sink: Option<f32>, out: &mut [f32], s: &mut AttendScratch) {
+        let Head { layer: l, kv_head: h, start, n_pos } = head;
         let kk = kernels(self.ty.ggml()).expect("kv kernels");
         let hd = self.head_dim;
         let row = self.kv_dim * self.head_bytes / hd;
@@ -94,13 +131,16 @@ impl KvCache {
         s.acc16.clear();
         s.acc16.resize(hd, 0);
         let acc16 = &mut s.acc16;
-        s.scores.resize(n_pos, 0.0);
+        s.scores.resize(n_pos - start, 0.0);
         match self.ty {
-            KvType::F16 => super::ops::dot_f16_strided(&self.k[l][h * self.head_bytes..], row, q, &mut s.scores),
-            KvType::F32 => (0..n_pos).for_each(|p| s.scores[p] = kk.dot(hd, self.k_head(l, p, h), q)),
+            KvType::F16 => {
+                let k0 = start * row + h * self.head_bytes;
+                super::ops::dot_f16_strided(&self.k[l][k0..], row, q, &mut s.scores)
+            }
+            KvType::F32 => (start..n_pos).for_each(|p| s.scores[p - start] = kk.dot(hd, self.k_head(l, p, h), q)),
         }
-        for p in 0..n_pos {
-            let s = s.scores[p] * scale;
+        for p in start..n_pos {
+            let s = s.scores[p - start] * scale;
             let (mut ms, mut vs) = (1.0f32, 1.0f32);
             if s > max {
                 let old = max;
@@ -128,8 +168,110 @@ impl KvCache {
         if self.ty == KvType::F16 {
             out.iter_mut().zip(acc16.iter()).for_each(|(o, &a)| *o = f16_to_f32(a));
         }
+        if let Some(sink) = sink {
+            merge_sink(sink, max, &mut sum, out);
+        }
         let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
         out.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// Attention of a tile of query rows (f32, `rows × head_dim`) of one head, the way ggml's
+    /// tiled CPU flash attention computes it for prompt batches of [`TILE`]+ rows: keys and
+    /// values widened to f32 a tile of [`TILE`] positions at a time (tiles from position 0),
+    /// every score one fused multiply-add chain over the head (the query stays f32), one
+    /// rescale per key tile, ggml's vector `exp` with its f64 sum per tile, and the values
+    /// accumulated in f32 (one fused multiply-add per key, in order). Rows are independent:
+    /// which tile a row lands in changes nothing. `out` takes `rows × head_dim`.
+    pub fn attend_tile(
+        &self,
+        t: QTile,
+        q: &[f32],
+        scale: f32,
+        sink: Option<f32>,
+        out: &mut [f32],
+        s: &mut TileScratch,
+    ) {
+        let hd = self.head_dim;
+        let (rows, l, h) = (t.rows, t.layer, t.kv_head);
+        assert!(q.len() == rows * hd && out.len() == rows * hd);
+        let elem = self.head_bytes / hd;
+        let row_bytes = self.kv_dim * elem;
+        s.kt.resize(hd * TILE, 0.0);
+        s.vt.resize(TILE * hd, 0.0);
+        s.kq.resize(rows * TILE, 0.0);
+        s.p.resize(TILE, 0.0);
+        s.m.clear();
+        s.m.resize(rows, f32::NEG_INFINITY);
+        s.s.clear();
+        s.s.resize(rows, 0.0);
+        out.iter_mut().for_each(|v| *v = 0.0);
+        let widen = |src: &[u8], dst: &mut [f32]| match self.ty {
+            KvType::F16 => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, b)| {
+                *d = f16_to_f32(u16::from_ne_bytes([b[0], b[1]]));
+            }),
+            KvType::F32 => dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(d, b)| {
+                *d = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+            }),
+        };
+        let last = t.pos0 + rows; // one past the last key any row sees
+        let mut kbuf = vec![0f32; hd];
+        for c in (0..last).step_by(TILE) {
+            let n = TILE.min(last - c);
+            if !(0..rows).any(|r| (c..c + n).any(|p| t.sees(r, p))) {
+                continue;
+            }
+            // Keys transposed ([dim][position], positions contiguous), zero past the last.
+            s.kt.iter_mut().for_each(|v| *v = 0.0);
+            for j in 0..n {
+                let off = (c + j) * row_bytes + h * self.head_bytes;
+                widen(&self.k[l][off..off + self.head_bytes], &mut kbuf);
+                for (d, &k) in kbuf.iter().enumerate() {
+                    s.kt[d * TILE + j] = k;
+                }
+            }
+            s.vt.iter_mut().for_each(|v| *v = 0.0);
+            for j in 0..n {
+                let off = (c + j) * row_bytes + h * self.head_bytes;
+                widen(&self.v[l][off..off + self.head_bytes], &mut s.vt[j * hd..(j + 1) * hd]);
+            }
+            for r in 0..rows {
+                let kq = &mut s.kq[r * TILE..(r + 1) * TILE];
+                kq.iter_mut().for_each(|v| *v = 0.0);
+                for (d, &qd) in q[r * hd..(r + 1) * hd].iter().enumerate() {
+                    let kt = &s.kt[d * TILE..(d + 1) * TILE];
+                    kq.iter_mut().zip(kt).for_each(|(a, &k)| *a = qd.mul_add(k, *a));
+                }
+                let mut tile_max = f32::NEG_INFINITY;
+                for (j, v) in kq.iter_mut().enumerate() {
+                    *v = if t.sees(r, c + j) && j < n { *v * scale } else { f32::NEG_INFINITY };
+                    tile_max = tile_max.max(*v);
+                }
+                if tile_max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let acc = &mut out[r * hd..(r + 1) * hd];
+                let m_new = s.m[r].max(tile_max);
+                if m_new > s.m[r] {
+                    let ms = (s.m[r] - m_new).exp();
+                    acc.iter_mut().for_each(|a| *a *= ms);
+                    s.s[r] *= ms;
+                }
+                s.m[r] = m_new;
+                s.s[r] = (s.s[r] as f64 + crate::ggml::vec_soft_max(&mut s.p, kq, m_new)) as f32;
+                for (j, &p) in s.p.iter().enumerate() {
+                    let v = &s.vt[j * hd..(j + 1) * hd];
+                    acc.iter_mut().zip(v).for_each(|(a, &v)| *a = p.mul_add(v, *a));
+                }
+            }
+        }
+        for r in 0..rows {
+            let acc = &mut out[r * hd..(r + 1) * hd];
+            if let Some(sink) = sink {
+                merge_sink(sink, s.m[r], &mut s.s[r], acc);
+            }
+            let inv = if s.s[r] == 0.0 { 0.0 } else { 1.0 / s.s[r] };
+            acc.iter_mut().for_each(|v| *v *= inv);
+        }
     }
 
     fn scale_acc(&self, out: &mut [f32], acc16: &mut [u16], ms: f32) {
@@ -138,4 +280,18 @@ impl KvCache {
             KvType::F32 => out.iter_mut().for_each(|a| *a *= ms),
         }
     }
+}
+
+/// An attention sink (one logit per head with no value, gpt-oss) joins the softmax after the last
+/// key, as ggml merges it: the accumulator rescaled if it raises the max, the sum grown by its
+/// share (one fused multiply-add).
+fn merge_sink(sink: f32, max: f32, sum: &mut f32, acc: &mut [f32]) {
+    let (mut ms, mut vs) = (1.0f32, 1.0f32);
+    if sink > max {
+        ms = (max - sink).exp();
+        acc.iter_mut().for_each(|a| *a *= ms);
+    } else {
+        vs = (sink - max).exp();
+    }
+    *sum = sum.mul_add(ms, vs);
 }

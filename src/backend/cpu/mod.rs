@@ -187,6 +187,7 @@ impl Backend for CpuBackend {
         layer: usize,
         qkv: &HostAct,
         shape: &AttnShape,
+        sinks: Option<&[f32]>,
         pos0: usize,
         out: &mut HostAct,
     ) {
@@ -196,11 +197,37 @@ impl Backend for CpuBackend {
             kv.store(layer, pos0 + t, &row[qd..qd + kvd], &row[qd + kvd..qd + 2 * kvd]);
         }
         out.resize(n, qd);
-        // Per (token, head), in parallel.
         let shared = SharedOut::new(&mut out.data);
         let group = shape.n_head / shape.n_head_kv;
         let kvr = &*kv;
+        let sink = |h: usize| sinks.map(|s| s[h]);
+        if n >= kv::TILE {
+            // ggml's tiled path for prompt batches: per (head, tile of query rows), in parallel.
+            let tiles = n.div_ceil(kv::TILE);
+            self.pool.for_chunks(shape.n_head * tiles, 1, &|r| {
+                let mut scratch = kv::TileScratch::default();
+                let (mut q, mut acc) = (Vec::new(), Vec::new());
+                for job in r {
+                    let (h, tile) = (job / tiles, job % tiles);
+                    let t0 = tile * kv::TILE;
+                    let rows = kv::TILE.min(n - t0);
+                    q.clear();
+                    (t0..t0 + rows).for_each(|t| q.extend_from_slice(&qkv.row(t)[h * hd..(h + 1) * hd]));
+                    acc.resize(rows * hd, 0.0);
+                    let qt = kv::QTile { layer, kv_head: h / group, pos0: pos0 + t0, rows, window: shape.window };
+                    kvr.attend_tile(qt, &q, shape.scale, sink(h), &mut acc, &mut scratch);
+                    for (i, row) in acc.chunks_exact(hd).enumerate() {
+                        for (d, &a) in row.iter().enumerate() {
+                            // SAFETY: (h, tile) is handed to one thread; its rows' head-h columns are its own.
+                            unsafe { shared.set((t0 + i) * qd + h * hd + d, a) };
+                        }
+                    }
+                }
+            });
+            return;
+        }
         let kq = kernels(kvr.ty().ggml()).expect("ggml has kv-type kernels");
+        // Per (token, head), in parallel.
         self.pool.for_chunks(n * shape.n_head, 1, &|r| {
             let mut qc = vec![0u8; kq.act_row_bytes(hd)];
             let mut acc = vec![0f32; hd];
@@ -208,8 +235,10 @@ impl Backend for CpuBackend {
             for th in r {
                 let (t, h) = (th / shape.n_head, th % shape.n_head);
                 kq.quantize_act(&qkv.row(t)[h * hd..(h + 1) * hd], &mut qc);
-                let head = kv::Head { layer, kv_head: h / group, n_pos: pos0 + t + 1 };
-                kvr.attend(head, &qc, shape.scale, &mut acc, &mut scratch);
+                let n_pos = pos0 + t + 1;
+                let start = if shape.window == 0 { 0 } else { n_pos.saturating_sub(shape.window) };
+                let head = kv::Head { layer, kv_head: h / group, start, n_pos };
+                kvr.attend(head, &qc, shape.scale, sink(h), &mut acc, &mut scratch);
                 for (i, &a) in acc.iter().enumerate() {
                     // SAFETY: (t, h) is handed to one thread; its `hd` outputs are its own.
                     unsafe { shared.set(t * qd + h * hd + i, a) };
