@@ -170,8 +170,10 @@ impl Backend for DynCpu {
     }
     fn expert_ffn(&mut self, x: &HostAct, jobs: &[ExpertJob<'_, '_, Self>], y: &mut HostAct) {
         // The same views re-labelled for the CPU backend's ops (both backends' `Mat` is `MatRef`).
-        let jobs: Vec<ExpertJob<CpuBackend>> =
-            jobs.iter().map(|j| ExpertJob { mats: j.mats, tokens: j.tokens, out_rows: j.out_rows }).collect();
+        let jobs: Vec<ExpertJob<CpuBackend>> = jobs
+            .iter()
+            .map(|j| ExpertJob { mats: j.mats, bias: j.bias, glu: j.glu, tokens: j.tokens, out_rows: j.out_rows })
+            .collect();
         self.ops.expert_ffn(x, &jobs, y)
     }
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct) {

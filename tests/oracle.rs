@@ -165,3 +165,10 @@ fn qwen2moe_fixtures_next_match_llama_cpp() {
 fn llama_dense_fixture_matches_llama_cpp() {
     fixtures_next_match_llama_cpp("llama-dense-tiny", &KERNELS);
 }
+
+/// gpt-oss: attention sinks, sliding windows on even layers, YaRN, router and expert biases,
+/// softmax over the selected logits, the clamped SwiGLU, MXFP4 experts.
+#[test]
+fn gptoss_fixtures_next_match_llama_cpp() {
+    fixtures_next_match_llama_cpp("gptoss-tiny", &KERNELS);
+}

@@ -23,6 +23,16 @@ pub struct HParams {
     pub rms_eps: f32,
     pub rope_freq_base: f32,
     pub rope_freq_scale: f32,
+    /// YaRN (`rope.scaling.type = yarn`): 1 mixes interpolated and extrapolated frequencies,
+    /// 0 is plain (linear) scaling.
+    pub rope_ext_factor: f32,
+    /// The magnitude factor llama.cpp passes to its rope (1 for YaRN files whose own factor
+    /// ggml re-applies, times `rope.scaling.attn_factor`).
+    pub rope_attn_factor: f32,
+    /// `rope.scaling.original_context_length` (YaRN's correction dimensions).
+    pub rope_n_ctx_orig: usize,
+    /// `attention.sliding_window` (0: none); which layers use it is the family's.
+    pub n_swa: usize,
     /// Attention logit scale (1/sqrt(head_dim) unless the model says otherwise).
     pub attn_scale: f32,
     pub router: RouterConfig,
@@ -77,6 +87,26 @@ impl HParams {
             None => optf("rope.scale_linear")?.unwrap_or(0.0),
         };
         let rope_freq_scale = if ropescale == 0.0 { 1.0 } else { 1.0 / ropescale };
+        let n_ctx_train = opt("context_length")?.unwrap_or(4096);
+        let yarn = file.get_str(&key("rope.scaling.type"))? == Some("yarn");
+        let rope_n_ctx_orig = opt("rope.scaling.original_context_length")?.unwrap_or(n_ctx_train);
+        // As llama.cpp sets up its context: YaRN's magnitude factor is computed, then divided
+        // out again because ggml's rope multiplies it back in (f32 throughout, as there).
+        let rope_ext_factor = if yarn { 1.0f32 } else { 0.0 };
+        let mut rope_attn_factor = 1.0f32;
+        if yarn {
+            let factor = 1.0f32 / rope_freq_scale;
+            // (GCC contracts these `a·b + c` into fused multiply-adds.)
+            if factor > 1.0 {
+                rope_attn_factor = 0.1f32.mul_add(factor.ln(), 1.0);
+            }
+            rope_attn_factor *= 1.0f32 / 0.1f32.mul_add(factor.ln(), 1.0);
+        }
+        rope_attn_factor *= optf("rope.scaling.attn_factor")?.unwrap_or(1.0);
+        let n_swa = opt("attention.sliding_window")?.unwrap_or(0);
+        if spec.sliding_window != super::SlidingWindow::None && n_swa == 0 {
+            return Err(ArchError::MissingKey { path: path.clone(), key: key("attention.sliding_window") });
+        }
         let attn_scale = match optf("attention.scale")? {
             Some(s) if s != 0.0 => s,
             _ => 1.0 / (head_dim as f32).sqrt(),
@@ -94,7 +124,6 @@ impl HParams {
             Some(v) => v,
             None => file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
         };
-        let n_ctx_train = opt("context_length")?.unwrap_or(4096);
         Ok(HParams {
             n_layer,
             n_embd,
@@ -112,9 +141,33 @@ impl HParams {
             rms_eps,
             rope_freq_base,
             rope_freq_scale,
+            rope_ext_factor,
+            rope_attn_factor,
+            rope_n_ctx_orig,
+            n_swa,
             attn_scale,
             router,
         })
+    }
+
+    /// The rotary embedding of this model in `style`, YaRN's correction dimensions included
+    /// (llama.cpp's defaults beta_fast 32, beta_slow 1; f32 as ggml computes them).
+    pub fn rope(&self, style: super::RopeStyle) -> crate::backend::Rope {
+        let n = self.n_rot as f32;
+        let corr = |beta: f32| {
+            n * (self.rope_n_ctx_orig as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * self.rope_freq_base.ln())
+        };
+        let corr_dims = [corr(32.0).floor().max(0.0), corr(1.0).ceil().min(n - 1.0)];
+        crate::backend::Rope {
+            style,
+            n_dims: self.n_rot,
+            freq_base: self.rope_freq_base,
+            freq_scale: self.rope_freq_scale,
+            ext_factor: self.rope_ext_factor,
+            attn_factor: self.rope_attn_factor,
+            corr_dims,
+        }
     }
 
     pub fn q_dim(&self) -> usize {

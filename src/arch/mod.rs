@@ -13,6 +13,8 @@ pub use tensors::{tn, tn_expert, TensorKind};
 pub enum Gating {
     Softmax,
     Sigmoid,
+    /// Top-k on the raw logits, then a softmax over the k selected (gpt-oss).
+    SoftmaxWeight,
 }
 
 /// Routing is data, not code: every MoE family runs the same top-k loop with its own config.
@@ -54,6 +56,33 @@ pub enum ExpertWidth {
     ExpertKey,
 }
 
+/// The gated activation of the expert FFNs: `down(act(gate·x) ⊙ up·x)`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Glu {
+    /// `silu(g) · u`.
+    SwiGlu,
+    /// gpt-oss: `g' · sigmoid(alpha·g') · (u' + 1)` with `g' = min(g, limit)` and `u'` clamped to
+    /// `±limit` (llama.cpp hard-codes alpha 1.702 and limit 7).
+    SwiGluOai { alpha: f32, limit: f32 },
+}
+
+/// Which layers attend through a sliding window (`{arch}.attention.sliding_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum SlidingWindow {
+    None,
+    /// Layers 0, 2, 4, … (gpt-oss: llama.cpp's pattern 2, not read from the file).
+    EvenLayers,
+}
+
+impl SlidingWindow {
+    pub fn applies(self, layer: usize) -> bool {
+        match self {
+            SlidingWindow::None => false,
+            SlidingWindow::EvenLayers => layer.is_multiple_of(2),
+        }
+    }
+}
+
 /// One model family.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ArchSpec {
@@ -70,23 +99,45 @@ pub struct ArchSpec {
     /// `output.weight` may be absent and tied to the token embedding.
     pub tied_output_allowed: bool,
     pub expert_width: ExpertWidth,
+    /// The norm before the FFN: `ffn_norm` (llama) or `post_attention_norm` (gpt-oss).
+    pub ffn_norm: TensorKind,
+    /// The attention output projection has a bias (gpt-oss).
+    pub attn_out_bias: bool,
+    /// One attention-sink logit per head (gpt-oss).
+    pub sinks: bool,
+    pub sliding_window: SlidingWindow,
+    /// The router has a bias (gpt-oss).
+    pub router_bias: bool,
+    /// Each expert's gate, up and down have biases (gpt-oss).
+    pub expert_bias: bool,
+    pub glu: Glu,
 }
+
+/// What most families share; a spec spells out only where it differs.
+const BASE: ArchSpec = ArchSpec {
+    name: "",
+    rope: RopeStyle::Normal,
+    qk_norm: QkNorm::None,
+    attn_bias: false,
+    router: SOFTMAX_RENORM,
+    shared_expert: false,
+    tied_output_allowed: true,
+    expert_width: ExpertWidth::FeedForward,
+    ffn_norm: TensorKind::FfnNorm,
+    attn_out_bias: false,
+    sinks: false,
+    sliding_window: SlidingWindow::None,
+    router_bias: false,
+    expert_bias: false,
+    glu: Glu::SwiGlu,
+};
 
 const SOFTMAX_RENORM: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: true, scale: 1.0 };
 const SOFTMAX_PLAIN: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: false, scale: 1.0 };
 
 /// Every family moerun runs.
 pub static SPECS: &[ArchSpec] = &[
-    ArchSpec {
-        name: "llama",
-        rope: RopeStyle::Normal,
-        qk_norm: QkNorm::None,
-        attn_bias: false,
-        router: SOFTMAX_RENORM,
-        shared_expert: false,
-        tied_output_allowed: true,
-        expert_width: ExpertWidth::FeedForward,
-    },
+    ArchSpec { name: "llama", ..BASE },
     ArchSpec {
         name: "qwen2moe",
         rope: RopeStyle::Neox,
@@ -96,6 +147,7 @@ pub static SPECS: &[ArchSpec] = &[
         shared_expert: true,
         tied_output_allowed: true,
         expert_width: ExpertWidth::ExpertKey,
+        ..BASE
     },
     ArchSpec {
         name: "qwen3moe",
@@ -106,6 +158,7 @@ pub static SPECS: &[ArchSpec] = &[
         shared_expert: false,
         tied_output_allowed: true,
         expert_width: ExpertWidth::ExpertKey,
+        ..BASE
     },
     ArchSpec {
         name: "olmoe",
@@ -116,6 +169,23 @@ pub static SPECS: &[ArchSpec] = &[
         shared_expert: false,
         tied_output_allowed: false,
         expert_width: ExpertWidth::FeedForward,
+        ..BASE
+    },
+    ArchSpec {
+        name: "gpt-oss",
+        rope: RopeStyle::Neox,
+        attn_bias: true,
+        router: RouterConfig { gating: Gating::SoftmaxWeight, renormalize: false, scale: 1.0 },
+        tied_output_allowed: false,
+        expert_width: ExpertWidth::ExpertKey,
+        ffn_norm: TensorKind::AttnPostNorm,
+        attn_out_bias: true,
+        sinks: true,
+        sliding_window: SlidingWindow::EvenLayers,
+        router_bias: true,
+        expert_bias: true,
+        glu: Glu::SwiGluOai { alpha: 1.702, limit: 7.0 },
+        ..BASE
     },
 ];
 

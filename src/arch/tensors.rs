@@ -1,7 +1,7 @@
 //! The tensor-name table: every name moerun reads is built here, from one pattern per kind.
 
 /// Every tensor role moerun knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum TensorKind {
     TokenEmbd,
     OutputNorm,
@@ -11,6 +11,9 @@ pub enum TensorKind {
     AttnK,
     AttnV,
     AttnOut,
+    AttnOutBias,
+    AttnSinks,
+    AttnPostNorm,
     AttnQBias,
     AttnKBias,
     AttnVBias,
@@ -18,9 +21,13 @@ pub enum TensorKind {
     AttnKNorm,
     FfnNorm,
     FfnGateInp,
+    FfnGateInpBias,
     FfnGateExps,
     FfnUpExps,
     FfnDownExps,
+    FfnGateExpsBias,
+    FfnUpExpsBias,
+    FfnDownExpsBias,
     /// Old layout: one tensor per expert (`blk.N.ffn_gate.E.weight`); the expert goes in `tn_expert`.
     FfnGateExpert,
     FfnUpExpert,
@@ -46,6 +53,9 @@ impl TensorKind {
             AttnK => "attn_k.weight",
             AttnV => "attn_v.weight",
             AttnOut => "attn_output.weight",
+            AttnOutBias => "attn_output.bias",
+            AttnSinks => "attn_sinks.weight",
+            AttnPostNorm => "post_attention_norm.weight",
             AttnQBias => "attn_q.bias",
             AttnKBias => "attn_k.bias",
             AttnVBias => "attn_v.bias",
@@ -53,6 +63,10 @@ impl TensorKind {
             AttnKNorm => "attn_k_norm.weight",
             FfnNorm => "ffn_norm.weight",
             FfnGateInp => "ffn_gate_inp.weight",
+            FfnGateInpBias => "ffn_gate_inp.bias",
+            FfnGateExpsBias => "ffn_gate_exps.bias",
+            FfnUpExpsBias => "ffn_up_exps.bias",
+            FfnDownExpsBias => "ffn_down_exps.bias",
             FfnGateExps => "ffn_gate_exps.weight",
             FfnUpExps => "ffn_up_exps.weight",
             FfnDownExps => "ffn_down_exps.weight",

@@ -15,7 +15,7 @@ pub mod plain;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::arch::RopeStyle;
+use crate::arch::{Glu, RopeStyle};
 use crate::gguf::GgmlType;
 use crate::model::{Model, Residency, Resident, VecRef, WeightDesc};
 
@@ -54,6 +54,12 @@ pub struct Rope {
     pub n_dims: usize,
     pub freq_base: f32,
     pub freq_scale: f32,
+    /// YaRN: 1 mixes interpolated and extrapolated angles across `corr_dims`; 0 is plain scaling.
+    pub ext_factor: f32,
+    /// Multiplies cos and sin (YaRN's magnitude correction is applied on top when
+    /// `ext_factor` ≠ 0).
+    pub attn_factor: f32,
+    pub corr_dims: [f32; 2],
 }
 
 /// Storage type of the KV cache.
@@ -178,10 +184,14 @@ impl HostAct {
 }
 
 /// The rows of one expert in a batch of expert FFNs: row `out_rows[i]` of the output is
-/// `down(silu(gate·x) ⊙ up·x)` for row `tokens[i]` of the input.
+/// `down(glu(gate·x, up·x))` for row `tokens[i]` of the input (each projection plus its bias,
+/// if any).
 pub struct ExpertJob<'w, 's, B: Backend + ?Sized> {
     /// gate, up, down.
     pub mats: [B::Mat<'w>; 3],
+    /// gate, up and down biases (gpt-oss).
+    pub bias: Option<[B::Vector<'w>; 3]>,
+    pub glu: Glu,
     pub tokens: &'s [u32],
     pub out_rows: &'s [u32],
 }

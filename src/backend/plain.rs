@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{AttnShape, Backend, BackendError, ExpertJob, HostAct, KvConfig, KvType, Op, Rope};
-use crate::arch::RopeStyle;
+use crate::arch::{Glu, RopeStyle};
 use crate::ggml::{kernels, Kernels};
 use crate::gguf::GgmlType;
 use crate::model::{Model, Residency, Resident, VecRef, WeightDesc};
@@ -226,8 +226,19 @@ impl Backend for PlainBackend {
             let pos = (pos0 + t) as f64;
             for h in x.row_mut(t)[col..col + n_heads * head_dim].chunks_exact_mut(head_dim) {
                 for i in 0..n / 2 {
-                    let theta = pos * rope.freq_scale as f64 * (rope.freq_base as f64).powf(-2.0 * i as f64 / n as f64);
+                    let extrap = pos * (rope.freq_base as f64).powf(-2.0 * i as f64 / n as f64);
+                    let interp = extrap * rope.freq_scale as f64;
+                    let (mut theta, mut mscale) = (interp, rope.attn_factor as f64);
+                    if rope.ext_factor != 0.0 {
+                        // YaRN: extrapolated below the correction range, interpolated above.
+                        let [low, high] = rope.corr_dims.map(f64::from);
+                        let y = (i as f64 - low) / (high - low).max(0.001);
+                        let mix = (1.0 - y.clamp(0.0, 1.0)) * rope.ext_factor as f64;
+                        theta = interp * (1.0 - mix) + extrap * mix;
+                        mscale *= 1.0 + 0.1 * (1.0 / rope.freq_scale as f64).ln();
+                    }
                     let (s, c) = theta.sin_cos();
+                    let (s, c) = (s * mscale, c * mscale);
                     let (a, b) = match rope.style {
                         RopeStyle::Normal => (2 * i, 2 * i + 1),
                         RopeStyle::Neox => (i, i + n / 2),
@@ -308,16 +319,29 @@ impl Backend for PlainBackend {
                     up.row_f32(i, &mut row);
                     u[i] = dot(&row, &xu);
                 }
+                if let Some([bg, bu, _]) = j.bias {
+                    g.iter_mut().zip(bg).for_each(|(x, b)| *x += b);
+                    u.iter_mut().zip(bu).for_each(|(x, b)| *x += b);
+                }
                 let act: Vec<f32> = g
                     .iter()
                     .zip(&u)
-                    .map(|(&g, &u)| ((g as f64 / (1.0 + (-g as f64).exp())) * u as f64) as f32)
+                    .map(|(&g, &u)| {
+                        let (g, u) = (g as f64, u as f64);
+                        (match j.glu {
+                            Glu::SwiGlu => g / (1.0 + (-g).exp()) * u,
+                            Glu::SwiGluOai { alpha, limit } => {
+                                let (g, lim) = (g.min(limit as f64), limit as f64);
+                                g / (1.0 + (-(alpha as f64) * g).exp()) * (u.clamp(-lim, lim) + 1.0)
+                            }
+                        }) as f32
+                    })
                     .collect();
                 as_vec_dot_type(&down, &act, &mut xd);
                 let mut drow = vec![0f32; down.cols];
                 for i in 0..down.rows {
                     down.row_f32(i, &mut drow);
-                    y.row_mut(r as usize)[i] = dot(&drow, &xd);
+                    y.row_mut(r as usize)[i] = dot(&drow, &xd) + j.bias.map_or(0.0, |b| b[2][i]);
                 }
             }
         }

@@ -8,7 +8,7 @@ mod provider;
 pub use provider::{used_experts, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError};
 
 use crate::arch::{Gating, QkNorm, RouterConfig};
-use crate::backend::{AttnShape, Backend, ExpertJob, Rope};
+use crate::backend::{AttnShape, Backend, ExpertJob};
 use crate::model::{ExpertDesc, Ffn, Layer, Model};
 
 /// One token's routing decision in one layer: experts by rank and their final weights.
@@ -18,17 +18,22 @@ pub struct Route {
     pub weights: Vec<f32>,
 }
 
-/// Softmax/sigmoid over router logits, top-k, optional renormalization and scale.
+/// Softmax/sigmoid over router logits, top-k, optional renormalization and scale; or (gpt-oss)
+/// top-k on the raw logits with a softmax over the k selected.
 pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
     match cfg.gating {
         Gating::Softmax => crate::backend::cpu::ops::softmax(logits),
         Gating::Sigmoid => logits.iter_mut().for_each(|v| *v = crate::backend::cpu::ops::sigmoid(*v)),
+        Gating::SoftmaxWeight => {}
     }
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     // Descending by probability; ties keep the lower index first.
     idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
     idx.truncate(k);
     let mut weights: Vec<f32> = idx.iter().map(|&e| logits[e as usize]).collect();
+    if cfg.gating == Gating::SoftmaxWeight {
+        crate::backend::cpu::ops::softmax(&mut weights);
+    }
     if cfg.renormalize {
         // llama.cpp clamps the sum to the smallest normal f16 before dividing.
         let sum = weights.iter().sum::<f32>().max(6.103_515_6e-5);
@@ -162,14 +167,22 @@ impl<B: Backend> Forward<'_, B> {
             }
             _ => {}
         }
-        let rope =
-            Rope { style: m.spec.rope, n_dims: hp.n_rot, freq_base: hp.rope_freq_base, freq_scale: hp.rope_freq_scale };
+        let rope = hp.rope(m.spec.rope);
         b.rope(&mut s.qkv, 0, hp.n_head, hd, pos0, &rope);
         b.rope(&mut s.qkv, qd, hp.n_head_kv, hd, pos0, &rope);
-        let shape =
-            AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, scale: hp.attn_scale, window: 0 };
-        b.attention(kv, l, &s.qkv, &shape, None, pos0, &mut s.attn);
+        let shape = AttnShape {
+            n_head: hp.n_head,
+            n_head_kv: hp.n_head_kv,
+            head_dim: hd,
+            scale: hp.attn_scale,
+            window: layer.window,
+        };
+        let sinks = layer.sinks.map(|v| B::vector(w, v));
+        b.attention(kv, l, &s.qkv, &shape, sinks, pos0, &mut s.attn);
         b.matmul(&s.attn, &[B::mat(w, &layer.wo)], &mut s.o);
+        if let Some(bo) = layer.bo {
+            b.add_bias(&mut s.o, 0, B::vector(w, bo));
+        }
         b.add(&mut s.x, &s.o);
     }
 
@@ -188,9 +201,12 @@ impl<B: Backend> Forward<'_, B> {
         self.backend.rms_norm(&s.x, B::vector(w, layer.ffn_norm), hp.rms_eps, &mut s.h);
         match &layer.ffn {
             Ffn::Dense(e) => self.dense_expert(e, n, None, s, true),
-            Ffn::Moe { router, shared, .. } => {
+            Ffn::Moe { router, router_bias, shared, .. } => {
                 let k = hp.n_expert_used;
                 self.backend.matmul(&s.h, &[B::mat(w, router)], &mut s.logits_r);
+                if let Some(bias) = router_bias {
+                    self.backend.add_bias(&mut s.logits_r, 0, B::vector(w, *bias));
+                }
                 s.probs.clear();
                 s.probs.extend_from_slice(&self.backend.read(&s.logits_r));
                 let routes: Vec<Route> = s
@@ -242,8 +258,10 @@ impl<B: Backend> Forward<'_, B> {
         let w = self.weights;
         let rows: Vec<u32> = (0..n as u32).collect();
         let mats = [B::mat(w, &e.gate), B::mat(w, &e.up), B::mat(w, &e.down)];
+        let bias = e.bias.map(|b| b.map(|v| B::vector(w, v)));
         self.backend.resize(&mut s.ydown, n, self.model.hp.n_embd);
-        self.backend.expert_ffn(&s.h, &[ExpertJob { mats, tokens: &rows, out_rows: &rows }], &mut s.ydown);
+        let job = ExpertJob { mats, bias, glu: self.model.spec.glu, tokens: &rows, out_rows: &rows };
+        self.backend.expert_ffn(&s.h, &[job], &mut s.ydown);
         let assign: Vec<(u32, f32)> = (0..n).map(|t| (t as u32, gates.map_or(1.0, |g| g[t]))).collect();
         let out = if into_moe { &mut s.moe } else { &mut s.shared };
         self.backend.combine(&s.ydown, &assign, &vec![true; n], n, out);
@@ -260,15 +278,20 @@ impl<B: Backend> Forward<'_, B> {
         done: &mut [bool],
         s: &mut Scratch<B>,
     ) {
+        let (w, glu) = (self.weights, self.model.spec.glu);
+        let descs = self.model.experts(l).unwrap_or_default();
         let mut views = Vec::with_capacity(experts.len());
-        let mut groups: Vec<(Vec<u32>, Vec<u32>)> = Vec::with_capacity(experts.len());
+        // Per expert: its tokens, its output rows, its biases.
+        type Group<'w, B> = (Vec<u32>, Vec<u32>, Option<[<B as Backend>::Vector<'w>; 3]>);
+        let mut groups: Vec<Group<B>> = Vec::with_capacity(experts.len());
         for &e in experts {
             if let Some(v) = self.experts.view(l, e) {
+                let bias = descs.get(e as usize).and_then(|d| d.bias).map(|b| b.map(|v| B::vector(w, v)));
                 let rows: Vec<u32> = (0..assign.len() as u32).filter(|&a| expert_of[a as usize] == e).collect();
                 rows.iter().for_each(|&a| done[a as usize] = true);
                 let tokens = rows.iter().map(|&a| assign[a as usize].0).collect();
                 views.push(v);
-                groups.push((tokens, rows));
+                groups.push((tokens, rows, bias));
             }
         }
         if views.is_empty() {
@@ -277,7 +300,7 @@ impl<B: Backend> Forward<'_, B> {
         let jobs: Vec<ExpertJob<B>> = views
             .iter()
             .zip(&groups)
-            .map(|(&mats, (tokens, rows))| ExpertJob { mats, tokens, out_rows: rows })
+            .map(|(&mats, (tokens, rows, bias))| ExpertJob { mats, bias: *bias, glu, tokens, out_rows: rows })
             .collect();
         self.backend.expert_ffn(&s.h, &jobs, &mut s.ydown);
     }

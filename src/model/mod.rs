@@ -39,12 +39,15 @@ impl VecRef {
     }
 }
 
-/// The three matrices of one expert (SwiGLU: down(silu(gate·x) ⊙ up·x)).
+/// The three matrices of one expert (SwiGLU: down(silu(gate·x) ⊙ up·x)), and their biases
+/// where the family has them (small f32 vectors that stay with the model, not in the cache).
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertDesc {
     pub gate: WeightDesc,
     pub up: WeightDesc,
     pub down: WeightDesc,
+    /// gate, up, down.
+    pub bias: Option<[VecRef; 3]>,
 }
 
 impl ExpertDesc {
@@ -71,6 +74,7 @@ pub enum Ffn {
     Moe {
         /// Router `[n_expert rows × n_embd]`.
         router: WeightDesc,
+        router_bias: Option<VecRef>,
         experts: Vec<ExpertDesc>,
         shared: Option<SharedExpert>,
     },
@@ -83,6 +87,11 @@ pub struct Layer {
     pub wk: WeightDesc,
     pub wv: WeightDesc,
     pub wo: WeightDesc,
+    pub bo: Option<VecRef>,
+    /// One attention-sink logit per query head (gpt-oss).
+    pub sinks: Option<VecRef>,
+    /// Sliding attention window of this layer (0: full attention).
+    pub window: usize,
     pub bq: Option<VecRef>,
     pub bk: Option<VecRef>,
     pub bv: Option<VecRef>,
@@ -158,6 +167,21 @@ impl Loader<'_> {
         Ok(VecRef((v.len() - 1) as u32))
     }
 
+    /// The columns of a `[len, n]` tensor (one bias per expert), each dequantized to f32.
+    fn vec_columns(&self, name: &str, len: usize, n: usize) -> Result<Vec<VecRef>, ArchError> {
+        let t = self.info(name)?;
+        self.check_shape(t, &[len as u64, n as u64])?;
+        let data = self.f32_data(t)?;
+        let mut v = self.vectors.borrow_mut();
+        Ok(data
+            .chunks_exact(len)
+            .map(|c| {
+                v.push(c.to_vec());
+                VecRef((v.len() - 1) as u32)
+            })
+            .collect())
+    }
+
     fn opt_vec(&self, name: &str, len: usize) -> Result<Option<VecRef>, ArchError> {
         if self.file.tensor(name).is_none() {
             return Ok(None);
@@ -178,13 +202,21 @@ impl Loader<'_> {
         Ok(out)
     }
 
-    fn experts(&self, l: usize, hp: &HParams, n_ff_exp: usize) -> Result<Vec<ExpertDesc>, ArchError> {
+    fn experts(&self, l: usize, hp: &HParams, n_ff_exp: usize, biased: bool) -> Result<Vec<ExpertDesc>, ArchError> {
         let (d, n) = (hp.n_embd, hp.n_expert);
         if self.file.tensor(&tn(TensorKind::FfnUpExps, Some(l))).is_some() {
             let gate = self.stacked(&tn(TensorKind::FfnGateExps, Some(l)), d, n_ff_exp, n)?;
             let up = self.stacked(&tn(TensorKind::FfnUpExps, Some(l)), d, n_ff_exp, n)?;
             let down = self.stacked(&tn(TensorKind::FfnDownExps, Some(l)), n_ff_exp, d, n)?;
-            return Ok((0..n).map(|e| ExpertDesc { gate: gate[e], up: up[e], down: down[e] }).collect());
+            let bias = if biased {
+                let g = self.vec_columns(&tn(TensorKind::FfnGateExpsBias, Some(l)), n_ff_exp, n)?;
+                let u = self.vec_columns(&tn(TensorKind::FfnUpExpsBias, Some(l)), n_ff_exp, n)?;
+                let dn = self.vec_columns(&tn(TensorKind::FfnDownExpsBias, Some(l)), d, n)?;
+                (0..n).map(|e| Some([g[e], u[e], dn[e]])).collect()
+            } else {
+                vec![None; n]
+            };
+            return Ok((0..n).map(|e| ExpertDesc { gate: gate[e], up: up[e], down: down[e], bias: bias[e] }).collect());
         }
         (0..n)
             .map(|e| {
@@ -192,6 +224,7 @@ impl Loader<'_> {
                     gate: self.mat(&tn_expert(TensorKind::FfnGateExpert, l, e), d, n_ff_exp)?,
                     up: self.mat(&tn_expert(TensorKind::FfnUpExpert, l, e), d, n_ff_exp)?,
                     down: self.mat(&tn_expert(TensorKind::FfnDownExpert, l, e), n_ff_exp, d)?,
+                    bias: None,
                 })
             })
             .collect()
@@ -273,7 +306,9 @@ impl Model {
                     });
                 }
                 let router = ld.mat(&t(TensorKind::FfnGateInp), d, hp.n_expert)?;
-                let experts = ld.experts(l, &hp, n_ff_exp)?;
+                let router_bias =
+                    if spec.router_bias { Some(ld.vec(&t(TensorKind::FfnGateInpBias), hp.n_expert)?) } else { None };
+                let experts = ld.experts(l, &hp, n_ff_exp, spec.expert_bias)?;
                 let shared = if spec.shared_expert {
                     let f = hp.n_ff_shexp;
                     Some(SharedExpert {
@@ -282,18 +317,20 @@ impl Model {
                             gate: ld.mat(&t(TensorKind::FfnGateShexp), d, f)?,
                             up: ld.mat(&t(TensorKind::FfnUpShexp), d, f)?,
                             down: ld.mat(&t(TensorKind::FfnDownShexp), f, d)?,
+                            bias: None,
                         },
                     })
                 } else {
                     None
                 };
-                Ffn::Moe { router, experts, shared }
+                Ffn::Moe { router, router_bias, experts, shared }
             } else {
                 let f = hp.n_ff;
                 Ffn::Dense(ExpertDesc {
                     gate: ld.mat(&t(TensorKind::FfnGate), d, f)?,
                     up: ld.mat(&t(TensorKind::FfnUp), d, f)?,
                     down: ld.mat(&t(TensorKind::FfnDown), f, d)?,
+                    bias: None,
                 })
             };
             layers.push(Layer {
@@ -302,12 +339,15 @@ impl Model {
                 wk: ld.mat(&t(TensorKind::AttnK), d, kv)?,
                 wv: ld.mat(&t(TensorKind::AttnV), d, kv)?,
                 wo: ld.mat(&t(TensorKind::AttnOut), q, d)?,
+                bo: if spec.attn_out_bias { Some(ld.vec(&t(TensorKind::AttnOutBias), d)?) } else { None },
+                sinks: if spec.sinks { Some(ld.vec(&t(TensorKind::AttnSinks), hp.n_head)?) } else { None },
+                window: if spec.sliding_window.applies(l) { hp.n_swa } else { 0 },
                 bq,
                 bk,
                 bv,
                 q_norm,
                 k_norm,
-                ffn_norm: ld.vec(&t(TensorKind::FfnNorm), d)?,
+                ffn_norm: ld.vec(&t(spec.ffn_norm), d)?,
                 ffn,
             });
         }

@@ -75,7 +75,7 @@ pub fn resident_set(model: &Model, which: Resident) -> Vec<WeightDesc> {
         ws.extend([l.wq, l.wk, l.wv, l.wo]);
         match &l.ffn {
             Ffn::Dense(e) => ws.extend([e.gate, e.up, e.down]),
-            Ffn::Moe { router, experts, shared } => {
+            Ffn::Moe { router, experts, shared, .. } => {
                 ws.push(*router);
                 if let Some(sh) = shared {
                     ws.extend([sh.gate_inp, sh.ffn.gate, sh.ffn.up, sh.ffn.down]);

@@ -320,9 +320,16 @@ impl CpuBackend {
             // (m+1)·n_ff: disjoint across jobs.
             unsafe { matmul_batch(&self.pool, &mj) };
         }
-        for row in self.gate_up.chunks_exact_mut(2 * n_ff) {
-            let (g, u) = row.split_at_mut(n_ff);
-            ops::swiglu_inplace(g, u);
+        for (i, j) in jobs.iter().enumerate() {
+            let rows = &mut self.gate_up[starts[i] * 2 * n_ff..starts[i + 1] * 2 * n_ff];
+            for row in rows.chunks_exact_mut(2 * n_ff) {
+                let (g, u) = row.split_at_mut(n_ff);
+                if let Some([bg, bu, _]) = j.bias {
+                    g.iter_mut().zip(bg).for_each(|(x, b)| *x += b);
+                    u.iter_mut().zip(bu).for_each(|(x, b)| *x += b);
+                }
+                ops::glu_inplace(j.glu, g, u);
+            }
         }
         // Down projections: the activations differ per assignment and each expert's are one
         // contiguous segment, converted on their own (GEMM kernels wherever 4+ rows).
@@ -352,7 +359,11 @@ impl CpuBackend {
         for (i, j) in jobs.iter().enumerate() {
             for (k, &r) in j.out_rows.iter().enumerate() {
                 let src = &self.down[(starts[i] + k) * d..(starts[i] + k + 1) * d];
-                y.row_mut(r as usize).copy_from_slice(src);
+                let out = y.row_mut(r as usize);
+                out.copy_from_slice(src);
+                if let Some([_, _, bd]) = j.bias {
+                    out.iter_mut().zip(bd).for_each(|(x, b)| *x += b);
+                }
             }
         }
     }

@@ -2,7 +2,7 @@
 //! them (f64 accumulation where ggml uses `ggml_float`, iterative RoPE angles), so our numbers
 //! track llama.cpp's closely.
 
-use crate::arch::RopeStyle;
+use crate::arch::{Glu, RopeStyle};
 use crate::backend::Rope;
 
 /// `out = x / sqrt(mean(x²) + eps) * w` (ggml's `rms_norm` followed by `mul`).
@@ -48,6 +48,21 @@ pub fn sigmoid(x: f32) -> f32 {
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`, with ggml's vector `silu` (bit-identical to its `swiglu`).
+/// `gate = glu(gate, up)` element-wise, as ggml computes each kind (its vector `silu` for
+/// SwiGLU; gpt-oss's clamped form in scalar f32 with libm `expf`, as ggml runs it).
+pub fn glu_inplace(glu: Glu, gate: &mut [f32], up: &[f32]) {
+    match glu {
+        Glu::SwiGlu => swiglu_inplace(gate, up),
+        Glu::SwiGluOai { alpha, limit } => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                let x = g.min(limit);
+                let y = u.clamp(-limit, limit);
+                *g = x / (1.0 + (alpha * -x).exp()) * (y + 1.0);
+            }
+        }
+    }
+}
+
 pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
     let g = gate.to_vec();
     crate::ggml::vec_swiglu(gate, &g, up);
@@ -58,10 +73,19 @@ pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
 pub fn rope_angles(rope: &Rope, pos: usize, cache: &mut [f32]) {
     let theta_scale = rope.freq_base.powf(-2.0 / rope.n_dims as f32);
     let mut theta = pos as f32;
+    let [low, high] = rope.corr_dims;
     for i in (0..rope.n_dims).step_by(2) {
-        let t = rope.freq_scale * theta;
-        cache[i] = t.cos();
-        cache[i + 1] = t.sin();
+        // ggml's rope_yarn, in its f32 order.
+        let interp = rope.freq_scale * theta;
+        let (mut t, mut mscale) = (interp, rope.attn_factor);
+        if rope.ext_factor != 0.0 {
+            let y = ((i / 2) as f32 - low) / 0.001f32.max(high - low);
+            let mix = (1.0 - y.clamp(0.0, 1.0)) * rope.ext_factor;
+            t = theta.mul_add(mix, interp * (1.0 - mix));
+            mscale *= 0.1f32.mul_add((1.0 / rope.freq_scale).ln(), 1.0);
+        }
+        cache[i] = t.cos() * mscale;
+        cache[i + 1] = t.sin() * mscale;
         theta *= theta_scale;
     }
 }
@@ -365,7 +389,15 @@ mod tests {
     #[test]
     fn rope_preserves_norm_and_position_zero_is_identity() {
         for style in [RopeStyle::Normal, RopeStyle::Neox] {
-            let rope = Rope { style, n_dims: 8, freq_base: 10000.0, freq_scale: 1.0 };
+            let rope = Rope {
+                style,
+                n_dims: 8,
+                freq_base: 10000.0,
+                freq_scale: 1.0,
+                ext_factor: 0.0,
+                attn_factor: 1.0,
+                corr_dims: [0.0, 7.0],
+            };
             let mut ang = vec![0f32; 8];
             rope_angles(&rope, 0, &mut ang);
             let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
