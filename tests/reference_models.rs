@@ -15,10 +15,9 @@
 //! - `llama` with dense FFN layers (no experts), untied and tied.
 //!
 //! Same kernels on both sides: libllama repacks weights into interleaved layouts with their own
-//! GEMM/GEMV kernels (in this build Q4_0, Q2_K, Q4_K, IQ4_NL and MXFP4 differ from
-//! the plain ones), and moerun repacks Q4_0 only; the
-//! reference repacks exactly when we do ([`reference_repacks`]), so a difference is ours to
-//! explain, not a different kernel's rounding.
+//! GEMM/GEMV kernels (in this build Q4_0, Q2_K, Q4_K, IQ4_NL and MXFP4 round differently from
+//! the plain ones), and moerun repacks Q4_0 only; the reference repacks exactly when we do
+//! ([`reference_repacks`]), so a difference is ours to explain, not a different kernel's rounding.
 //!
 //! Prompts of 64 tokens and more are measured and printed but not asserted until
 //! [`LONG_PROMPTS_ENFORCED`] is turned on (llama.cpp's tiled flash attention, see there).
