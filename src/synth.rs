@@ -23,9 +23,11 @@ pub struct SynthConfig {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    /// Routed-expert FFN width; with `n_expert` 0, the width of every layer's dense FFN.
     pub n_ff_exp: usize,
     /// Shared-expert width (qwen2moe only).
     pub n_ff_shexp: usize,
+    /// 0: dense FFN layers (`ffn_gate`/`ffn_up`/`ffn_down`, no router), as plain llama models have.
     pub n_expert: usize,
     pub n_expert_used: usize,
     pub n_vocab: usize,
@@ -34,6 +36,9 @@ pub struct SynthConfig {
     pub rms_eps: f32,
     /// Type of the big matrices (attention, experts, embeddings, output).
     pub weight_type: GgmlType,
+    /// No `output.weight`: the output projection is the token embedding (tied), for families
+    /// whose loaders allow it.
+    pub tied_output: bool,
     pub seed: u64,
 }
 
@@ -68,6 +73,7 @@ impl Preset {
             rope_freq_base: 1_000_000.0,
             rms_eps: 1e-6,
             weight_type,
+            tied_output: false,
             seed,
         };
         match self {
@@ -174,6 +180,7 @@ impl SynthConfig {
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
             weight_type,
+            tied_output: false,
             seed: 7,
         }
     }
@@ -200,9 +207,14 @@ impl SynthConfig {
         let mut push = |kind, layer, ty, shape: &[u64], fill| {
             out.push(Planned { name: tn(kind, layer), ty, shape: shape.to_vec(), fill });
         };
-        push(TensorKind::TokenEmbd, None, w, &[d, v], Fill::Banked(1.0));
+        // A tied embedding is also the output projection: drawn at the output's scale, so logits
+        // are as large as an untied model's.
+        let embd_std = if self.tied_output { std } else { 1.0 };
+        push(TensorKind::TokenEmbd, None, w, &[d, v], Fill::Banked(embd_std));
         push(TensorKind::OutputNorm, None, GgmlType::F32, &[d], Fill::Norm);
-        push(TensorKind::Output, None, w, &[d, v], Fill::Banked(std));
+        if !self.tied_output {
+            push(TensorKind::Output, None, w, &[d, v], Fill::Banked(std));
+        }
         for l in 0..self.n_layer {
             let l = Some(l);
             push(TensorKind::AttnNorm, l, GgmlType::F32, &[d], Fill::Norm);
@@ -227,6 +239,12 @@ impl SynthConfig {
                 QkNorm::None => {}
             }
             push(TensorKind::FfnNorm, l, GgmlType::F32, &[d], Fill::Norm);
+            if e == 0 {
+                push(TensorKind::FfnGate, l, w, &[d, f], Fill::Banked(std * 2.0));
+                push(TensorKind::FfnUp, l, w, &[d, f], Fill::Banked(std * 2.0));
+                push(TensorKind::FfnDown, l, w, &[f, d], Fill::Banked(std * 2.0));
+                continue;
+            }
             push(TensorKind::FfnGateInp, l, GgmlType::F32, &[d, e], Fill::Random(0.1));
             push(TensorKind::FfnGateExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
             push(TensorKind::FfnUpExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
@@ -272,15 +290,18 @@ impl SynthConfig {
             (format!("{a}.rope.dimension_count"), u(self.head_dim)),
             (format!("{a}.rope.freq_base"), Value::F32(self.rope_freq_base)),
             (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(self.rms_eps)),
-            (format!("{a}.expert_count"), u(self.n_expert)),
-            (format!("{a}.expert_used_count"), u(self.n_expert_used)),
             (format!("{a}.vocab_size"), u(self.n_vocab)),
         ];
-        if spec.expert_width == ExpertWidth::ExpertKey {
-            m.push((format!("{a}.expert_feed_forward_length"), u(self.n_ff_exp)));
-        }
-        if spec.shared_expert {
-            m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
+        // Dense layers (no experts) carry no expert keys, as plain llama files do.
+        if self.n_expert > 0 {
+            m.push((format!("{a}.expert_count"), u(self.n_expert)));
+            m.push((format!("{a}.expert_used_count"), u(self.n_expert_used)));
+            if spec.expert_width == ExpertWidth::ExpertKey {
+                m.push((format!("{a}.expert_feed_forward_length"), u(self.n_ff_exp)));
+            }
+            if spec.shared_expert {
+                m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
+            }
         }
         m.extend(byte_level_vocab(self.n_vocab));
         m
@@ -428,6 +449,19 @@ mod tests {
             assert_eq!(logits.len(), 300);
             assert!(logits.iter().all(|v| v.is_finite()), "{arch}: non-finite logits");
         }
+    }
+
+    #[test]
+    fn dense_layers_and_tied_output_load_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dense-tied.gguf");
+        let cfg = SynthConfig { n_expert: 0, n_expert_used: 0, tied_output: true, ..tiny("llama", GgmlType::Q8_0) };
+        cfg.write(&path, &mut |_, _| {}).expect("write");
+        let m = Model::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.hp.n_expert, 0);
+        assert!(m.layers.iter().all(|l| matches!(l.ffn, crate::model::Ffn::Dense(_))));
+        assert!(m.file.tensor("output.weight").is_none());
+        assert_eq!(m.output.offset, m.tok_embd.offset, "output tied to the token embedding");
     }
 
     #[test]
