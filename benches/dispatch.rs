@@ -172,7 +172,14 @@ impl Backend for DynCpu {
         // The same views re-labelled for the CPU backend's ops (both backends' `Mat` is `MatRef`).
         let jobs: Vec<ExpertJob<CpuBackend>> = jobs
             .iter()
-            .map(|j| ExpertJob { mats: j.mats, bias: j.bias, glu: j.glu, tokens: j.tokens, out_rows: j.out_rows })
+            .map(|j| ExpertJob {
+                mats: j.mats,
+                bias: j.bias,
+                glu: j.glu,
+                dense: j.dense,
+                tokens: j.tokens,
+                out_rows: j.out_rows,
+            })
             .collect();
         self.ops.expert_ffn(x, &jobs, y)
     }

@@ -36,6 +36,13 @@ pub struct SynthConfig {
     pub rms_eps: f32,
     /// Type of the big matrices (attention, experts, embeddings, output).
     pub weight_type: GgmlType,
+    /// Type of the routed experts when it differs from `weight_type` (gpt-oss ships MXFP4
+    /// experts and Q8_0 elsewhere).
+    pub expert_type: Option<GgmlType>,
+    /// Sliding attention window, written for families that use one (0: 128).
+    pub n_swa: usize,
+    /// YaRN scaling `(factor, original context)`, as gpt-oss files carry it.
+    pub yarn: Option<(f32, usize)>,
     /// No `output.weight`: the output projection is the token embedding (tied), for families
     /// whose loaders allow it.
     pub tied_output: bool,
@@ -53,6 +60,10 @@ pub enum Preset {
     Qwen2moe,
     /// OLMoE-1B-7B layers: hidden 2048, 16 heads, 64 experts of FFN 1024, top-8, vocab 50304.
     Olmoe,
+    /// gpt-oss-20b layers: hidden 2880, 64/8 heads of 64, 32 experts of FFN 2880, top-4, vocab
+    /// 201088, sliding window 128 on even layers, YaRN ×32 from 4096; MXFP4 experts (the
+    /// `--type` applies to the rest).
+    GptOss,
 }
 
 impl Preset {
@@ -73,6 +84,9 @@ impl Preset {
             rope_freq_base: 1_000_000.0,
             rms_eps: 1e-6,
             weight_type,
+            expert_type: None,
+            n_swa: 0,
+            yarn: None,
             tied_output: false,
             seed,
         };
@@ -124,6 +138,22 @@ impl Preset {
                 rope_freq_base: 10000.0,
                 rms_eps: 1e-5,
                 ..base("olmoe")
+            },
+            Preset::GptOss => SynthConfig {
+                n_embd: 2880,
+                n_head: 64,
+                n_head_kv: 8,
+                head_dim: 64,
+                n_ff_exp: 2880,
+                n_expert: 32,
+                n_expert_used: 4,
+                n_vocab: 201088,
+                rope_freq_base: 150000.0,
+                rms_eps: 1e-5,
+                expert_type: Some(GgmlType::MXFP4),
+                n_swa: 128,
+                yarn: Some((32.0, 4096)),
+                ..base("gpt-oss")
             },
         }
     }
@@ -180,6 +210,9 @@ impl SynthConfig {
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
             weight_type,
+            expert_type: None,
+            n_swa: 16,
+            yarn: None,
             tied_output: false,
             seed: 7,
         }
@@ -202,6 +235,7 @@ impl SynthConfig {
         );
         let (f, e, v) = (self.n_ff_exp as u64, self.n_expert as u64, self.n_vocab as u64);
         let w = self.weight_type;
+        let we = self.expert_type.unwrap_or(w);
         let std = 0.02f32;
         let mut out = Vec::new();
         let mut push = |kind, layer, ty, shape: &[u64], fill| {
@@ -222,6 +256,12 @@ impl SynthConfig {
             push(TensorKind::AttnK, l, w, &[d, kv], Fill::Banked(std * 4.0));
             push(TensorKind::AttnV, l, w, &[d, kv], Fill::Banked(std * 4.0));
             push(TensorKind::AttnOut, l, w, &[q, d], Fill::Banked(std));
+            if spec.attn_out_bias {
+                push(TensorKind::AttnOutBias, l, GgmlType::F32, &[d], Fill::Random(std));
+            }
+            if spec.sinks {
+                push(TensorKind::AttnSinks, l, GgmlType::F32, &[self.n_head as u64], Fill::Random(1.0));
+            }
             if spec.attn_bias {
                 push(TensorKind::AttnQBias, l, GgmlType::F32, &[q], Fill::Random(std));
                 push(TensorKind::AttnKBias, l, GgmlType::F32, &[kv], Fill::Random(std));
@@ -238,7 +278,7 @@ impl SynthConfig {
                 }
                 QkNorm::None => {}
             }
-            push(TensorKind::FfnNorm, l, GgmlType::F32, &[d], Fill::Norm);
+            push(spec.ffn_norm, l, GgmlType::F32, &[d], Fill::Norm);
             if e == 0 {
                 push(TensorKind::FfnGate, l, w, &[d, f], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnUp, l, w, &[d, f], Fill::Banked(std * 2.0));
@@ -246,9 +286,17 @@ impl SynthConfig {
                 continue;
             }
             push(TensorKind::FfnGateInp, l, GgmlType::F32, &[d, e], Fill::Random(0.1));
-            push(TensorKind::FfnGateExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
-            push(TensorKind::FfnUpExps, l, w, &[d, f, e], Fill::Banked(std * 2.0));
-            push(TensorKind::FfnDownExps, l, w, &[f, d, e], Fill::Banked(std * 2.0));
+            if spec.router_bias {
+                push(TensorKind::FfnGateInpBias, l, GgmlType::F32, &[e], Fill::Random(0.1));
+            }
+            push(TensorKind::FfnGateExps, l, we, &[d, f, e], Fill::Banked(std * 2.0));
+            push(TensorKind::FfnUpExps, l, we, &[d, f, e], Fill::Banked(std * 2.0));
+            push(TensorKind::FfnDownExps, l, we, &[f, d, e], Fill::Banked(std * 2.0));
+            if spec.expert_bias {
+                push(TensorKind::FfnGateExpsBias, l, GgmlType::F32, &[f, e], Fill::Random(std));
+                push(TensorKind::FfnUpExpsBias, l, GgmlType::F32, &[f, e], Fill::Random(std));
+                push(TensorKind::FfnDownExpsBias, l, GgmlType::F32, &[d, e], Fill::Random(std));
+            }
             if spec.shared_expert {
                 let fs = self.n_ff_shexp as u64;
                 push(TensorKind::FfnGateInpShexp, l, GgmlType::F32, &[d], Fill::Random(0.1));
@@ -292,6 +340,14 @@ impl SynthConfig {
             (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(self.rms_eps)),
             (format!("{a}.vocab_size"), u(self.n_vocab)),
         ];
+        if spec.sliding_window != arch::SlidingWindow::None {
+            m.push((format!("{a}.attention.sliding_window"), u(if self.n_swa == 0 { 128 } else { self.n_swa })));
+        }
+        if let Some((factor, orig)) = self.yarn {
+            m.push((format!("{a}.rope.scaling.type"), Value::String("yarn".into())));
+            m.push((format!("{a}.rope.scaling.factor"), Value::F32(factor)));
+            m.push((format!("{a}.rope.scaling.original_context_length"), u(orig)));
+        }
         // Dense layers (no experts) carry no expert keys, as plain llama files do.
         if self.n_expert > 0 {
             m.push((format!("{a}.expert_count"), u(self.n_expert)));

@@ -19,8 +19,13 @@
 //! the plain ones), and moerun repacks Q4_0 only; the reference repacks exactly when we do
 //! ([`reference_repacks`]), so a difference is ours to explain, not a different kernel's rounding.
 //!
-//! Prompts of 64 tokens and more are measured and printed but not asserted until
-//! [`LONG_PROMPTS_ENFORCED`] is turned on (llama.cpp's tiled flash attention, see there).
+//! Prompts of 64 tokens and more take llama.cpp's tiled flash attention (f32 accumulation), as
+//! moerun's CPU backend does; F32 and F16 weights in batches of 2+ rows take llamafile's
+//! summation, as ours do. What still differs, and why the MoE column is looser: K-quant and IQ
+//! weights in batches of 8+ rows go through ggml's newer tiled kernels (tiled.cpp, their own
+//! rounding); BF16 through AVX512-BF16 dot products; and in MoE layers those small differences
+//! tip near-ties between the k-th and (k+1)-th expert of a token, which moves its logits in one
+//! jump.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,12 +41,6 @@ use moerun::synth::SynthConfig;
 const PROMPT_LENS: [usize; 6] = [1, 7, 33, 64, 100, 128];
 const GREEDY_STEPS: usize = 4;
 const N_CTX: usize = 256;
-
-/// Prompts of this many tokens or more take llama.cpp's tiled CPU flash-attention path (f32
-/// accumulation over tiles, for large batches), which moerun does not have yet. Until it does,
-/// their differences are printed and listed, not asserted; turn this on with that change.
-const LONG_PROMPT: usize = 64;
-const LONG_PROMPTS_ENFORCED: bool = false;
 
 /// Families whose llama.cpp loader accepts a model without `output.weight`. Our `ArchSpec` also
 /// allows it for qwen2moe, whose llama.cpp loader requires the tensor (checked below, so this
@@ -67,34 +66,34 @@ const TYPES: [GgmlType; 16] = [
     GgmlType::MXFP4,
 ];
 
-/// Largest allowed last-position logit difference (logits of magnitude ~1) for prompts shorter
-/// than [`LONG_PROMPT`] and the greedy steps after them: twice the largest difference measured
-/// over every family and variant, rounded up (1e-6 where it was 0: bit-identical). Per type,
+/// Largest allowed last-position logit difference (logits of magnitude ~1) for every prompt
+/// length and the greedy steps after it: twice the largest difference measured over every
+/// family and variant, rounded up (1e-6 where it was 0: bit-identical). Per type,
 /// for dense layers and for MoE layers. The MoE column is looser because it includes top-k flips:
 /// a near-tie between the 2nd and 3rd expert of one token that the small differences tip, which
 /// moves the logits in one jump instead of drifting.
 fn tolerance(ty: GgmlType, ffn: Ffn) -> f32 {
     use GgmlType::*;
     let (dense, moe) = match ty {
-        // Matmul-path differences on every batch (F16 in prompts up to ~1e-3 here).
-        F32 => (2e-3, 2e-1),
-        F16 => (3e-3, 3e-3),
+        // llamafile's summation in batches, as llama.cpp's; MoE from top-k near-ties.
+        F32 => (4e-7, 2e-3),
+        F16 => (3e-5, 2e-3),
         BF16 => (2e-2, 2e-1),
         // The legacy quants and MXFP4 are bit-identical through dense layers.
-        Q4_0 => (1e-6, 5e-2),
-        Q4_1 => (1e-6, 3e-2),
+        Q4_0 => (3e-7, 3e-1),
+        Q4_1 => (1e-6, 5e-2),
         Q5_0 => (1e-6, 2e-1),
-        Q5_1 => (1e-6, 2e-2),
+        Q5_1 => (1e-6, 3e-2),
         Q8_0 => (1e-6, 3e-2),
-        MXFP4 => (1e-6, 2e-2),
+        MXFP4 => (1e-6, 3e-1),
         // The Q8_K-activation types differ from 33 tokens on (from 7 in some MoE layers).
-        Q2_K => (5e-2, 3e-1),
-        Q3_K => (5e-2, 5e-2),
-        Q4_K => (5e-2, 3e-1),
-        Q5_K => (6e-2, 2e-1),
+        Q2_K => (7e-2, 3e-1),
+        Q3_K => (6e-2, 4e-1),
+        Q4_K => (7e-2, 4e-1),
+        Q5_K => (6e-2, 3e-1),
         Q6_K => (8e-2, 3e-1),
-        IQ4_NL => (3e-2, 8e-2),
-        IQ4_XS => (4e-2, 2e-1),
+        IQ4_NL => (5e-2, 2e-1),
+        IQ4_XS => (7e-2, 4e-1),
         // Not in `TYPES`: no measured bound.
         _ => (0.0, 0.0),
     };
@@ -230,7 +229,7 @@ fn measure(path: &Path, case: &Case) -> Result<Vec<Measured>, String> {
 #[test]
 fn every_family_type_and_prompt_length_matches_linked_llama_cpp() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut failures, mut gated) = (Vec::new(), Vec::new());
+    let mut failures = Vec::new();
     eprintln!("{:<20} {:<7} {:>6} {:>10} {:>10} {:>8}", "family", "type", "prompt", "max prompt", "max decode", "tol");
     for case in cases() {
         let label = case.label();
@@ -245,14 +244,12 @@ fn every_family_type_and_prompt_length_matches_linked_llama_cpp() {
         };
         let tol = tolerance(case.ty, case.ffn);
         for m in measured {
-            let long = m.n_prompt >= LONG_PROMPT;
             eprintln!(
-                "{label:<20} {:<7} {:>6} {:>10.2e} {:>10.2e} {tol:>8.1e}{}",
+                "{label:<20} {:<7} {:>6} {:>10.2e} {:>10.2e} {tol:>8.1e}",
                 case.ty.name(),
                 m.n_prompt,
                 m.prompt,
                 m.decode,
-                if long && !LONG_PROMPTS_ENFORCED { " (not enforced)" } else { "" }
             );
             let mut bad = Vec::new();
             if m.prompt.max(m.decode) > tol {
@@ -262,16 +259,8 @@ fn every_family_type_and_prompt_length_matches_linked_llama_cpp() {
             if bad.is_empty() {
                 continue;
             }
-            let line = format!("{label} {} prompt {}: {}", case.ty, m.n_prompt, bad.join("; "));
-            if long && !LONG_PROMPTS_ENFORCED {
-                gated.push(line);
-            } else {
-                failures.push(line);
-            }
+            failures.push(format!("{label} {} prompt {}: {}", case.ty, m.n_prompt, bad.join("; ")));
         }
-    }
-    if !gated.is_empty() {
-        eprintln!("not enforced (prompts of {LONG_PROMPT}+ tokens, LONG_PROMPTS_ENFORCED off):\n{}", gated.join("\n"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

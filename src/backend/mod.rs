@@ -192,6 +192,9 @@ pub struct ExpertJob<'w, 's, B: Backend + ?Sized> {
     /// gate, up and down biases (gpt-oss).
     pub bias: Option<[B::Vector<'w>; 3]>,
     pub glu: Glu,
+    /// A dense FFN or shared expert (every token through one expert: llama.cpp's `mul_mat`,
+    /// whose batches may take other kernels than a routed expert's `mul_mat_id`).
+    pub dense: bool,
     pub tokens: &'s [u32],
     pub out_rows: &'s [u32],
 }

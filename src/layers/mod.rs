@@ -260,7 +260,7 @@ impl<B: Backend> Forward<'_, B> {
         let mats = [B::mat(w, &e.gate), B::mat(w, &e.up), B::mat(w, &e.down)];
         let bias = e.bias.map(|b| b.map(|v| B::vector(w, v)));
         self.backend.resize(&mut s.ydown, n, self.model.hp.n_embd);
-        let job = ExpertJob { mats, bias, glu: self.model.spec.glu, tokens: &rows, out_rows: &rows };
+        let job = ExpertJob { mats, bias, glu: self.model.spec.glu, dense: true, tokens: &rows, out_rows: &rows };
         self.backend.expert_ffn(&s.h, &[job], &mut s.ydown);
         let assign: Vec<(u32, f32)> = (0..n).map(|t| (t as u32, gates.map_or(1.0, |g| g[t]))).collect();
         let out = if into_moe { &mut s.moe } else { &mut s.shared };
@@ -300,7 +300,14 @@ impl<B: Backend> Forward<'_, B> {
         let jobs: Vec<ExpertJob<B>> = views
             .iter()
             .zip(&groups)
-            .map(|(&mats, (tokens, rows, bias))| ExpertJob { mats, bias: *bias, glu, tokens, out_rows: rows })
+            .map(|(&mats, (tokens, rows, bias))| ExpertJob {
+                mats,
+                bias: *bias,
+                glu,
+                dense: false,
+                tokens,
+                out_rows: rows,
+            })
             .collect();
         self.backend.expert_ffn(&s.h, &jobs, &mut s.ydown);
     }

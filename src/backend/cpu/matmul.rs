@@ -158,6 +158,10 @@ pub struct MatJob<'a> {
     pub out: &'a SharedOut<'a>,
     pub out_stride: usize,
     pub out_offset: usize,
+    /// A ggml `mul_mat` (attention, router, output, dense FFN), not a routed expert's
+    /// `mul_mat_id`: where llama.cpp hands such a batch to llamafile's tinyBLAS, sum as it does
+    /// (see [`llamafile_dot`]).
+    pub mul_mat: bool,
 }
 
 /// Smallest chunk of rows handed to a thread (a multiple of the repacked layouts' 8-row groups).
@@ -190,6 +194,49 @@ pub unsafe fn matmul_batch(pool: &ThreadPool, jobs: &[MatJob<'_>]) {
     });
 }
 
+/// Whether llama.cpp's CPU `mul_mat` gives this product to llamafile's tinyBLAS (float
+/// kernels): F32 or F16 weights (F16 activations after conversion), a batch of 2+ rows, the
+/// inner dimension a multiple of 16 (one AVX-512 vector) and the output rows of 4.
+fn llamafile_float(j: &MatJob<'_>, n_tok: usize) -> bool {
+    j.mul_mat
+        && n_tok >= 2
+        && matches!(j.w.ty, GgmlType::F32 | GgmlType::F16)
+        && j.w.cols.is_multiple_of(16)
+        && j.w.rows.is_multiple_of(4)
+}
+
+/// One output of tinyBLAS's float GEMM: sixteen lanes, each a fused multiply-add chain over
+/// every sixteenth element in order, then summed as `_mm512_reduce_add_ps` sums (halving).
+/// `ty` is F32 or F16 (both operands in it).
+pub fn llamafile_dot(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+    let widen = |src: &[u8], dst: &mut [f32; 16]| match ty {
+        GgmlType::F16 => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, h)| {
+            *d = crate::ggml::f16_to_f32(u16::from_ne_bytes([h[0], h[1]]));
+        }),
+        _ => dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(d, f)| {
+            *d = f32::from_ne_bytes([f[0], f[1], f[2], f[3]]);
+        }),
+    };
+    let es = if ty == GgmlType::F16 { 2 } else { 4 };
+    for l in 0..n / 16 {
+        widen(&w[l * 16 * es..(l + 1) * 16 * es], &mut a);
+        widen(&x[l * 16 * es..(l + 1) * 16 * es], &mut b);
+        for t in 0..16 {
+            acc[t] = a[t].mul_add(b[t], acc[t]);
+        }
+    }
+    let mut len = 16;
+    while len > 1 {
+        len /= 2;
+        for i in 0..len {
+            acc[i] += acc[i + len];
+        }
+    }
+    acc[0]
+}
+
 #[inline]
 fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
     if j.w.layout == Layout::Q4_0x8 {
@@ -197,13 +244,16 @@ fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
     }
     let k = j.w.k;
     let n = j.w.cols;
+    let n_tok = j.tokens.map_or(j.act.n_tok, |t| t.len());
+    let tiny = llamafile_float(j, n_tok);
+    let dot = |wr: &[u8], x: &[u8]| if tiny { llamafile_dot(j.w.ty, n, wr, x) } else { k.dot(n, wr, x) };
     match j.tokens {
         None => {
             for r in rows {
                 let wr = j.w.row(r);
                 for t in 0..j.act.n_tok {
                     // SAFETY: output (t, r) belongs to this chunk of rows, which one thread runs.
-                    unsafe { j.out.set(t * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t))) };
+                    unsafe { j.out.set(t * j.out_stride + j.out_offset + r, dot(wr, j.act.row(t))) };
                 }
             }
         }
@@ -212,7 +262,7 @@ fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
                 let wr = j.w.row(r);
                 for (i, &t) in toks.iter().enumerate() {
                     // SAFETY: output (i, r) belongs to this chunk of rows, which one thread runs.
-                    unsafe { j.out.set(i * j.out_stride + j.out_offset + r, k.dot(n, wr, j.act.row(t as usize))) };
+                    unsafe { j.out.set(i * j.out_stride + j.out_offset + r, dot(wr, j.act.row(t as usize))) };
                 }
             }
         }
@@ -262,7 +312,10 @@ pub fn matmul(pool: &ThreadPool, w: MatRef<'_>, x: &[f32], acts: &mut QActs, out
     let shared = SharedOut::new(out);
     // SAFETY: one job.
     unsafe {
-        matmul_batch(pool, &[MatJob { w, act: acts, tokens: None, out: &shared, out_stride: w.rows, out_offset: 0 }])
+        matmul_batch(
+            pool,
+            &[MatJob { w, act: acts, tokens: None, out: &shared, out_stride: w.rows, out_offset: 0, mul_mat: true }],
+        )
     };
 }
 

@@ -158,8 +158,15 @@ impl Backend for CpuBackend {
         let jobs: Vec<MatJob> = ws
             .iter()
             .map(|&w| {
-                let j =
-                    MatJob { w, act: self.set.get(&w), tokens: None, out: &shared, out_stride: width, out_offset: off };
+                let j = MatJob {
+                    w,
+                    act: self.set.get(&w),
+                    tokens: None,
+                    out: &shared,
+                    out_stride: width,
+                    out_offset: off,
+                    mul_mat: true,
+                };
                 off += w.rows;
                 j
             })
@@ -313,6 +320,7 @@ impl CpuBackend {
                         out: &out,
                         out_stride: 2 * n_ff,
                         out_offset: starts[i] * 2 * n_ff + off,
+                        mul_mat: j.dense,
                     });
                 }
             }
@@ -351,6 +359,7 @@ impl CpuBackend {
                     out: &out,
                     out_stride: d,
                     out_offset: starts[i] * d,
+                    mul_mat: j.dense,
                 })
                 .collect();
             // SAFETY: job i writes rows starts[i]..starts[i+1] of [na, d]: disjoint across jobs.
