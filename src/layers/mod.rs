@@ -422,3 +422,30 @@ impl<B: Backend> Forward<'_, B> {
         self.backend.expert_ffn(&s.h, &jobs, &mut s.ydown);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEEPSEEK: RouterConfig = RouterConfig {
+        gating: Gating::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: Some(GroupLimit { n_group: 2, n_used: 1 }),
+    };
+
+    /// Group 0 holds the single best expert, group 1 the better pair: the top-2 sum picks group 1.
+    /// The selection bias chooses, the unbiased sigmoid weighs.
+    #[test]
+    fn group_limit_scores_the_top_two_and_bias_only_selects() {
+        let mut logits = vec![3.0, -3.0, -3.0, -3.0, 1.0, 1.0, 0.5, -3.0];
+        let r = route(&mut logits.clone(), 2, &DEEPSEEK, None);
+        assert_eq!(r.experts, vec![4, 5]);
+        assert!((r.weights[0] - 1.25).abs() < 1e-6 && (r.weights[1] - 1.25).abs() < 1e-6);
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0];
+        let r = route(&mut logits, 2, &DEEPSEEK, Some(&bias));
+        assert_eq!(r.experts, vec![6, 4], "the bias lifts expert 6 to the top");
+        let (p6, p4) = (crate::backend::cpu::ops::sigmoid(0.5), crate::backend::cpu::ops::sigmoid(1.0));
+        assert!((r.weights[0] - 2.5 * p6 / (p6 + p4)).abs() < 1e-6, "{:?}", r.weights);
+    }
+}
