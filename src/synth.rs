@@ -391,7 +391,7 @@ struct MlaDims {
 /// A type that holds rows of `cols` values: `ty`, else F16 (as `llama-quantize` falls back for
 /// MLA's narrow per-head matrices).
 fn fit(ty: GgmlType, cols: u64) -> GgmlType {
-    if cols % ty.block_size() == 0 {
+    if cols.is_multiple_of(ty.block_size()) {
         ty
     } else {
         GgmlType::F16
@@ -470,7 +470,7 @@ impl SynthConfig {
                 (format!("{a}.expert_weights_norm"), Value::Bool(true)),
                 (format!("{a}.expert_weights_scale"), Value::F32(2.5)),
             ]);
-            if self.n_expert % 2 == 0 && self.n_expert >= 4 {
+            if self.n_expert.is_multiple_of(2) && self.n_expert >= 4 {
                 m.push((format!("{a}.expert_group_count"), u(2)));
                 m.push((format!("{a}.expert_group_used_count"), u(1)));
             }
