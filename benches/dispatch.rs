@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moerun::backend::cpu::{CpuBackend, CpuWeights, KvCache, MatRef};
-use moerun::backend::{AttnShape, Backend, BackendError, ExpertJob, HostAct, KvConfig, Op, Rope};
+use moerun::backend::{AttnShape, Backend, BackendError, ExpertJob, Heads, HostAct, KvConfig, Op, Rope};
 use moerun::engine::{argmax, Engine, EngineConfig};
 use moerun::gguf::GgmlType;
 use moerun::layers::Logits;
@@ -39,6 +39,8 @@ trait Ops {
     );
     fn expert_ffn(&mut self, x: &HostAct, jobs: &[ExpertJob<'_, '_, CpuBackend>], y: &mut HostAct);
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct);
+    fn copy_heads(&mut self, x: &HostAct, from: Heads, out: &mut HostAct, to: Heads);
+    fn matmul_heads(&mut self, x: &HostAct, from: Heads, ws: &[MatRef<'_>], out: &mut HostAct, to: Heads);
     fn add(&mut self, x: &mut HostAct, y: &HostAct);
 }
 
@@ -81,6 +83,12 @@ impl Ops for CpuBackend {
     }
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct) {
         Backend::combine(self, y, assign, done, n_tok, out)
+    }
+    fn copy_heads(&mut self, x: &HostAct, from: Heads, out: &mut HostAct, to: Heads) {
+        Backend::copy_heads(self, x, from, out, to)
+    }
+    fn matmul_heads(&mut self, x: &HostAct, from: Heads, ws: &[MatRef<'_>], out: &mut HostAct, to: Heads) {
+        Backend::matmul_heads(self, x, from, ws, out, to)
     }
     fn add(&mut self, x: &mut HostAct, y: &HostAct) {
         Backend::add(self, x, y)
@@ -185,6 +193,12 @@ impl Backend for DynCpu {
     }
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct) {
         self.ops.combine(y, assign, done, n_tok, out)
+    }
+    fn copy_heads(&mut self, x: &HostAct, from: Heads, out: &mut HostAct, to: Heads) {
+        self.ops.copy_heads(x, from, out, to)
+    }
+    fn matmul_heads(&mut self, x: &HostAct, from: Heads, ws: &[MatRef<'_>], out: &mut HostAct, to: Heads) {
+        self.ops.matmul_heads(x, from, ws, out, to)
     }
     fn add(&mut self, x: &mut HostAct, y: &HostAct) {
         self.ops.add(x, y)

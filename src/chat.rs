@@ -153,10 +153,11 @@ impl Conversation {
 mod tests {
     use super::*;
     use crate::backend::cpu::KvCache;
-    use crate::backend::{KvConfig, KvType};
+    use crate::backend::{KvConfig, KvType, Values};
 
     fn check(held: &[u32], prompt: &[u32], reused: usize) {
-        let cfg = KvConfig { ty: KvType::F32, n_layer: 1, n_ctx: 16, n_head_kv: 1, head_dim: 4 };
+        let cfg =
+            KvConfig { ty: KvType::F32, n_layer: 1, n_ctx: 16, n_head_kv: 1, head_dim: 4, values: Values::Separate };
         let mut sess: Session = Session { kv: KvCache::new(&cfg), tokens: held.to_vec() };
         assert_eq!(reuse_prefix(&mut sess, prompt), reused, "held {held:?}, prompt {prompt:?}");
         assert_eq!(sess.tokens, &prompt[..reused]);

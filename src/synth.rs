@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use crate::arch::{self, tn, ArchSpec, ExpertWidth, QkNorm, TensorKind};
+use crate::arch::{self, tn, ArchSpec, Attention, ExpertWidth, QkNorm, TensorKind};
 use crate::ggml::kernels;
 use crate::gguf::{GgmlType, GgufError, GgufStreamWriter, Value};
 use crate::rng::SplitMix64;
@@ -250,6 +250,10 @@ impl SynthConfig {
             push(TensorKind::Output, None, w, &[d, v], Fill::Banked(std));
         }
         for l in 0..self.n_layer {
+            if spec.attention == Attention::Mla {
+                self.plan_mla_layer(l, &mut push);
+                continue;
+            }
             let l = Some(l);
             push(TensorKind::AttnNorm, l, GgmlType::F32, &[d], Fill::Norm);
             push(TensorKind::AttnQ, l, w, &[d, q], Fill::Banked(std * 4.0));
@@ -359,6 +363,9 @@ impl SynthConfig {
                 m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
             }
         }
+        if spec.attention == Attention::Mla {
+            self.mla_metadata(&mut m);
+        }
         m.extend(byte_level_vocab(self.n_vocab));
         m
     }
@@ -420,6 +427,113 @@ impl SynthConfig {
         Ok(())
     }
 }
+
+// ---- deepseek2 (MLA) -------------------------------------------------------------------------
+// DeepSeek-V3-like layers built from the MHA fields, so `SynthConfig` needs nothing new: nope
+// and v_head = head_dim, rope = head_dim / 2, kv_lora = 2·head_dim, q_lora = n_embd / 2; one
+// shared KV head; layer 0 dense (when there are more); sigmoid routing with `exp_probs_b`, two
+// expert groups of which one is used, renormalized weights scaled by 2.5; one ungated shared
+// expert of the routed width; YaRN (factor 40, yarn_log_multiplier 0.1 as the converter writes).
+
+/// MLA's dimensions in a synthetic model.
+struct MlaDims {
+    q_lora: u64,
+    kv_lora: u64,
+    nope: u64,
+    rope: u64,
+    v_head: u64,
+}
+
+/// A type that holds rows of `cols` values: `ty`, else F16 (as `llama-quantize` falls back for
+/// MLA's narrow per-head matrices).
+fn fit(ty: GgmlType, cols: u64) -> GgmlType {
+    if cols.is_multiple_of(ty.block_size()) {
+        ty
+    } else {
+        GgmlType::F16
+    }
+}
+
+type Push<'p> = dyn FnMut(TensorKind, Option<usize>, GgmlType, &[u64], Fill) + 'p;
+
+impl SynthConfig {
+    fn mla_dims(&self) -> MlaDims {
+        let hd = self.head_dim as u64;
+        MlaDims { q_lora: self.n_embd as u64 / 2, kv_lora: 2 * hd, nope: hd, rope: hd / 2, v_head: hd }
+    }
+
+    /// Layer `l` of an MLA model: attention, then a dense FFN (layer 0) or routed experts with
+    /// the selection bias and an ungated shared expert.
+    fn plan_mla_layer(&self, l: usize, push: &mut Push<'_>) {
+        let MlaDims { q_lora, kv_lora, nope, rope, v_head } = self.mla_dims();
+        let (d, h, f, e) = (self.n_embd as u64, self.n_head as u64, self.n_ff_exp as u64, self.n_expert as u64);
+        let (w, std, lyr) = (self.weight_type, 0.02f32, Some(l));
+        push(TensorKind::AttnNorm, lyr, GgmlType::F32, &[d], Fill::Norm);
+        push(TensorKind::AttnQA, lyr, fit(w, d), &[d, q_lora], Fill::Banked(std * 4.0));
+        push(TensorKind::AttnQANorm, lyr, GgmlType::F32, &[q_lora], Fill::Norm);
+        push(TensorKind::AttnQB, lyr, fit(w, q_lora), &[q_lora, h * (nope + rope)], Fill::Banked(std * 4.0));
+        push(TensorKind::AttnKvAMqa, lyr, fit(w, d), &[d, kv_lora + rope], Fill::Banked(std * 4.0));
+        push(TensorKind::AttnKvANorm, lyr, GgmlType::F32, &[kv_lora], Fill::Norm);
+        push(TensorKind::AttnKB, lyr, fit(w, nope), &[nope, kv_lora, h], Fill::Banked(std * 4.0));
+        push(TensorKind::AttnVB, lyr, fit(w, kv_lora), &[kv_lora, v_head, h], Fill::Banked(std * 4.0));
+        push(TensorKind::AttnOut, lyr, fit(w, h * v_head), &[h * v_head, d], Fill::Banked(std));
+        push(TensorKind::FfnNorm, lyr, GgmlType::F32, &[d], Fill::Norm);
+        if e == 0 || (l == 0 && self.n_layer > 1) {
+            push(TensorKind::FfnGate, lyr, w, &[d, f], Fill::Banked(std * 2.0));
+            push(TensorKind::FfnUp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
+            push(TensorKind::FfnDown, lyr, w, &[f, d], Fill::Banked(std * 2.0));
+            return;
+        }
+        push(TensorKind::FfnGateInp, lyr, GgmlType::F32, &[d, e], Fill::Random(0.1));
+        push(TensorKind::ExpProbsB, lyr, GgmlType::F32, &[e], Fill::Random(0.1));
+        push(TensorKind::FfnGateExps, lyr, w, &[d, f, e], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnUpExps, lyr, w, &[d, f, e], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnDownExps, lyr, w, &[f, d, e], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnGateShexp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnUpShexp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnDownShexp, lyr, w, &[f, d], Fill::Banked(std * 2.0));
+    }
+
+    /// MLA's keys, replacing the MHA head keys the common block wrote.
+    fn mla_metadata(&self, m: &mut Vec<(String, Value)>) {
+        let a = &self.arch;
+        let MlaDims { q_lora, kv_lora, nope, rope, v_head } = self.mla_dims();
+        let u = |v: u64| Value::U32(v as u32);
+        let replaced = ["attention.head_count_kv", "attention.key_length", "attention.value_length"];
+        let replaced: Vec<String> =
+            replaced.iter().chain(&["rope.dimension_count"]).map(|k| format!("{a}.{k}")).collect();
+        m.retain(|(k, _)| !replaced.contains(k));
+        m.extend([
+            (format!("{a}.attention.head_count_kv"), u(1)),
+            (format!("{a}.attention.key_length"), u(kv_lora + rope)),
+            (format!("{a}.attention.value_length"), u(kv_lora)),
+            (format!("{a}.attention.key_length_mla"), u(nope + rope)),
+            (format!("{a}.attention.value_length_mla"), u(v_head)),
+            (format!("{a}.attention.q_lora_rank"), u(q_lora)),
+            (format!("{a}.attention.kv_lora_rank"), u(kv_lora)),
+            (format!("{a}.rope.dimension_count"), u(rope)),
+            (format!("{a}.rope.scaling.type"), Value::String("yarn".into())),
+            (format!("{a}.rope.scaling.factor"), Value::F32(40.0)),
+            (format!("{a}.rope.scaling.original_context_length"), u(64)),
+            (format!("{a}.rope.scaling.yarn_log_multiplier"), Value::F32(0.1)),
+        ]);
+        if self.n_expert > 0 {
+            m.retain(|(k, _)| *k != format!("{a}.expert_shared_feed_forward_length"));
+            m.extend([
+                (format!("{a}.leading_dense_block_count"), u((self.n_layer > 1) as u64)),
+                (format!("{a}.expert_shared_count"), u(1)),
+                (format!("{a}.expert_gating_func"), u(2)),
+                (format!("{a}.expert_weights_norm"), Value::Bool(true)),
+                (format!("{a}.expert_weights_scale"), Value::F32(2.5)),
+            ]);
+            if self.n_expert.is_multiple_of(2) && self.n_expert >= 4 {
+                m.push((format!("{a}.expert_group_count"), u(2)));
+                m.push((format!("{a}.expert_group_used_count"), u(1)));
+            }
+        }
+    }
+}
+// ---- end deepseek2 ----------------------------------------------------------------------------
 
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
@@ -506,6 +620,38 @@ mod tests {
             assert!(logits.iter().all(|v| v.is_finite()), "{arch}: non-finite logits");
         }
     }
+
+    // ---- deepseek2 (MLA) ----
+    /// A synthetic DeepSeek-V3-like model (MLA, dense layer 0, group-limited sigmoid routing,
+    /// ungated shared expert) runs on the CPU and the plain backend alike, a prompt batch and
+    /// then one token at a time, and its cache holds one latent row per position.
+    #[test]
+    fn deepseek2_runs_alike_on_cpu_and_plain() {
+        use crate::backend::{plain::PlainBackend, Backend};
+        use crate::engine::{Engine, EngineConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("deepseek2.gguf");
+        SynthConfig { n_layer: 3, ..tiny("deepseek2", GgmlType::Q8_0) }.write(&path, &mut |_, _| {}).expect("write");
+        let m = std::sync::Arc::new(Model::load(&path).unwrap_or_else(|e| panic!("{e}")));
+        assert!(m.experts(0).is_none() && m.experts(1).is_some(), "layer 0 dense, the rest routed");
+        let mla = m.hp.mla.expect("MLA dimensions");
+        let kv = crate::engine::kv_config(&m, &EngineConfig::default());
+        assert_eq!(kv.bytes(), (m.hp.n_layer * kv.n_ctx * (mla.kv_lora + m.hp.n_rot) * 2) as u64);
+        fn logits<B: Backend>(m: &std::sync::Arc<Model>, b: B) -> Vec<f32> {
+            let mut eng = Engine::with_backend(m.clone(), b, EngineConfig::default()).expect("engine");
+            let mut s = eng.new_session().expect("session");
+            let mut out = eng.eval(&mut s, &[1, 2, 3, 4, 5], crate::layers::Logits::All).expect("eval");
+            out.extend(eng.eval(&mut s, &[6], crate::layers::Logits::Last).expect("decode"));
+            out
+        }
+        let cpu = logits(&m, crate::backend::cpu::CpuBackend::new(2));
+        let plain = logits(&m, PlainBackend::new());
+        assert_eq!(cpu.len(), 6 * 300);
+        let worst = cpu.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = plain.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(worst <= 0.01 * scale.max(1.0), "cpu and plain differ by {worst} (logits up to {scale})");
+    }
+    // ---- end deepseek2 ----
 
     #[test]
     fn dense_layers_and_tied_output_load_back() {

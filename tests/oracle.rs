@@ -172,3 +172,11 @@ fn llama_dense_fixture_matches_llama_cpp() {
 fn gptoss_fixtures_next_match_llama_cpp() {
     fixtures_next_match_llama_cpp("gptoss-tiny", &KERNELS);
 }
+
+/// DeepSeek-V3-style MLA (q LoRA, one shared latent KV head, absorbed `attn_k_b`/`attn_v_b`,
+/// YaRN with `yarn_log_multiplier`), a leading dense layer, sigmoid routing with the selection
+/// bias and group limit, an ungated shared expert.
+#[test]
+fn deepseek2_fixtures_next_match_llama_cpp() {
+    fixtures_next_match_llama_cpp("deepseek2-tiny", &KERNELS);
+}

@@ -1,7 +1,21 @@
 //! Hyper-parameters read from GGUF metadata with the family's key prefix.
 
-use super::{ArchError, ArchSpec, ExpertWidth, RouterConfig};
+use super::{ArchError, ArchSpec, Attention, ExpertWidth, Gating, GroupLimit, RouterConfig};
 use crate::gguf::GgufFile;
+
+/// The dimensions of DeepSeek's multi-head latent attention (`n_rot` is the RoPE part of each
+/// query/key head, `head_dim` = `kv_lora + n_rot` the stored KV row).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Mla {
+    /// `attention.q_lora_rank` (0: a plain `attn_q`, the "lite" models).
+    pub q_lora: usize,
+    /// `attention.kv_lora_rank`: the latent, which is also the value.
+    pub kv_lora: usize,
+    /// The non-rotated part of a query head (`key_length_mla - n_rot`).
+    pub nope: usize,
+    /// `attention.value_length_mla`: a head's output after `attn_v_b`.
+    pub v_head: usize,
+}
 
 /// The numbers that shape a model.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,6 +50,8 @@ pub struct HParams {
     /// Attention logit scale (1/sqrt(head_dim) unless the model says otherwise).
     pub attn_scale: f32,
     pub router: RouterConfig,
+    /// Multi-head latent attention (DeepSeek), if the family uses it.
+    pub mla: Option<Mla>,
 }
 
 impl HParams {
@@ -62,7 +78,7 @@ impl HParams {
         }
         let head_dim = opt("attention.key_length")?.unwrap_or(n_embd / n_head);
         let v_dim = opt("attention.value_length")?.unwrap_or(head_dim);
-        if v_dim != head_dim {
+        if v_dim != head_dim && spec.attention == Attention::Mha {
             return Err(bad("attention.value_length", format!("{v_dim} differs from key_length {head_dim}")));
         }
         let n_rot = opt("rope.dimension_count")?.unwrap_or(head_dim);
@@ -79,7 +95,7 @@ impl HParams {
             ExpertWidth::ExpertKey if n_expert_used > 0 => n_ff / n_expert_used,
             _ => n_ff,
         });
-        let n_ff_shexp = opt("expert_shared_feed_forward_length")?.unwrap_or(n_ff);
+        let mut n_ff_shexp = opt("expert_shared_feed_forward_length")?.unwrap_or(n_ff);
         let rms_eps = optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
         let rope_freq_base = optf("rope.freq_base")?.unwrap_or(10000.0);
         let ropescale = match optf("rope.scaling.factor")? {
@@ -93,13 +109,24 @@ impl HParams {
         // As llama.cpp sets up its context: YaRN's magnitude factor is computed, then divided
         // out again because ggml's rope multiplies it back in (f32 throughout, as there).
         let rope_ext_factor = if yarn { 1.0f32 } else { 0.0 };
+        // DeepSeek's `yarn_log_multiplier` (the converter writes 0.1·mscale_all_dim; llama.cpp
+        // divides the 0.1 out again).
+        let yarn_log_mul = match spec.attention {
+            Attention::Mla => optf("rope.scaling.yarn_log_multiplier")?.map_or(0.0, |v| v / 0.1),
+            Attention::Mha => 0.0,
+        };
         let mut rope_attn_factor = 1.0f32;
         if yarn {
             let factor = 1.0f32 / rope_freq_scale;
             // (GCC contracts these `a·b + c` into fused multiply-adds.)
-            if factor > 1.0 {
-                rope_attn_factor = 0.1f32.mul_add(factor.ln(), 1.0);
-            }
+            let mscale = |m: f32| if factor <= 1.0 { 1.0 } else { (0.1f32 * m).mul_add(factor.ln(), 1.0) };
+            rope_attn_factor = if yarn_log_mul != 0.0 {
+                // llama.cpp assumes mscale 1, except DeepSeek's with mscale_all_dim ≠ 1.
+                let m = if yarn_log_mul != 1.0 { yarn_log_mul } else { 1.0 };
+                mscale(m) / mscale(yarn_log_mul)
+            } else {
+                mscale(1.0)
+            };
             rope_attn_factor *= 1.0f32 / 0.1f32.mul_add(factor.ln(), 1.0);
         }
         rope_attn_factor *= optf("rope.scaling.attn_factor")?.unwrap_or(1.0);
@@ -107,11 +134,61 @@ impl HParams {
         if spec.sliding_window != super::SlidingWindow::None && n_swa == 0 {
             return Err(ArchError::MissingKey { path: path.clone(), key: key("attention.sliding_window") });
         }
-        let attn_scale = match optf("attention.scale")? {
+        let mut attn_scale = match optf("attention.scale")? {
             Some(s) if s != 0.0 => s,
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
+        let mut mla = None;
+        if spec.attention == Attention::Mla {
+            let kv_lora = req("attention.kv_lora_rank")?;
+            let q_lora = opt("attention.q_lora_rank")?.unwrap_or(0);
+            let k_mla = req("attention.key_length_mla")?;
+            let v_head = req("attention.value_length_mla")?;
+            if n_head_kv != 1 {
+                return Err(bad("attention.head_count_kv", format!("{n_head_kv}: MLA stores one shared KV head")));
+            }
+            if head_dim != kv_lora + n_rot || v_dim != kv_lora {
+                return Err(bad(
+                    "attention.key_length",
+                    format!(
+                        "{head_dim}/{v_dim}: MLA needs kv_lora_rank + rope dims / kv_lora_rank ({kv_lora}, {n_rot})"
+                    ),
+                ));
+            }
+            if k_mla <= n_rot {
+                return Err(bad(
+                    "attention.key_length_mla",
+                    format!("{k_mla} leaves no room beside {n_rot} rope dims"),
+                ));
+            }
+            mla = Some(Mla { q_lora, kv_lora, nope: k_mla - n_rot, v_head });
+            // llama.cpp's kq_scale: YaRN's magnitude (undone in the rope's attn_factor) squared,
+            // over the query head size before absorption (f32, contracted as GCC does).
+            let inv_fs = (1.0f32 / rope_freq_scale).ln();
+            let attn_factor_org = rope_attn_factor * 0.1f32.mul_add(inv_fs, 1.0);
+            let mscale = attn_factor_org * (0.1f32 * yarn_log_mul).mul_add(inv_fs, 1.0);
+            attn_scale = mscale * mscale / (k_mla as f32).sqrt();
+            n_ff_shexp = n_ff_exp * req("expert_shared_count")?;
+        }
         let mut router = spec.router;
+        if spec.attention == Attention::Mla {
+            router.gating = match opt("expert_gating_func")?.unwrap_or(0) {
+                0 | 1 => Gating::Softmax,
+                2 => Gating::Sigmoid,
+                g => return Err(bad("expert_gating_func", format!("{g} (moerun knows 1 softmax, 2 sigmoid)"))),
+            };
+            let n_group = opt("expert_group_count")?.unwrap_or(0);
+            let n_used = opt("expert_group_used_count")?.unwrap_or(0);
+            if n_group > 1 {
+                if n_expert % n_group != 0 || n_expert / n_group < 2 || n_used == 0 || n_used > n_group {
+                    return Err(bad(
+                        "expert_group_used_count",
+                        format!("{n_used} of {n_group} groups over {n_expert} experts"),
+                    ));
+                }
+                router.groups = Some(GroupLimit { n_group, n_used });
+            }
+        }
         if let Some(norm) = file.get_bool(&key("expert_weights_norm"))? {
             router.renormalize = norm;
         }
@@ -147,6 +224,7 @@ impl HParams {
             n_swa,
             attn_scale,
             router,
+            mla,
         })
     }
 

@@ -5,7 +5,7 @@
 mod hparams;
 mod tensors;
 
-pub use hparams::HParams;
+pub use hparams::{HParams, Mla};
 pub use tensors::{tn, tn_expert, TensorKind};
 
 /// How router logits become expert probabilities.
@@ -17,6 +17,14 @@ pub enum Gating {
     SoftmaxWeight,
 }
 
+/// Group-limited routing (DeepSeek-V3): the experts form `n_group` contiguous groups, each
+/// scored by the sum of its two best selection scores; only the `n_used` best groups compete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GroupLimit {
+    pub n_group: usize,
+    pub n_used: usize,
+}
+
 /// Routing is data, not code: every MoE family runs the same top-k loop with its own config.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct RouterConfig {
@@ -25,6 +33,19 @@ pub struct RouterConfig {
     pub renormalize: bool,
     /// Multiply the final weights by this (1.0 = none).
     pub scale: f32,
+    /// `{arch}.expert_group_count` / `expert_group_used_count` (DeepSeek), when more than one group.
+    pub groups: Option<GroupLimit>,
+}
+
+/// How a layer computes its queries, keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Attention {
+    /// `attn_q`, `attn_k`, `attn_v`: multi-head (grouped-query) attention.
+    Mha,
+    /// DeepSeek's multi-head latent attention in its absorbed form: queries through an optional
+    /// LoRA (`attn_q_a` → norm → `attn_q_b`), one shared KV head `[latent | k_pe]` from
+    /// `attn_kv_a_mqa`, per-head `attn_k_b` / `attn_v_b` on the query and the output.
+    Mla,
 }
 
 /// How RoPE pairs dimensions.
@@ -111,6 +132,12 @@ pub struct ArchSpec {
     /// Each expert's gate, up and down have biases (gpt-oss).
     pub expert_bias: bool,
     pub glu: Glu,
+    pub attention: Attention,
+    /// The shared expert's output is scaled by `sigmoid(ffn_gate_inp_shexp · x)` (Qwen2-MoE);
+    /// without, it is added as it is (DeepSeek).
+    pub shared_gate: bool,
+    /// Routers may carry a selection-only bias `exp_probs_b.bias` (DeepSeek-V3).
+    pub selection_bias: bool,
 }
 
 /// What most families share; a spec spells out only where it differs.
@@ -130,10 +157,15 @@ const BASE: ArchSpec = ArchSpec {
     router_bias: false,
     expert_bias: false,
     glu: Glu::SwiGlu,
+    attention: Attention::Mha,
+    shared_gate: true,
+    selection_bias: false,
 };
 
-const SOFTMAX_RENORM: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: true, scale: 1.0 };
-const SOFTMAX_PLAIN: RouterConfig = RouterConfig { gating: Gating::Softmax, renormalize: false, scale: 1.0 };
+const SOFTMAX_RENORM: RouterConfig =
+    RouterConfig { gating: Gating::Softmax, renormalize: true, scale: 1.0, groups: None };
+const SOFTMAX_PLAIN: RouterConfig =
+    RouterConfig { gating: Gating::Softmax, renormalize: false, scale: 1.0, groups: None };
 
 /// Every family moerun runs.
 pub static SPECS: &[ArchSpec] = &[
@@ -175,7 +207,7 @@ pub static SPECS: &[ArchSpec] = &[
         name: "gpt-oss",
         rope: RopeStyle::Neox,
         attn_bias: true,
-        router: RouterConfig { gating: Gating::SoftmaxWeight, renormalize: false, scale: 1.0 },
+        router: RouterConfig { gating: Gating::SoftmaxWeight, renormalize: false, scale: 1.0, groups: None },
         tied_output_allowed: false,
         expert_width: ExpertWidth::ExpertKey,
         ffn_norm: TensorKind::AttnPostNorm,
@@ -185,6 +217,20 @@ pub static SPECS: &[ArchSpec] = &[
         router_bias: true,
         expert_bias: true,
         glu: Glu::SwiGluOai { alpha: 1.702, limit: 7.0 },
+        ..BASE
+    },
+    // DeepSeek-V2/V3/R1, Kimi K2, Moonlight. The gating function, group limit, weight norm and
+    // scale come from the file (`expert_gating_func` absent means softmax, as in llama.cpp).
+    ArchSpec {
+        name: "deepseek2",
+        rope: RopeStyle::Normal,
+        router: SOFTMAX_PLAIN,
+        shared_expert: true,
+        shared_gate: false,
+        tied_output_allowed: true,
+        expert_width: ExpertWidth::ExpertKey,
+        attention: Attention::Mla,
+        selection_bias: true,
         ..BASE
     },
 ];

@@ -86,6 +86,27 @@ impl KvType {
     }
 }
 
+/// Where attention's values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Values {
+    /// A value row per kv head of `head_dim`, stored beside the keys.
+    #[default]
+    Separate,
+    /// The value of a kv head is the first `n` elements of its key (DeepSeek's MLA: the key is
+    /// `[latent | k_pe]`, the value the latent); only keys are stored.
+    KeyPrefix(usize),
+}
+
+impl Values {
+    /// Width of one head's value.
+    pub fn dim(self, head_dim: usize) -> usize {
+        match self {
+            Values::Separate => head_dim,
+            Values::KeyPrefix(n) => n,
+        }
+    }
+}
+
 /// Shape of one session's KV cache.
 #[derive(Debug, Clone, Copy)]
 pub struct KvConfig {
@@ -94,22 +115,29 @@ pub struct KvConfig {
     pub n_ctx: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    pub values: Values,
 }
 
 impl KvConfig {
     /// Bytes of K and V for every layer and position.
     pub fn bytes(&self) -> u64 {
-        (2 * self.n_layer * self.n_ctx * self.n_head_kv * self.head_dim * self.ty.bytes()) as u64
+        let rows = match self.values {
+            Values::Separate => 2,
+            Values::KeyPrefix(_) => 1,
+        };
+        (rows * self.n_layer * self.n_ctx * self.n_head_kv * self.head_dim * self.ty.bytes()) as u64
     }
 }
 
-/// Attention's shape: a row of the fused projection is `[q (n_head·head_dim) | k | v]`, k and v
-/// `n_head_kv·head_dim` each.
+/// Attention's shape: a row of the fused projection is `[q (n_head·head_dim) | k | v]`, k
+/// `n_head_kv·head_dim`, v `n_head_kv·head_dim` with [`Values::Separate`] and absent with
+/// [`Values::KeyPrefix`].
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    pub values: Values,
     pub scale: f32,
     /// Sliding window: a query at position q sees keys at p with `q - p < window` (0: all).
     pub window: usize,
@@ -121,6 +149,39 @@ impl AttnShape {
     }
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+    /// Width of one head's value (and of its output).
+    pub fn v_dim(&self) -> usize {
+        self.values.dim(self.head_dim)
+    }
+    /// Width of the value columns of a `qkv` row (0 when the values are key prefixes).
+    pub fn v_cols(&self) -> usize {
+        match self.values {
+            Values::Separate => self.kv_dim(),
+            Values::KeyPrefix(_) => 0,
+        }
+    }
+    /// Width of an output row: every query head's value-sized output.
+    pub fn out_dim(&self) -> usize {
+        self.n_head * self.v_dim()
+    }
+}
+
+/// `n` blocks of `width` columns in every row of an activation, block `i` starting at column
+/// `col + i·stride` (the heads of a projection, or a part of each head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub n: usize,
+    pub col: usize,
+    pub stride: usize,
+    pub width: usize,
+}
+
+impl Heads {
+    /// The columns of block `i`.
+    pub fn cols(&self, i: usize) -> std::ops::Range<usize> {
+        let c = self.col + i * self.stride;
+        c..c + self.width
     }
 }
 
@@ -164,6 +225,15 @@ impl HostAct {
     pub fn copy_rows(&mut self, x: &HostAct, rows: std::ops::Range<usize>) {
         self.resize(rows.len(), x.cols);
         self.data.copy_from_slice(&x.data[rows.start * x.cols..rows.end * x.cols]);
+    }
+
+    /// [`Backend::copy_heads`] for host backends.
+    pub fn copy_heads(&mut self, x: &HostAct, from: Heads, to: Heads) {
+        for t in 0..x.rows {
+            for i in 0..from.n {
+                self.row_mut(t)[to.cols(i)].copy_from_slice(&x.row(t)[from.cols(i)]);
+            }
+        }
     }
 
     /// [`Backend::add`] for host backends.
@@ -271,12 +341,13 @@ pub trait Backend: 'static {
     fn matmul(&mut self, x: &Self::Act, ws: &[Self::Mat<'_>], out: &mut Self::Act);
     /// `x[t][col..col + b.len()] += b` for every row.
     fn add_bias(&mut self, x: &mut Self::Act, col: usize, b: Self::Vector<'_>);
-    /// Rotate `n_heads` heads of `head_dim` from column `col`; row `t` sits at position `pos0 + t`.
+    /// Rotate the first `rope.n_dims` columns of `n_heads` heads spaced `head_dim` apart from
+    /// column `col` (the last head need only hold those); row `t` sits at position `pos0 + t`.
     fn rope(&mut self, x: &mut Self::Act, col: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope);
     /// Store row `t`'s k and v (from `qkv`) at position `pos0 + t` of `layer`, then attend each
     /// query over positions `0..=pos0 + t` (causal; within `shape.window` if set); `sinks`, one
     /// logit per query head, join each head's softmax with no value (gpt-oss). `out` is
-    /// `[rows, q_dim]`.
+    /// `[rows, shape.out_dim()]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
@@ -294,6 +365,12 @@ pub trait Backend: 'static {
     /// `out[t] = Σ w · y[a]` over the assignments `a = (t, w)` with `done[a]`, summed per token in
     /// assignment order (`out` is `[n_tok, y.cols]`, zero where a token has none).
     fn combine(&mut self, y: &Self::Act, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut Self::Act);
+    /// `out[t][to.cols(i)] = x[t][from.cols(i)]` for every block `i` (`out` keeps its shape, which
+    /// the caller set, and its other columns).
+    fn copy_heads(&mut self, x: &Self::Act, from: Heads, out: &mut Self::Act, to: Heads);
+    /// `out[t][to.cols(i)] = ws[i] · x[t][from.cols(i)]`: one weight per block (per head), as
+    /// ggml's batched `mul_mat` over a 3-D weight (`out` keeps its shape and other columns).
+    fn matmul_heads(&mut self, x: &Self::Act, from: Heads, ws: &[Self::Mat<'_>], out: &mut Self::Act, to: Heads);
     /// `x += y`.
     fn add(&mut self, x: &mut Self::Act, y: &Self::Act);
 }

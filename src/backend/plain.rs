@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::{AttnShape, Backend, BackendError, ExpertJob, HostAct, KvConfig, KvType, Op, Rope};
+use super::{AttnShape, Backend, BackendError, ExpertJob, Heads, HostAct, KvConfig, KvType, Op, Rope, Values};
 use crate::arch::{Glu, RopeStyle};
 use crate::ggml::{kernels, Kernels};
 use crate::gguf::GgmlType;
@@ -38,12 +38,24 @@ impl PlainMat<'_> {
 /// The plain backend reads every weight from the model's mapping.
 pub struct PlainWeights(Arc<Model>);
 
-/// Keys and values (rounded to the cache type, held as f32), per layer `[n_ctx, kv_dim]`.
+/// Keys and values (rounded to the cache type, held as f32), per layer `[n_ctx, kv_dim]`; no
+/// values when they are key prefixes.
 pub struct PlainKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     kv_dim: usize,
     ty: KvType,
+}
+
+impl PlainKv {
+    /// Element `i` of kv head column offset `kh`'s value at `pos`.
+    fn value(&self, values: Values, layer: usize, pos: usize, kh: usize, i: usize) -> f32 {
+        let at = pos * self.kv_dim + kh + i;
+        match values {
+            Values::Separate => self.v[layer][at],
+            Values::KeyPrefix(_) => self.k[layer][at],
+        }
+    }
 }
 
 #[derive(Default)]
@@ -164,7 +176,8 @@ impl Backend for PlainBackend {
     fn new_kv(&self, cfg: &KvConfig) -> Result<PlainKv, BackendError> {
         let kv_dim = cfg.n_head_kv * cfg.head_dim;
         let per = cfg.n_ctx * kv_dim;
-        Ok(PlainKv { k: vec![vec![0.0; per]; cfg.n_layer], v: vec![vec![0.0; per]; cfg.n_layer], kv_dim, ty: cfg.ty })
+        let v_per = if cfg.values == Values::Separate { per } else { 0 };
+        Ok(PlainKv { k: vec![vec![0.0; per]; cfg.n_layer], v: vec![vec![0.0; v_per]; cfg.n_layer], kv_dim, ty: cfg.ty })
     }
 
     fn copy_rows(&mut self, x: &HostAct, rows: std::ops::Range<usize>, out: &mut HostAct) {
@@ -224,7 +237,9 @@ impl Backend for PlainBackend {
         let n = rope.n_dims;
         for t in 0..x.rows {
             let pos = (pos0 + t) as f64;
-            for h in x.row_mut(t)[col..col + n_heads * head_dim].chunks_exact_mut(head_dim) {
+            let row = x.row_mut(t);
+            for hi in 0..n_heads {
+                let h = &mut row[col + hi * head_dim..col + hi * head_dim + n];
                 for i in 0..n / 2 {
                     let extrap = pos * (rope.freq_base as f64).powf(-2.0 * i as f64 / n as f64);
                     let interp = extrap * rope.freq_scale as f64;
@@ -262,6 +277,7 @@ impl Backend for PlainBackend {
         out: &mut HostAct,
     ) {
         let (n, hd, qd, kvd) = (qkv.rows, shape.head_dim, shape.q_dim(), shape.kv_dim());
+        let (dv, od, separate) = (shape.v_dim(), shape.out_dim(), shape.values == Values::Separate);
         // llama.cpp converts the query to the cache type for short batches and keeps it f32 on
         // its tiled path (batches of 64+ rows).
         let q_ty = if n >= super::cpu::kv::TILE { KvType::F32 } else { kv.ty };
@@ -270,10 +286,12 @@ impl Backend for PlainBackend {
             let at = (pos0 + t) * kv.kv_dim;
             for i in 0..kvd {
                 kv.k[layer][at + i] = kv_round(kv.ty, row[qd + i]);
-                kv.v[layer][at + i] = kv_round(kv.ty, row[qd + kvd + i]);
+                if separate {
+                    kv.v[layer][at + i] = kv_round(kv.ty, row[qd + kvd + i]);
+                }
             }
         }
-        out.resize(n, qd);
+        out.resize(n, od);
         let group = shape.n_head / shape.n_head_kv;
         for t in 0..n {
             let n_pos = pos0 + t + 1;
@@ -293,10 +311,10 @@ impl Backend for PlainBackend {
                 let max = scores.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - max).exp());
-                let o = &mut out.row_mut(t)[h * hd..(h + 1) * hd];
+                let o = &mut out.row_mut(t)[h * dv..(h + 1) * dv];
                 for (i, o) in o.iter_mut().enumerate() {
                     let acc: f64 =
-                        (start..n_pos).map(|p| e[p - start] * kv.v[layer][p * kv.kv_dim + kh + i] as f64).sum();
+                        (start..n_pos).map(|p| e[p - start] * kv.value(shape.values, layer, p, kh, i) as f64).sum();
                     *o = (acc / sum) as f32;
                 }
             }
@@ -349,6 +367,24 @@ impl Backend for PlainBackend {
 
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct) {
         out.combine(y, assign, done, n_tok);
+    }
+
+    fn copy_heads(&mut self, x: &HostAct, from: Heads, out: &mut HostAct, to: Heads) {
+        out.copy_heads(x, from, to);
+    }
+
+    fn matmul_heads(&mut self, x: &HostAct, from: Heads, ws: &[PlainMat<'_>], out: &mut HostAct, to: Heads) {
+        let mut xi = Vec::new();
+        for (i, w) in ws.iter().enumerate().take(from.n) {
+            self.row.resize(w.cols, 0.0);
+            for t in 0..x.rows {
+                as_vec_dot_type(w, &x.row(t)[from.cols(i)], &mut xi);
+                for r in 0..w.rows {
+                    w.row_f32(r, &mut self.row);
+                    out.row_mut(t)[to.col + i * to.stride + r] = dot(&self.row, &xi);
+                }
+            }
+        }
     }
 
     fn add(&mut self, x: &mut HostAct, y: &HostAct) {

@@ -187,6 +187,8 @@ pub fn kv_config(model: &Model, cfg: &EngineConfig) -> KvConfig {
         n_ctx: context_length(model, cfg),
         n_head_kv: hp.n_head_kv,
         head_dim: hp.head_dim,
+        // MLA stores the latent once, as the first `kv_lora` elements of each key.
+        values: hp.mla.map_or(crate::backend::Values::Separate, |m| crate::backend::Values::KeyPrefix(m.kv_lora)),
     }
 }
 

@@ -7,9 +7,9 @@ mod provider;
 
 pub use provider::{used_experts, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError};
 
-use crate::arch::{Gating, QkNorm, RouterConfig};
-use crate::backend::{AttnShape, Backend, ExpertJob};
-use crate::model::{ExpertDesc, Ffn, Layer, Model};
+use crate::arch::{Gating, GroupLimit, QkNorm, RouterConfig};
+use crate::backend::{AttnShape, Backend, ExpertJob, Heads, Values};
+use crate::model::{AttnWeights, ExpertDesc, Ffn, Layer, MlaWeights, Model};
 
 /// One token's routing decision in one layer: experts by rank and their final weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,16 +19,24 @@ pub struct Route {
 }
 
 /// Softmax/sigmoid over router logits, top-k, optional renormalization and scale; or (gpt-oss)
-/// top-k on the raw logits with a softmax over the k selected.
-pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
+/// top-k on the raw logits with a softmax over the k selected. A `selection_bias` (DeepSeek-V3's
+/// `exp_probs_b`) and a group limit change which experts are chosen, never their weights.
+pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig, selection_bias: Option<&[f32]>) -> Route {
     match cfg.gating {
         Gating::Softmax => crate::backend::cpu::ops::softmax(logits),
         Gating::Sigmoid => logits.iter_mut().for_each(|v| *v = crate::backend::cpu::ops::sigmoid(*v)),
         Gating::SoftmaxWeight => {}
     }
+    let mut sel: std::borrow::Cow<[f32]> = match selection_bias {
+        Some(b) => logits.iter().zip(b).map(|(p, b)| p + b).collect::<Vec<f32>>().into(),
+        None => (&*logits).into(),
+    };
+    if let Some(g) = cfg.groups {
+        limit_groups(sel.to_mut(), g);
+    }
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    // Descending by probability; ties keep the lower index first.
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    // Descending by selection score; ties keep the lower index first.
+    idx.sort_by(|&a, &b| sel[b as usize].total_cmp(&sel[a as usize]).then(a.cmp(&b)));
     idx.truncate(k);
     let mut weights: Vec<f32> = idx.iter().map(|&e| logits[e as usize]).collect();
     if cfg.gating == Gating::SoftmaxWeight {
@@ -45,6 +53,29 @@ pub fn route(logits: &mut [f32], k: usize, cfg: &RouterConfig) -> Route {
     Route { experts: idx, weights }
 }
 
+/// Group-limited selection as llama.cpp does it: each contiguous group of experts scores the sum
+/// of its two best `sel`; every expert outside the `n_used` best groups drops to -inf.
+fn limit_groups(sel: &mut [f32], g: GroupLimit) {
+    let per = sel.len() / g.n_group;
+    let score = |grp: &[f32]| {
+        let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+        for &v in grp {
+            if v > a {
+                (a, b) = (v, a);
+            } else if v > b {
+                b = v;
+            }
+        }
+        a + b
+    };
+    let scores: Vec<f32> = sel.chunks_exact(per).map(score).collect();
+    let mut order: Vec<usize> = (0..g.n_group).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    for &grp in &order[g.n_used.min(g.n_group)..] {
+        sel[grp * per..(grp + 1) * per].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    }
+}
+
 /// Reusable buffers of one forward pass, in the backend's memory.
 pub struct Scratch<B: Backend> {
     x: B::Act,
@@ -52,6 +83,13 @@ pub struct Scratch<B: Backend> {
     qkv: B::Act,
     attn: B::Act,
     o: B::Act,
+    /// MLA: the query LoRA's output (raw, normed), the queries, the compressed KV, the heads'
+    /// outputs after `attn_v_b`.
+    q_lora: B::Act,
+    q_lora_n: B::Act,
+    q: B::Act,
+    kv_a: B::Act,
+    heads: B::Act,
     logits_r: B::Act,
     /// Per assignment (token, expert): the expert's output.
     ydown: B::Act,
@@ -71,6 +109,11 @@ impl<B: Backend> Default for Scratch<B> {
             qkv: B::Act::default(),
             attn: B::Act::default(),
             o: B::Act::default(),
+            q_lora: B::Act::default(),
+            q_lora_n: B::Act::default(),
+            q: B::Act::default(),
+            kv_a: B::Act::default(),
+            heads: B::Act::default(),
             logits_r: B::Act::default(),
             ydown: B::Act::default(),
             moe: B::Act::default(),
@@ -128,7 +171,7 @@ impl<B: Backend> Forward<'_, B> {
         // [n, d] embeddings
         self.backend.get_rows(B::mat(w, &m.tok_embd), tokens, &mut s.x);
         for (l, layer) in m.layers.iter().enumerate() {
-            self.attention(l, layer, pos0, kv, s);
+            self.attention(l, layer, pos0, n, kv, s);
             self.ffn(l, layer, pos0, n, s, obs)?;
         }
         // Final norm and head over the requested rows.
@@ -144,13 +187,92 @@ impl<B: Backend> Forward<'_, B> {
         Ok(self.backend.read(&s.logits).into_owned())
     }
 
-    fn attention(&mut self, l: usize, layer: &Layer, pos0: usize, kv: &mut B::Kv, s: &mut Scratch<B>) {
+    fn attention(&mut self, l: usize, layer: &Layer, pos0: usize, n: usize, kv: &mut B::Kv, s: &mut Scratch<B>) {
+        let (m, w) = (self.model, self.weights);
+        let hp = &m.hp;
+        self.backend.rms_norm(&s.x, B::vector(w, layer.attn_norm), hp.rms_eps, &mut s.h);
+        let (shape, mla) = match &layer.attn {
+            AttnWeights::Mha { wq, wk, wv } => (self.mha_qkv(layer, [wq, wk, wv], pos0, s), None),
+            AttnWeights::Mla(a) => (self.mla_qkv(a, pos0, n, s), Some(a)),
+        };
+        let b = &mut *self.backend;
+        let sinks = layer.sinks.map(|v| B::vector(w, v));
+        b.attention(kv, l, &s.qkv, &shape, sinks, pos0, &mut s.attn);
+        match (mla, hp.mla) {
+            (Some(a), Some(dims)) => {
+                // [n, n_head·v_head]: each head's latent output through its `attn_v_b`.
+                let v_b: Vec<B::Mat<'_>> = a.v_b.iter().map(|v| B::mat(w, v)).collect();
+                let (h, lat, vh) = (hp.n_head, dims.kv_lora, dims.v_head);
+                b.resize(&mut s.heads, n, h * vh);
+                let from = Heads { n: h, col: 0, stride: lat, width: lat };
+                let to = Heads { n: h, col: 0, stride: vh, width: vh };
+                b.matmul_heads(&s.attn, from, &v_b, &mut s.heads, to);
+                b.matmul(&s.heads, &[B::mat(w, &layer.wo)], &mut s.o);
+            }
+            _ => b.matmul(&s.attn, &[B::mat(w, &layer.wo)], &mut s.o),
+        }
+        if let Some(bo) = layer.bo {
+            b.add_bias(&mut s.o, 0, B::vector(w, bo));
+        }
+        b.add(&mut s.x, &s.o);
+    }
+
+    /// MLA's fused attention input `[n, n_head·(kv_lora + rope) | kv_lora + rope]`: per head the
+    /// query's nope part absorbed through `attn_k_b` into the latent space, then its roped part;
+    /// then the one shared key `[normed latent | roped k_pe]`, whose latent is also the value.
+    fn mla_qkv(&mut self, a: &MlaWeights, pos0: usize, n: usize, s: &mut Scratch<B>) -> AttnShape {
+        let (m, w, b) = (self.model, self.weights, &mut *self.backend);
+        let hp = &m.hp;
+        let dims = hp.mla.expect("an MLA layer comes with MLA dimensions");
+        let (h, r, nope, lat) = (hp.n_head, hp.n_rot, dims.nope, dims.kv_lora);
+        // [n, n_head·(nope + rope)]
+        match a.q_a {
+            Some((q_a, q_a_norm)) => {
+                b.matmul(&s.h, &[B::mat(w, &q_a)], &mut s.q_lora);
+                b.rms_norm(&s.q_lora, B::vector(w, q_a_norm), hp.rms_eps, &mut s.q_lora_n);
+                b.matmul(&s.q_lora_n, &[B::mat(w, &a.q)], &mut s.q);
+            }
+            None => b.matmul(&s.h, &[B::mat(w, &a.q)], &mut s.q),
+        }
+        // [n, kv_lora + rope]: the latent normed, k_pe roped as a single head.
+        b.matmul(&s.h, &[B::mat(w, &a.kv_a)], &mut s.kv_a);
+        b.rms_norm_heads(&mut s.kv_a, 0, 1, lat, B::vector(w, a.kv_a_norm), hp.rms_eps);
+        let rope = hp.rope(m.spec.rope);
+        b.rope(&mut s.kv_a, lat, 1, r, pos0, &rope);
+        b.rope(&mut s.q, nope, h, nope + r, pos0, &rope);
+        let row = lat + r;
+        b.resize(&mut s.qkv, n, (h + 1) * row);
+        let k_b: Vec<B::Mat<'_>> = a.k_b.iter().map(|k| B::mat(w, k)).collect();
+        let nope_in = Heads { n: h, col: 0, stride: nope + r, width: nope };
+        b.matmul_heads(&s.q, nope_in, &k_b, &mut s.qkv, Heads { n: h, col: 0, stride: row, width: lat });
+        let pe_in = Heads { n: h, col: nope, stride: nope + r, width: r };
+        b.copy_heads(&s.q, pe_in, &mut s.qkv, Heads { n: h, col: lat, stride: row, width: r });
+        let kv_in = Heads { n: 1, col: 0, stride: row, width: row };
+        b.copy_heads(&s.kv_a, kv_in, &mut s.qkv, Heads { n: 1, col: h * row, stride: row, width: row });
+        AttnShape {
+            n_head: h,
+            n_head_kv: 1,
+            head_dim: row,
+            values: Values::KeyPrefix(lat),
+            scale: hp.attn_scale,
+            window: 0,
+        }
+    }
+
+    /// Multi-head attention's fused `[q | k | v]` rows in `s.qkv`: projections, biases, q/k
+    /// norms and RoPE as the family has them.
+    fn mha_qkv(
+        &mut self,
+        layer: &Layer,
+        [wq, wk, wv]: [&crate::model::WeightDesc; 3],
+        pos0: usize,
+        s: &mut Scratch<B>,
+    ) -> AttnShape {
         let (m, w, b) = (self.model, self.weights, &mut *self.backend);
         let hp = &m.hp;
         let (qd, kvd, hd) = (hp.q_dim(), hp.kv_dim(), hp.head_dim);
-        b.rms_norm(&s.x, B::vector(w, layer.attn_norm), hp.rms_eps, &mut s.h);
         // [n, q + 2·kv]: q, k and v side by side, computed in one parallel job.
-        b.matmul(&s.h, &[B::mat(w, &layer.wq), B::mat(w, &layer.wk), B::mat(w, &layer.wv)], &mut s.qkv);
+        b.matmul(&s.h, &[B::mat(w, wq), B::mat(w, wk), B::mat(w, wv)], &mut s.qkv);
         for (bias, col) in [(layer.bq, 0), (layer.bk, qd), (layer.bv, qd + kvd)] {
             if let Some(bias) = bias {
                 b.add_bias(&mut s.qkv, col, B::vector(w, bias));
@@ -170,20 +292,14 @@ impl<B: Backend> Forward<'_, B> {
         let rope = hp.rope(m.spec.rope);
         b.rope(&mut s.qkv, 0, hp.n_head, hd, pos0, &rope);
         b.rope(&mut s.qkv, qd, hp.n_head_kv, hd, pos0, &rope);
-        let shape = AttnShape {
+        AttnShape {
             n_head: hp.n_head,
             n_head_kv: hp.n_head_kv,
             head_dim: hd,
+            values: Values::Separate,
             scale: hp.attn_scale,
             window: layer.window,
-        };
-        let sinks = layer.sinks.map(|v| B::vector(w, v));
-        b.attention(kv, l, &s.qkv, &shape, sinks, pos0, &mut s.attn);
-        b.matmul(&s.attn, &[B::mat(w, &layer.wo)], &mut s.o);
-        if let Some(bo) = layer.bo {
-            b.add_bias(&mut s.o, 0, B::vector(w, bo));
         }
-        b.add(&mut s.x, &s.o);
     }
 
     fn ffn(
@@ -201,7 +317,7 @@ impl<B: Backend> Forward<'_, B> {
         self.backend.rms_norm(&s.x, B::vector(w, layer.ffn_norm), hp.rms_eps, &mut s.h);
         match &layer.ffn {
             Ffn::Dense(e) => self.dense_expert(e, n, None, s, true),
-            Ffn::Moe { router, router_bias, shared, .. } => {
+            Ffn::Moe { router, router_bias, selection_bias, shared, .. } => {
                 let k = hp.n_expert_used;
                 self.backend.matmul(&s.h, &[B::mat(w, router)], &mut s.logits_r);
                 if let Some(bias) = router_bias {
@@ -214,7 +330,7 @@ impl<B: Backend> Forward<'_, B> {
                     .chunks_exact_mut(hp.n_expert)
                     .enumerate()
                     .map(|(t, logits)| {
-                        let r = route(logits, k, &hp.router);
+                        let r = route(logits, k, &hp.router, selection_bias.map(|v| m.vector(v)));
                         obs.route(l, pos0 + t, &r);
                         r
                     })
@@ -239,11 +355,12 @@ impl<B: Backend> Forward<'_, B> {
                 }
                 self.backend.combine(&s.ydown, &assign, &done, n, &mut s.moe);
                 if let Some(sh) = shared {
-                    // The shared expert's output, scaled per token by sigmoid(gate · h).
-                    self.backend.matmul(&s.h, &[B::mat(w, &sh.gate_inp)], &mut s.gate);
-                    let gates: Vec<f32> =
-                        self.backend.read(&s.gate).iter().map(|&g| crate::backend::cpu::ops::sigmoid(g)).collect();
-                    self.dense_expert(&sh.ffn, n, Some(&gates), s, false);
+                    // The shared expert's output, scaled per token by sigmoid(gate · h) if gated.
+                    let gates: Option<Vec<f32>> = sh.gate_inp.map(|g| {
+                        self.backend.matmul(&s.h, &[B::mat(w, &g)], &mut s.gate);
+                        self.backend.read(&s.gate).iter().map(|&g| crate::backend::cpu::ops::sigmoid(g)).collect()
+                    });
+                    self.dense_expert(&sh.ffn, n, gates.as_deref(), s, false);
                     self.backend.add(&mut s.moe, &s.shared);
                 }
             }
@@ -310,5 +427,32 @@ impl<B: Backend> Forward<'_, B> {
             })
             .collect();
         self.backend.expert_ffn(&s.h, &jobs, &mut s.ydown);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEEPSEEK: RouterConfig = RouterConfig {
+        gating: Gating::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: Some(GroupLimit { n_group: 2, n_used: 1 }),
+    };
+
+    /// Group 0 holds the single best expert, group 1 the better pair: the top-2 sum picks group 1.
+    /// The selection bias chooses, the unbiased sigmoid weighs.
+    #[test]
+    fn group_limit_scores_the_top_two_and_bias_only_selects() {
+        let mut logits = vec![3.0, -3.0, -3.0, -3.0, 1.0, 1.0, 0.5, -3.0];
+        let r = route(&mut logits.clone(), 2, &DEEPSEEK, None);
+        assert_eq!(r.experts, vec![4, 5]);
+        assert!((r.weights[0] - 1.25).abs() < 1e-6 && (r.weights[1] - 1.25).abs() < 1e-6);
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0];
+        let r = route(&mut logits, 2, &DEEPSEEK, Some(&bias));
+        assert_eq!(r.experts, vec![6, 4], "the bias lifts expert 6 to the top");
+        let (p6, p4) = (crate::backend::cpu::ops::sigmoid(0.5), crate::backend::cpu::ops::sigmoid(1.0));
+        assert!((r.weights[0] - 2.5 * p6 / (p6 + p4)).abs() < 1e-6, "{:?}", r.weights);
     }
 }

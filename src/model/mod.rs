@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 pub use residency::{resident_bytes, resident_set, Residency, Resident};
 
-use crate::arch::{self, tn, tn_expert, ArchError, ArchSpec, HParams, QkNorm, TensorKind};
+use crate::arch::{self, tn, tn_expert, ArchError, ArchSpec, Attention, HParams, QkNorm, TensorKind};
 use crate::backend::Op;
 use crate::ggml::kernels;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
@@ -63,8 +63,9 @@ impl ExpertDesc {
 
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
-    /// Sigmoid gate, one row of `n_embd` (llama.cpp multiplies it like any weight).
-    pub gate_inp: WeightDesc,
+    /// Sigmoid gate, one row of `n_embd` (llama.cpp multiplies it like any weight); DeepSeek's
+    /// shared experts have none.
+    pub gate_inp: Option<WeightDesc>,
     pub ffn: ExpertDesc,
 }
 
@@ -75,17 +76,55 @@ pub enum Ffn {
         /// Router `[n_expert rows × n_embd]`.
         router: WeightDesc,
         router_bias: Option<VecRef>,
+        /// Added to the probabilities for choosing experts only (DeepSeek-V3's `exp_probs_b`).
+        selection_bias: Option<VecRef>,
         experts: Vec<ExpertDesc>,
         shared: Option<SharedExpert>,
     },
 }
 
+/// DeepSeek's multi-head latent attention weights (see [`Attention::Mla`]).
+#[derive(Debug, Clone)]
+pub struct MlaWeights {
+    /// `attn_q_a` and `attn_q_a_norm` (the query LoRA), if the model has one.
+    pub q_a: Option<(WeightDesc, VecRef)>,
+    /// `attn_q_b` after the LoRA, else `attn_q`: `n_head × (nope | rope)` per token.
+    pub q: WeightDesc,
+    /// `attn_kv_a_mqa`: `[kv_lora | rope]` per token.
+    pub kv_a: WeightDesc,
+    pub kv_a_norm: VecRef,
+    /// Per head, slices of the 3-D `attn_k_b` (`kv_lora` rows × `nope`: the query's nope part
+    /// into the latent space) and `attn_v_b` (`v_head` rows × `kv_lora`: the output out of it).
+    pub k_b: Vec<WeightDesc>,
+    pub v_b: Vec<WeightDesc>,
+}
+
+/// How a layer projects its queries, keys and values.
+#[derive(Debug, Clone)]
+pub enum AttnWeights {
+    Mha { wq: WeightDesc, wk: WeightDesc, wv: WeightDesc },
+    Mla(MlaWeights),
+}
+
+impl AttnWeights {
+    /// Every matrix, in load order.
+    pub fn matrices(&self) -> Vec<WeightDesc> {
+        match self {
+            AttnWeights::Mha { wq, wk, wv } => vec![*wq, *wk, *wv],
+            AttnWeights::Mla(m) => {
+                let mut v: Vec<WeightDesc> = m.q_a.iter().map(|(w, _)| *w).collect();
+                v.extend([m.q, m.kv_a]);
+                v.extend(m.k_b.iter().chain(&m.v_b));
+                v
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub attn_norm: VecRef,
-    pub wq: WeightDesc,
-    pub wk: WeightDesc,
-    pub wv: WeightDesc,
+    pub attn: AttnWeights,
     pub wo: WeightDesc,
     pub bo: Option<VecRef>,
     /// One attention-sink logit per query head (gpt-oss).
@@ -230,6 +269,29 @@ impl Loader<'_> {
             .collect()
     }
 
+    /// MLA's weights of layer `l` and the width of its attention output (`n_head · v_head`).
+    fn mla(&self, l: usize, hp: &HParams, m: arch::Mla) -> Result<(MlaWeights, usize), ArchError> {
+        let t = |k| tn(k, Some(l));
+        let (d, h, r) = (hp.n_embd, hp.n_head, hp.n_rot);
+        let q_width = h * (m.nope + r);
+        let (q_a, q) = if m.q_lora > 0 {
+            let q_a = self.mat(&t(TensorKind::AttnQA), d, m.q_lora)?;
+            let q_a_norm = self.vec(&t(TensorKind::AttnQANorm), m.q_lora)?;
+            (Some((q_a, q_a_norm)), self.mat(&t(TensorKind::AttnQB), m.q_lora, q_width)?)
+        } else {
+            (None, self.mat(&t(TensorKind::AttnQ), d, q_width)?)
+        };
+        let w = MlaWeights {
+            q_a,
+            q,
+            kv_a: self.mat(&t(TensorKind::AttnKvAMqa), d, m.kv_lora + r)?,
+            kv_a_norm: self.vec(&t(TensorKind::AttnKvANorm), m.kv_lora)?,
+            k_b: self.stacked(&t(TensorKind::AttnKB), m.nope, m.kv_lora, h)?,
+            v_b: self.stacked(&t(TensorKind::AttnVB), m.kv_lora, m.v_head, h)?,
+        };
+        Ok((w, h * m.v_head))
+    }
+
     /// The expert FFN width, read from the first layer's tensors (the metadata key is optional
     /// and defaults differ by family).
     fn n_ff_exp(&self, hp: &HParams) -> usize {
@@ -308,11 +370,16 @@ impl Model {
                 let router = ld.mat(&t(TensorKind::FfnGateInp), d, hp.n_expert)?;
                 let router_bias =
                     if spec.router_bias { Some(ld.vec(&t(TensorKind::FfnGateInpBias), hp.n_expert)?) } else { None };
+                let selection_bias =
+                    if spec.selection_bias { ld.opt_vec(&t(TensorKind::ExpProbsB), hp.n_expert)? } else { None };
                 let experts = ld.experts(l, &hp, n_ff_exp, spec.expert_bias)?;
-                let shared = if spec.shared_expert {
+                let shared = if spec.shared_expert && hp.n_ff_shexp > 0 {
                     let f = hp.n_ff_shexp;
                     Some(SharedExpert {
-                        gate_inp: ld.mat(&t(TensorKind::FfnGateInpShexp), d, 1)?,
+                        gate_inp: match spec.shared_gate {
+                            true => Some(ld.mat(&t(TensorKind::FfnGateInpShexp), d, 1)?),
+                            false => None,
+                        },
                         ffn: ExpertDesc {
                             gate: ld.mat(&t(TensorKind::FfnGateShexp), d, f)?,
                             up: ld.mat(&t(TensorKind::FfnUpShexp), d, f)?,
@@ -323,7 +390,7 @@ impl Model {
                 } else {
                     None
                 };
-                Ffn::Moe { router, router_bias, experts, shared }
+                Ffn::Moe { router, router_bias, selection_bias, experts, shared }
             } else {
                 let f = hp.n_ff;
                 Ffn::Dense(ExpertDesc {
@@ -333,12 +400,24 @@ impl Model {
                     bias: None,
                 })
             };
+            let (attn, o_dim) = match (spec.attention, hp.mla) {
+                (Attention::Mla, Some(mla)) => {
+                    let (a, o) = ld.mla(l, &hp, mla)?;
+                    (AttnWeights::Mla(a), o)
+                }
+                _ => (
+                    AttnWeights::Mha {
+                        wq: ld.mat(&t(TensorKind::AttnQ), d, q)?,
+                        wk: ld.mat(&t(TensorKind::AttnK), d, kv)?,
+                        wv: ld.mat(&t(TensorKind::AttnV), d, kv)?,
+                    },
+                    q,
+                ),
+            };
             layers.push(Layer {
                 attn_norm: ld.vec(&t(TensorKind::AttnNorm), d)?,
-                wq: ld.mat(&t(TensorKind::AttnQ), d, q)?,
-                wk: ld.mat(&t(TensorKind::AttnK), d, kv)?,
-                wv: ld.mat(&t(TensorKind::AttnV), d, kv)?,
-                wo: ld.mat(&t(TensorKind::AttnOut), q, d)?,
+                attn,
+                wo: ld.mat(&t(TensorKind::AttnOut), o_dim, d)?,
                 bo: if spec.attn_out_bias { Some(ld.vec(&t(TensorKind::AttnOutBias), d)?) } else { None },
                 sinks: if spec.sinks { Some(ld.vec(&t(TensorKind::AttnSinks), hp.n_head)?) } else { None },
                 window: if spec.sliding_window.applies(l) { hp.n_swa } else { 0 },

@@ -72,13 +72,15 @@ pub fn resident_set(model: &Model, which: Resident) -> Vec<WeightDesc> {
         ws.push(model.output);
     }
     for l in &model.layers {
-        ws.extend([l.wq, l.wk, l.wv, l.wo]);
+        ws.extend(l.attn.matrices());
+        ws.push(l.wo);
         match &l.ffn {
             Ffn::Dense(e) => ws.extend([e.gate, e.up, e.down]),
             Ffn::Moe { router, experts, shared, .. } => {
                 ws.push(*router);
                 if let Some(sh) = shared {
-                    ws.extend([sh.gate_inp, sh.ffn.gate, sh.ffn.up, sh.ffn.down]);
+                    ws.extend(sh.gate_inp);
+                    ws.extend([sh.ffn.gate, sh.ffn.up, sh.ffn.down]);
                 }
                 if which != Resident::Dense {
                     ws.extend(experts.iter().flat_map(|e| [e.gate, e.up, e.down]));

@@ -1,8 +1,8 @@
-//! The CPU backend's KV cache: per layer, one row of K and one of V per position, stored as f16
-//! (llama.cpp's default) or f32, and attention over it computed the way ggml's CPU flash
+//! The CPU backend's KV cache: per layer, one row of K and one of V per position (or K alone when
+//! each value is a prefix of its key, DeepSeek's MLA), stored as f16 (llama.cpp's default) or f32, and attention over it computed the way ggml's CPU flash
 //! attention computes it. Invariant: rows `0..len` hold the keys/values of the tokens seen so far.
 
-use crate::backend::{KvConfig, KvType};
+use crate::backend::{KvConfig, KvType, Values};
 use crate::ggml::{f16_to_f32, kernels};
 
 /// Which keys and values one query attends to: kv head `kv_head` of `layer`, positions
@@ -63,26 +63,37 @@ pub struct KvCache {
     n_ctx: usize,
     kv_dim: usize,
     head_dim: usize,
-    /// Bytes of one head's row.
+    /// Bytes of one head's key.
     head_bytes: usize,
+    /// Elements of one head's value.
+    v_dim: usize,
+    /// Bytes of one head's value.
+    v_head_bytes: usize,
+    /// Values are the first `v_dim` elements of the keys (`v` is empty).
+    v_in_k: bool,
     k: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
 }
 
 impl KvCache {
     pub fn new(cfg: &KvConfig) -> KvCache {
-        let KvConfig { ty, n_layer, n_ctx, n_head_kv, head_dim } = *cfg;
+        let KvConfig { ty, n_layer, n_ctx, n_head_kv, head_dim, values } = *cfg;
         let kv_dim = n_head_kv * head_dim;
         let elem = if ty == KvType::F16 { 2 } else { 4 };
         let bytes = n_ctx * kv_dim * elem;
+        let v_in_k = matches!(values, Values::KeyPrefix(_));
+        let v_dim = values.dim(head_dim);
         KvCache {
             ty,
             n_ctx,
             kv_dim,
             head_dim,
             head_bytes: head_dim * elem,
+            v_dim,
+            v_head_bytes: v_dim * elem,
+            v_in_k,
             k: (0..n_layer).map(|_| vec![0u8; bytes]).collect(),
-            v: (0..n_layer).map(|_| vec![0u8; bytes]).collect(),
+            v: (0..n_layer).map(|_| if v_in_k { Vec::new() } else { vec![0u8; bytes] }).collect(),
         }
     }
 
@@ -99,12 +110,26 @@ impl KvCache {
         self.k.iter().chain(&self.v).map(|b| b.len()).sum()
     }
 
-    /// Store the key and value rows of position `pos` in layer `l`.
+    /// Store the key and value rows of position `pos` in layer `l` (`v` is ignored when the
+    /// values are key prefixes).
     pub fn store(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
         let row = self.kv_dim * self.head_bytes / self.head_dim;
         let kk = kernels(self.ty.ggml()).expect("kv kernels");
         kk.quantize_row_any(k, &mut self.k[l][pos * row..(pos + 1) * row]);
-        kk.quantize_row_any(v, &mut self.v[l][pos * row..(pos + 1) * row]);
+        if !self.v_in_k {
+            kk.quantize_row_any(v, &mut self.v[l][pos * row..(pos + 1) * row]);
+        }
+    }
+
+    /// Head `h`'s value at `pos` in layer `l`, as raw bytes of the cache type.
+    #[inline]
+    fn v_head(&self, l: usize, pos: usize, h: usize) -> &[u8] {
+        if self.v_in_k {
+            &self.k_head(l, pos, h)[..self.v_head_bytes]
+        } else {
+            let off = pos * self.kv_dim * self.head_bytes / self.head_dim + h * self.head_bytes;
+            &self.v[l][off..off + self.head_bytes]
+        }
     }
 
     /// Head `h`'s key at `pos` in layer `l`, as raw bytes of the cache type.
@@ -129,7 +154,7 @@ impl KvCache {
         let mut max = f32::NEG_INFINITY;
         out.iter_mut().for_each(|v| *v = 0.0);
         s.acc16.clear();
-        s.acc16.resize(hd, 0);
+        s.acc16.resize(self.v_dim, 0);
         let acc16 = &mut s.acc16;
         s.scores.resize(n_pos - start, 0.0);
         match self.ty {
@@ -152,8 +177,7 @@ impl KvCache {
             } else {
                 vs = (s - max).exp();
             }
-            let off = p * self.kv_dim * self.head_bytes / hd + h * self.head_bytes;
-            let v = &self.v[l][off..off + self.head_bytes];
+            let v = self.v_head(l, p, h);
             match self.ty {
                 KvType::F16 => super::ops::mad_f16(acc16, v, vs),
                 KvType::F32 => {
@@ -181,7 +205,7 @@ impl KvCache {
     /// every score one fused multiply-add chain over the head (the query stays f32), one
     /// rescale per key tile, ggml's vector `exp` with its f64 sum per tile, and the values
     /// accumulated in f32 (one fused multiply-add per key, in order). Rows are independent:
-    /// which tile a row lands in changes nothing. `out` takes `rows × head_dim`.
+    /// which tile a row lands in changes nothing. `out` takes `rows × v_dim`.
     pub fn attend_tile(
         &self,
         t: QTile,
@@ -191,13 +215,13 @@ impl KvCache {
         out: &mut [f32],
         s: &mut TileScratch,
     ) {
-        let hd = self.head_dim;
+        let (hd, dv) = (self.head_dim, self.v_dim);
         let (rows, l, h) = (t.rows, t.layer, t.kv_head);
-        assert!(q.len() == rows * hd && out.len() == rows * hd);
+        assert!(q.len() == rows * hd && out.len() == rows * dv);
         let elem = self.head_bytes / hd;
         let row_bytes = self.kv_dim * elem;
         s.kt.resize(hd * TILE, 0.0);
-        s.vt.resize(TILE * hd, 0.0);
+        s.vt.resize(TILE * dv, 0.0);
         s.kq.resize(rows * TILE, 0.0);
         s.p.resize(TILE, 0.0);
         s.m.clear();
@@ -231,8 +255,7 @@ impl KvCache {
             }
             s.vt.iter_mut().for_each(|v| *v = 0.0);
             for j in 0..n {
-                let off = (c + j) * row_bytes + h * self.head_bytes;
-                widen(&self.v[l][off..off + self.head_bytes], &mut s.vt[j * hd..(j + 1) * hd]);
+                widen(self.v_head(l, c + j, h), &mut s.vt[j * dv..(j + 1) * dv]);
             }
             for r in 0..rows {
                 let kq = &mut s.kq[r * TILE..(r + 1) * TILE];
@@ -249,7 +272,7 @@ impl KvCache {
                 if tile_max == f32::NEG_INFINITY {
                     continue;
                 }
-                let acc = &mut out[r * hd..(r + 1) * hd];
+                let acc = &mut out[r * dv..(r + 1) * dv];
                 let m_new = s.m[r].max(tile_max);
                 if m_new > s.m[r] {
                     let ms = (s.m[r] - m_new).exp();
@@ -259,13 +282,13 @@ impl KvCache {
                 s.m[r] = m_new;
                 s.s[r] = (s.s[r] as f64 + crate::ggml::vec_soft_max(&mut s.p, kq, m_new)) as f32;
                 for (j, &p) in s.p.iter().enumerate() {
-                    let v = &s.vt[j * hd..(j + 1) * hd];
+                    let v = &s.vt[j * dv..(j + 1) * dv];
                     acc.iter_mut().zip(v).for_each(|(a, &v)| *a = p.mul_add(v, *a));
                 }
             }
         }
         for r in 0..rows {
-            let acc = &mut out[r * hd..(r + 1) * hd];
+            let acc = &mut out[r * dv..(r + 1) * dv];
             if let Some(sink) = sink {
                 merge_sink(sink, s.m[r], &mut s.s[r], acc);
             }

@@ -17,7 +17,7 @@ pub use matmul::{matmul, matmul_batch, MatJob, MatRef, QActs, SharedOut};
 pub use pool::ThreadPool;
 pub use resident::CpuWeights;
 
-use super::{AttnShape, Backend, BackendError, ExpertJob, HostAct, KvConfig, Op, Rope};
+use super::{AttnShape, Backend, BackendError, ExpertJob, Heads, HostAct, KvConfig, Op, Rope};
 use crate::ggml::kernels;
 use crate::gguf::GgmlType;
 use crate::model::{Model, Residency, Resident, VecRef, WeightDesc};
@@ -183,8 +183,11 @@ impl Backend for CpuBackend {
         self.angles.resize(rope.n_dims, 0.0);
         for t in 0..x.rows {
             ops::rope_angles(rope, pos0 + t, &mut self.angles);
-            let row = &mut x.row_mut(t)[col..col + n_heads * head_dim];
-            row.chunks_exact_mut(head_dim).for_each(|h| ops::rope_apply(rope, h, &self.angles));
+            let row = x.row_mut(t);
+            for h in 0..n_heads {
+                let c = col + h * head_dim;
+                ops::rope_apply(rope, &mut row[c..c + rope.n_dims], &self.angles);
+            }
         }
     }
 
@@ -199,11 +202,12 @@ impl Backend for CpuBackend {
         out: &mut HostAct,
     ) {
         let (n, hd, qd, kvd) = (qkv.rows, shape.head_dim, shape.q_dim(), shape.kv_dim());
+        let (dv, od, vc) = (shape.v_dim(), shape.out_dim(), shape.v_cols());
         for t in 0..n {
             let row = qkv.row(t);
-            kv.store(layer, pos0 + t, &row[qd..qd + kvd], &row[qd + kvd..qd + 2 * kvd]);
+            kv.store(layer, pos0 + t, &row[qd..qd + kvd], &row[qd + kvd..qd + kvd + vc]);
         }
-        out.resize(n, qd);
+        out.resize(n, od);
         let shared = SharedOut::new(&mut out.data);
         let group = shape.n_head / shape.n_head_kv;
         let kvr = &*kv;
@@ -220,13 +224,13 @@ impl Backend for CpuBackend {
                     let rows = kv::TILE.min(n - t0);
                     q.clear();
                     (t0..t0 + rows).for_each(|t| q.extend_from_slice(&qkv.row(t)[h * hd..(h + 1) * hd]));
-                    acc.resize(rows * hd, 0.0);
+                    acc.resize(rows * dv, 0.0);
                     let qt = kv::QTile { layer, kv_head: h / group, pos0: pos0 + t0, rows, window: shape.window };
                     kvr.attend_tile(qt, &q, shape.scale, sink(h), &mut acc, &mut scratch);
-                    for (i, row) in acc.chunks_exact(hd).enumerate() {
+                    for (i, row) in acc.chunks_exact(dv).enumerate() {
                         for (d, &a) in row.iter().enumerate() {
                             // SAFETY: (h, tile) is handed to one thread; its rows' head-h columns are its own.
-                            unsafe { shared.set((t0 + i) * qd + h * hd + d, a) };
+                            unsafe { shared.set((t0 + i) * od + h * dv + d, a) };
                         }
                     }
                 }
@@ -237,7 +241,7 @@ impl Backend for CpuBackend {
         // Per (token, head), in parallel.
         self.pool.for_chunks(n * shape.n_head, 1, &|r| {
             let mut qc = vec![0u8; kq.act_row_bytes(hd)];
-            let mut acc = vec![0f32; hd];
+            let mut acc = vec![0f32; dv];
             let mut scratch = kv::AttendScratch::default();
             for th in r {
                 let (t, h) = (th / shape.n_head, th % shape.n_head);
@@ -247,8 +251,8 @@ impl Backend for CpuBackend {
                 let head = kv::Head { layer, kv_head: h / group, start, n_pos };
                 kvr.attend(head, &qc, shape.scale, sink(h), &mut acc, &mut scratch);
                 for (i, &a) in acc.iter().enumerate() {
-                    // SAFETY: (t, h) is handed to one thread; its `hd` outputs are its own.
-                    unsafe { shared.set(t * qd + h * hd + i, a) };
+                    // SAFETY: (t, h) is handed to one thread; its `dv` outputs are its own.
+                    unsafe { shared.set(t * od + h * dv + i, a) };
                 }
             }
         });
@@ -260,6 +264,26 @@ impl Backend for CpuBackend {
 
     fn combine(&mut self, y: &HostAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut HostAct) {
         out.combine(y, assign, done, n_tok);
+    }
+
+    fn copy_heads(&mut self, x: &HostAct, from: Heads, out: &mut HostAct, to: Heads) {
+        out.copy_heads(x, from, to);
+    }
+
+    fn matmul_heads(&mut self, x: &HostAct, from: Heads, ws: &[MatRef<'_>], out: &mut HostAct, to: Heads) {
+        // One head at a time, each a plain mat-mul over its own columns (as ggml's batched
+        // `mul_mat` runs one 2-D product per slice of the weight).
+        let (mut xi, mut yi) = (HostAct::default(), HostAct::default());
+        for (i, &w) in ws.iter().enumerate().take(from.n) {
+            xi.resize(x.rows, from.width);
+            for t in 0..x.rows {
+                xi.row_mut(t).copy_from_slice(&x.row(t)[from.cols(i)]);
+            }
+            self.matmul(&xi, &[w], &mut yi);
+            for t in 0..x.rows {
+                out.row_mut(t)[to.cols(i)].copy_from_slice(yi.row(t));
+            }
+        }
     }
 
     fn add(&mut self, x: &mut HostAct, y: &HostAct) {
