@@ -43,10 +43,27 @@ pub struct SynthConfig {
     pub n_swa: usize,
     /// YaRN scaling `(factor, original context)`, as gpt-oss files carry it.
     pub yarn: Option<(f32, usize)>,
+    /// deepseek2: MLA ranks and FFN widths of a real model instead of the ones derived from the
+    /// head size (see `mla_dims`).
+    pub mla: Option<SynthMla>,
     /// No `output.weight`: the output projection is the token embedding (tied), for families
     /// whose loaders allow it.
     pub tied_output: bool,
     pub seed: u64,
+}
+
+/// A real DeepSeek model's MLA ranks and FFN widths (deepseek2 only).
+#[derive(Debug, Clone, Copy)]
+pub struct SynthMla {
+    /// 0: no q LoRA (a plain `attn_q`, as DeepSeek-V2-Lite).
+    pub q_lora: usize,
+    pub kv_lora: usize,
+    /// Width of the leading dense layer's FFN.
+    pub n_ff_dense: usize,
+    /// Shared experts, written as one of `n_shared × n_ff_exp`.
+    pub n_shared: usize,
+    /// Expert groups and how many are used (1 and 1: no group limit).
+    pub groups: (usize, usize),
 }
 
 /// Named shapes of real models.
@@ -64,6 +81,10 @@ pub enum Preset {
     /// 201088, sliding window 128 on even layers, YaRN ×32 from 4096; MXFP4 experts (the
     /// `--type` applies to the rest).
     GptOss,
+    /// DeepSeek-V2-Lite layers: hidden 2048, 16 heads, MLA (kv LoRA 512, no q LoRA, nope 128 +
+    /// rope 64, v 128), 64 experts of FFN 1408 top-6 plus 2 shared, layer 0 dense (FFN 10944),
+    /// vocab 102400.
+    Deepseek2,
 }
 
 impl Preset {
@@ -87,6 +108,7 @@ impl Preset {
             expert_type: None,
             n_swa: 0,
             yarn: None,
+            mla: None,
             tied_output: false,
             seed,
         };
@@ -155,6 +177,19 @@ impl Preset {
                 yarn: Some((32.0, 4096)),
                 ..base("gpt-oss")
             },
+            Preset::Deepseek2 => SynthConfig {
+                n_embd: 2048,
+                n_head: 16,
+                n_head_kv: 16,
+                head_dim: 128,
+                n_ff_exp: 1408,
+                n_expert: 64,
+                n_expert_used: 6,
+                n_vocab: 102400,
+                rope_freq_base: 10000.0,
+                mla: Some(SynthMla { q_lora: 0, kv_lora: 512, n_ff_dense: 10944, n_shared: 2, groups: (1, 1) }),
+                ..base("deepseek2")
+            },
         }
     }
 }
@@ -213,6 +248,7 @@ impl SynthConfig {
             expert_type: None,
             n_swa: 16,
             yarn: None,
+            mla: None,
             tied_output: false,
             seed: 7,
         }
@@ -459,7 +495,11 @@ type Push<'p> = dyn FnMut(TensorKind, Option<usize>, GgmlType, &[u64], Fill) + '
 impl SynthConfig {
     fn mla_dims(&self) -> MlaDims {
         let hd = self.head_dim as u64;
-        MlaDims { q_lora: self.n_embd as u64 / 2, kv_lora: 2 * hd, nope: hd, rope: hd / 2, v_head: hd }
+        let (q_lora, kv_lora) = match self.mla {
+            Some(m) => (m.q_lora as u64, m.kv_lora as u64),
+            None => (self.n_embd as u64 / 2, 2 * hd),
+        };
+        MlaDims { q_lora, kv_lora, nope: hd, rope: hd / 2, v_head: hd }
     }
 
     /// Layer `l` of an MLA model: attention, then a dense FFN (layer 0) or routed experts with
@@ -469,9 +509,13 @@ impl SynthConfig {
         let (d, h, f, e) = (self.n_embd as u64, self.n_head as u64, self.n_ff_exp as u64, self.n_expert as u64);
         let (w, std, lyr) = (self.weight_type, 0.02f32, Some(l));
         push(TensorKind::AttnNorm, lyr, GgmlType::F32, &[d], Fill::Norm);
-        push(TensorKind::AttnQA, lyr, fit(w, d), &[d, q_lora], Fill::Banked(std * 4.0));
-        push(TensorKind::AttnQANorm, lyr, GgmlType::F32, &[q_lora], Fill::Norm);
-        push(TensorKind::AttnQB, lyr, fit(w, q_lora), &[q_lora, h * (nope + rope)], Fill::Banked(std * 4.0));
+        if q_lora > 0 {
+            push(TensorKind::AttnQA, lyr, fit(w, d), &[d, q_lora], Fill::Banked(std * 4.0));
+            push(TensorKind::AttnQANorm, lyr, GgmlType::F32, &[q_lora], Fill::Norm);
+            push(TensorKind::AttnQB, lyr, fit(w, q_lora), &[q_lora, h * (nope + rope)], Fill::Banked(std * 4.0));
+        } else {
+            push(TensorKind::AttnQ, lyr, fit(w, d), &[d, h * (nope + rope)], Fill::Banked(std * 4.0));
+        }
         push(TensorKind::AttnKvAMqa, lyr, fit(w, d), &[d, kv_lora + rope], Fill::Banked(std * 4.0));
         push(TensorKind::AttnKvANorm, lyr, GgmlType::F32, &[kv_lora], Fill::Norm);
         push(TensorKind::AttnKB, lyr, fit(w, nope), &[nope, kv_lora, h], Fill::Banked(std * 4.0));
@@ -479,6 +523,7 @@ impl SynthConfig {
         push(TensorKind::AttnOut, lyr, fit(w, h * v_head), &[h * v_head, d], Fill::Banked(std));
         push(TensorKind::FfnNorm, lyr, GgmlType::F32, &[d], Fill::Norm);
         if e == 0 || (l == 0 && self.n_layer > 1) {
+            let f = self.mla.map_or(f, |m| m.n_ff_dense as u64);
             push(TensorKind::FfnGate, lyr, w, &[d, f], Fill::Banked(std * 2.0));
             push(TensorKind::FfnUp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
             push(TensorKind::FfnDown, lyr, w, &[f, d], Fill::Banked(std * 2.0));
@@ -489,9 +534,10 @@ impl SynthConfig {
         push(TensorKind::FfnGateExps, lyr, w, &[d, f, e], Fill::Banked(std * 2.0));
         push(TensorKind::FfnUpExps, lyr, w, &[d, f, e], Fill::Banked(std * 2.0));
         push(TensorKind::FfnDownExps, lyr, w, &[f, d, e], Fill::Banked(std * 2.0));
-        push(TensorKind::FfnGateShexp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
-        push(TensorKind::FfnUpShexp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
-        push(TensorKind::FfnDownShexp, lyr, w, &[f, d], Fill::Banked(std * 2.0));
+        let fs = f * self.mla.map_or(1, |m| m.n_shared as u64);
+        push(TensorKind::FfnGateShexp, lyr, w, &[d, fs], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnUpShexp, lyr, w, &[d, fs], Fill::Banked(std * 2.0));
+        push(TensorKind::FfnDownShexp, lyr, w, &[fs, d], Fill::Banked(std * 2.0));
     }
 
     /// MLA's keys, replacing the MHA head keys the common block wrote.
@@ -499,7 +545,8 @@ impl SynthConfig {
         let a = &self.arch;
         let MlaDims { q_lora, kv_lora, nope, rope, v_head } = self.mla_dims();
         let u = |v: u64| Value::U32(v as u32);
-        let replaced = ["attention.head_count_kv", "attention.key_length", "attention.value_length"];
+        let replaced =
+            ["attention.head_count_kv", "attention.key_length", "attention.value_length", "feed_forward_length"];
         let replaced: Vec<String> =
             replaced.iter().chain(&["rope.dimension_count"]).map(|k| format!("{a}.{k}")).collect();
         m.retain(|(k, _)| !replaced.contains(k));
@@ -510,6 +557,7 @@ impl SynthConfig {
             (format!("{a}.attention.key_length_mla"), u(nope + rope)),
             (format!("{a}.attention.value_length_mla"), u(v_head)),
             (format!("{a}.attention.q_lora_rank"), u(q_lora)),
+            (format!("{a}.feed_forward_length"), u(self.mla.map_or(self.n_ff_exp, |m| m.n_ff_dense) as u64)),
             (format!("{a}.attention.kv_lora_rank"), u(kv_lora)),
             (format!("{a}.rope.dimension_count"), u(rope)),
             (format!("{a}.rope.scaling.type"), Value::String("yarn".into())),
@@ -521,14 +569,19 @@ impl SynthConfig {
             m.retain(|(k, _)| *k != format!("{a}.expert_shared_feed_forward_length"));
             m.extend([
                 (format!("{a}.leading_dense_block_count"), u((self.n_layer > 1) as u64)),
-                (format!("{a}.expert_shared_count"), u(1)),
+                (format!("{a}.expert_shared_count"), u(self.mla.map_or(1, |m| m.n_shared) as u64)),
                 (format!("{a}.expert_gating_func"), u(2)),
                 (format!("{a}.expert_weights_norm"), Value::Bool(true)),
                 (format!("{a}.expert_weights_scale"), Value::F32(2.5)),
             ]);
-            if self.n_expert.is_multiple_of(2) && self.n_expert >= 4 {
-                m.push((format!("{a}.expert_group_count"), u(2)));
-                m.push((format!("{a}.expert_group_used_count"), u(1)));
+            let groups = match self.mla {
+                Some(m) => m.groups,
+                None if self.n_expert.is_multiple_of(2) && self.n_expert >= 4 => (2, 1),
+                None => (1, 1),
+            };
+            if groups.0 > 1 {
+                m.push((format!("{a}.expert_group_count"), u(groups.0 as u64)));
+                m.push((format!("{a}.expert_group_used_count"), u(groups.1 as u64)));
             }
         }
     }
