@@ -117,6 +117,34 @@ fn every_budget_and_policy_gives_the_all_resident_answer_on_a_synth_model() {
     check(&synth_qwen3(dir.path()), &[3, 100, 200, 7, 42, 9, 300, 11], 1, || CpuBackend::new(2));
 }
 
+/// The families whose experts carry more than three matrices' bytes: gpt-oss (per-expert biases
+/// that stay with the model, MXFP4 experts, sinks and sliding windows) and deepseek2 (MLA, a
+/// dense first layer, group-limited routing, shared experts): the cache holds their experts like
+/// any other's and never changes a token.
+#[test]
+fn every_budget_and_policy_gives_the_all_resident_answer_on_gpt_oss_and_deepseek2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (arch, ty, expert_ty) in
+        [("gpt-oss", GgmlType::Q8_0, Some(GgmlType::MXFP4)), ("deepseek2", GgmlType::Q4_0, None)]
+    {
+        let path = dir.path().join(format!("{arch}.gguf"));
+        let cfg = SynthConfig {
+            n_layer: 4,
+            n_ff_exp: 256,
+            n_expert: 16,
+            n_expert_used: 4,
+            rms_eps: 1e-6,
+            seed: 5,
+            expert_type: expert_ty,
+            ..SynthConfig::small(arch, ty)
+        };
+        cfg.write(&path, &mut |_, _| {}).expect("synth");
+        check(&path, &[3, 100, 200, 7, 42, 9, 300, 11, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53], 1, || {
+            CpuBackend::new(2)
+        });
+    }
+}
+
 #[test]
 fn every_budget_and_policy_gives_the_all_resident_answer_on_the_plain_backend() {
     let dir = tempfile::tempdir().expect("tempdir");
