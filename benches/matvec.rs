@@ -54,7 +54,16 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     acts.quantize(w.kernels(), &x, COLS);
                     // SAFETY: all ROWS repacked rows, one Q8_0 row, room for ROWS outputs.
-                    unsafe { repack::gemv_q4_0x8(COLS, packed.as_ptr(), acts.row(0).as_ptr(), out.as_mut_ptr(), ROWS) }
+                    unsafe {
+                        repack::gemv(
+                            repack::Layout::Q4_0x8,
+                            COLS,
+                            packed.as_ptr(),
+                            acts.row(0).as_ptr(),
+                            out.as_mut_ptr(),
+                            ROWS,
+                        )
+                    }
                 })
             });
         }

@@ -109,9 +109,9 @@ fn tolerance(ty: GgmlType, ffn: Ffn) -> f32 {
     }
 }
 
-/// moerun's CPU backend repacks Q4_0 (and no other type); the reference repacks the same.
+/// moerun's CPU backend repacks Q4_0 and MXFP4 (and no other type); the reference repacks the same.
 fn reference_repacks(ty: GgmlType) -> bool {
-    ty == GgmlType::Q4_0
+    matches!(ty, GgmlType::Q4_0 | GgmlType::MXFP4)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

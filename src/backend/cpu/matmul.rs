@@ -239,8 +239,8 @@ pub fn llamafile_dot(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
 
 #[inline]
 fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
-    if j.w.layout == Layout::Q4_0x8 {
-        return run_rows_q4_0x8(j, rows);
+    if j.w.layout != Layout::Plain {
+        return run_rows_repacked(j, rows);
     }
     let k = j.w.k;
     let n = j.w.cols;
@@ -270,7 +270,8 @@ fn run_rows(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
 }
 
 /// The repacked path: rows come in groups of 8 (chunks are multiples of 16, weights of 8 rows).
-fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
+fn run_rows_repacked(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
+    let layout = j.w.layout;
     let (r0, nc) = (rows.start, rows.len());
     debug_assert!(r0 % 8 == 0 && nc % 8 == 0);
     let w = j.w.data[r0 * j.w.row_bytes..].as_ptr();
@@ -279,7 +280,7 @@ fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
         // SAFETY: `w` starts at repacked row r0 (a multiple of 8) with `nc` rows after it, `act`
         // is one Q8_0 row of `cols`, and `out` has `nc` floats (checked by `span`); no other
         // thread writes these outputs.
-        unsafe { repack::gemv_q4_0x8(j.w.cols, w, act.as_ptr(), out, nc) };
+        unsafe { repack::gemv(layout, j.w.cols, w, act.as_ptr(), out, nc) };
     };
     match j.tokens {
         None => {
@@ -290,7 +291,7 @@ fn run_rows_q4_0x8(j: &MatJob<'_>, rows: std::ops::Range<usize>) {
                 // SAFETY: as for gemv, with every group's interleaved activations (`grouped`
                 // holds exactly `groups` of them) and `n_tok` output rows of `out_stride` floats,
                 // of which we write columns r0..r0+nc.
-                unsafe { repack::gemm_q4_0x8(j.w.cols, w, j.act.grouped.as_ptr(), n_tok, out, j.out_stride, nc) };
+                unsafe { repack::gemm(layout, j.w.cols, w, j.act.grouped.as_ptr(), n_tok, out, j.out_stride, nc) };
             }
             for t in groups * GEMM_TOKENS..j.act.n_tok {
                 gemv(j.act.row(t), t);

@@ -1,7 +1,8 @@
-//! Row-interleaved weight layouts for ggml's repacked kernels: Q4_0 rows in groups of 8,
-//! interleaved 8 bytes at a time (`block_q4_0x8`), multiplied by `ggml_gemv_q4_0_8x8_q8_0` /
-//! `ggml_gemm_q4_0_8x8_q8_0` — the kernels llama.cpp itself uses for Q4_0 on AVX2. Layout
-//! knowledge only; where repacked copies live is the model's business.
+//! Row-interleaved weight layouts for ggml's repacked kernels: Q4_0 and MXFP4 rows in groups of
+//! 8, interleaved 8 bytes at a time (`block_q4_0x8`, `block_mxfp4x8`), multiplied by
+//! `ggml_gemv_*_8x8_q8_0` / `ggml_gemm_*_8x8_q8_0` — the kernels llama.cpp itself picks for these
+//! types on AVX2 and AVX-512. Layout knowledge only; where repacked copies live is the model's
+//! business.
 
 use std::ffi::{c_int, c_void};
 
@@ -28,6 +29,24 @@ extern "C" {
         nr: c_int,
         nc: c_int,
     );
+    fn ggml_gemv_mxfp4_8x8_q8_0(
+        n: c_int,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: c_int,
+        nc: c_int,
+    );
+    fn ggml_gemm_mxfp4_8x8_q8_0(
+        n: c_int,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: c_int,
+        nc: c_int,
+    );
     fn ggml_quantize_mat_q8_0_4x8(x: *const f32, vy: *mut c_void, k: i64);
 }
 
@@ -38,16 +57,60 @@ pub enum Layout {
     Plain,
     /// Q4_0 in groups of 8 rows, 8-byte interleave.
     Q4_0x8,
+    /// MXFP4 in groups of 8 rows: the 8 scales of a block column, then the nibbles, 8-byte
+    /// interleave.
+    Mxfp4x8,
 }
 
 const Q4_0_BLOCK: usize = 18;
 const Q4_0_GROUP: usize = 8;
+const MXFP4_BLOCK: usize = 17;
 /// Rows of activations `gemm` takes at once.
 pub const GEMM_TOKENS: usize = 4;
 
 /// Whether a `rows × cols` weight of type `ty` can be repacked (and into what).
 pub fn repackable(ty: GgmlType, rows: usize, cols: usize) -> Option<Layout> {
-    (ty == GgmlType::Q4_0 && rows.is_multiple_of(Q4_0_GROUP) && cols.is_multiple_of(32)).then_some(Layout::Q4_0x8)
+    if !rows.is_multiple_of(Q4_0_GROUP) || !cols.is_multiple_of(32) {
+        return None;
+    }
+    match ty {
+        GgmlType::Q4_0 => Some(Layout::Q4_0x8),
+        GgmlType::MXFP4 => Some(Layout::Mxfp4x8),
+        _ => None,
+    }
+}
+
+/// Repack plain rows of `layout`'s type into it (`src` and `dst` of the same length).
+pub fn repack(layout: Layout, src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    match layout {
+        Layout::Plain => dst.copy_from_slice(src),
+        Layout::Q4_0x8 => repack_q4_0x8(src, rows, cols, dst),
+        Layout::Mxfp4x8 => repack_mxfp4x8(src, rows, cols, dst),
+    }
+}
+
+/// Repack plain MXFP4 rows (`src`, `rows × cols`) into `dst` (same length) as `Mxfp4x8`: per
+/// group of 8 rows and block column, the 8 rows' scale bytes, then 16 chunks of 8 bytes, chunk i
+/// being bytes (i/8)·8.. of row i%8's nibbles.
+pub fn repack_mxfp4x8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    let nb = cols / 32;
+    let row_bytes = nb * MXFP4_BLOCK;
+    assert_eq!(src.len(), rows * row_bytes);
+    assert_eq!(dst.len(), src.len());
+    assert_eq!(rows % Q4_0_GROUP, 0);
+    for g in 0..rows / Q4_0_GROUP {
+        for b in 0..nb {
+            let out = &mut dst[(g * nb + b) * MXFP4_BLOCK * Q4_0_GROUP..][..MXFP4_BLOCK * Q4_0_GROUP];
+            let block = |i: usize| &src[(g * Q4_0_GROUP + i) * row_bytes + b * MXFP4_BLOCK..][..MXFP4_BLOCK];
+            for i in 0..Q4_0_GROUP {
+                out[i] = block(i)[0];
+            }
+            for i in 0..16 {
+                let (src_id, src_off) = (i % 8, 1 + (i / 8) * 8);
+                out[8 + i * 8..8 + i * 8 + 8].copy_from_slice(&block(src_id)[src_off..src_off + 8]);
+            }
+        }
+    }
 }
 
 /// Repack plain Q4_0 rows (`src`, `rows × cols`) into `dst` (same length) as `Q4_0x8`.
@@ -78,14 +141,19 @@ pub fn repack_q4_0x8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
     }
 }
 
-/// `out[r] = w.row(r) · act` for rows `r0..r0+nc` of a `Q4_0x8` weight; `act` is one Q8_0 row.
+/// `out[r] = w.row(r) · act` for rows `r0..r0+nc` of a weight repacked in `layout`; `act` is one
+/// Q8_0 row.
 ///
 /// # Safety
 /// `w` holds the repacked rows `r0..r0+nc` (`nc` and `r0` multiples of 8) of `cols` columns, `act`
-/// one Q8_0 row of `cols`, and `out` has room for `nc` floats.
-pub unsafe fn gemv_q4_0x8(cols: usize, w: *const u8, act: *const u8, out: *mut f32, nc: usize) {
+/// one Q8_0 row of `cols`, and `out` has room for `nc` floats; `layout` is not `Plain`.
+pub unsafe fn gemv(layout: Layout, cols: usize, w: *const u8, act: *const u8, out: *mut f32, nc: usize) {
+    let f = match layout {
+        Layout::Mxfp4x8 => ggml_gemv_mxfp4_8x8_q8_0,
+        _ => ggml_gemv_q4_0_8x8_q8_0,
+    };
     // SAFETY: forwarded to the caller's contract.
-    unsafe { ggml_gemv_q4_0_8x8_q8_0(cols as c_int, out, nc, w.cast(), act.cast(), 1, nc as c_int) }
+    unsafe { f(cols as c_int, out, nc, w.cast(), act.cast(), 1, nc as c_int) }
 }
 
 /// `n_tok` tokens (a multiple of 4) at once: `out[t * out_stride + r]` for t in 0..n_tok; `act4`
@@ -94,9 +162,11 @@ pub unsafe fn gemv_q4_0x8(cols: usize, w: *const u8, act: *const u8, out: *mut f
 /// when it is given at least 16 tokens.
 ///
 /// # Safety
-/// As [`gemv_q4_0x8`], with `act4` holding `n_tok / 4` groups and `out` covering `n_tok` rows of
+/// As [`gemv`], with `act4` holding `n_tok / 4` groups and `out` covering `n_tok` rows of
 /// `out_stride` floats.
-pub unsafe fn gemm_q4_0x8(
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    layout: Layout,
     cols: usize,
     w: *const u8,
     act4: *const u8,
@@ -106,10 +176,12 @@ pub unsafe fn gemm_q4_0x8(
     nc: usize,
 ) {
     debug_assert!(n_tok.is_multiple_of(GEMM_TOKENS));
+    let f = match layout {
+        Layout::Mxfp4x8 => ggml_gemm_mxfp4_8x8_q8_0,
+        _ => ggml_gemm_q4_0_8x8_q8_0,
+    };
     // SAFETY: forwarded to the caller's contract.
-    unsafe {
-        ggml_gemm_q4_0_8x8_q8_0(cols as c_int, out, out_stride, w.cast(), act4.cast(), n_tok as c_int, nc as c_int)
-    }
+    unsafe { f(cols as c_int, out, out_stride, w.cast(), act4.cast(), n_tok as c_int, nc as c_int) }
 }
 
 /// Quantize 4 rows of `cols` floats (contiguous) into the interleaved Q8_0×4 layout `gemm` reads.
@@ -126,14 +198,20 @@ mod tests {
     use crate::backend::cpu::kernels;
     use crate::rng::SplitMix64;
 
-    /// The repacked kernels give the same products as ggml's plain `vec_dot`.
+    /// The repacked kernels give the same products as ggml's plain `vec_dot` (to rounding).
     #[test]
     fn repacked_gemv_and_gemm_match_vec_dot() {
+        repacked_matches_vec_dot(GgmlType::Q4_0);
+        repacked_matches_vec_dot(GgmlType::MXFP4);
+    }
+
+    fn repacked_matches_vec_dot(ty: GgmlType) {
         let (rows, cols) = (64, 512);
-        let k = kernels(GgmlType::Q4_0).expect("q4_0");
+        let layout = repackable(ty, rows, cols).expect("repackable");
+        let k = kernels(ty).expect("kernels");
         let q8 = kernels(GgmlType::Q8_0).expect("q8_0");
         let mut rng = SplitMix64::new(3);
-        let rb = GgmlType::Q4_0.row_bytes(cols as u64).expect("rb") as usize;
+        let rb = ty.row_bytes(cols as u64).expect("rb") as usize;
         let mut plain = vec![0u8; rows * rb];
         let mut row = vec![0f32; cols];
         for r in 0..rows {
@@ -141,7 +219,7 @@ mod tests {
             k.quantize_row(&row, &mut plain[r * rb..(r + 1) * rb]);
         }
         let mut packed = vec![0u8; plain.len()];
-        repack_q4_0x8(&plain, rows, cols, &mut packed);
+        repack(layout, &plain, rows, cols, &mut packed);
         // 20 tokens: one call takes the AVX-512 path for 16 and the 4-token path for the rest.
         let n_tok = 20;
         let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.next_normal(1.0)).collect();
@@ -159,11 +237,11 @@ mod tests {
             .collect();
         let mut got = vec![0f32; rows];
         // SAFETY: 64 repacked rows of 512, one Q8_0 row, room for 64 outputs.
-        unsafe { gemv_q4_0x8(cols, packed.as_ptr(), acts.as_ptr(), got.as_mut_ptr(), rows) };
+        unsafe { gemv(layout, cols, packed.as_ptr(), acts.as_ptr(), got.as_mut_ptr(), rows) };
         for r in 0..rows {
             assert!(
                 (got[r] - want[r]).abs() <= 1e-3 * want[r].abs().max(1.0),
-                "gemv row {r}: {} vs {}",
+                "{ty:?} gemv row {r}: {} vs {}",
                 got[r],
                 want[r]
             );
@@ -175,9 +253,10 @@ mod tests {
         }
         let mut got4 = vec![0f32; n_tok * rows];
         // SAFETY: as above, all groups of four, `n_tok` output rows of `rows` floats.
-        unsafe { gemm_q4_0x8(cols, packed.as_ptr(), a4.as_ptr(), n_tok, got4.as_mut_ptr(), rows, rows) };
+        unsafe { gemm(layout, cols, packed.as_ptr(), a4.as_ptr(), n_tok, got4.as_mut_ptr(), rows, rows) };
         for i in 0..n_tok * rows {
-            assert!((got4[i] - want[i]).abs() <= 1e-3 * want[i].abs().max(1.0), "gemm {i}: {} vs {}", got4[i], want[i]);
+            let (g, w) = (got4[i], want[i]);
+            assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "{ty:?} gemm {i}: {g} vs {w}");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The CPU backend's weights: copies of what the residency decision selects, in one anonymous
-//! (huge-page advised) buffer, Q4_0 repacked for ggml's interleaved GEMV/GEMM (what llama.cpp does
-//! for every Q4_0 weight), and views of the file mapping for the rest.
+//! (huge-page advised) buffer, Q4_0 and MXFP4 repacked for ggml's interleaved GEMV/GEMM (what
+//! llama.cpp does for every such weight with rows in groups of 8), and views of the file mapping
+//! for the rest.
 //! Invariant: a weight is read either from its copy or from the mapping, never half of each.
 
 use std::collections::HashMap;
@@ -50,7 +51,7 @@ impl CpuWeights {
         let mut rest: &mut [u8] = &mut buf;
         for w in &ws {
             let layout = match repack::repackable(w.ty, w.rows, w.cols) {
-                Some(Layout::Q4_0x8) if w.offset != model.tok_embd.offset => Layout::Q4_0x8,
+                Some(l) if w.offset != model.tok_embd.offset => l,
                 _ => Layout::Plain,
             };
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(w.bytes as usize);
@@ -59,7 +60,7 @@ impl CpuWeights {
             index.insert(w.offset, (at, layout));
             at += w.bytes as usize;
         }
-        let repacked = jobs.iter().filter(|j| j.1 == Layout::Q4_0x8).count();
+        let repacked = jobs.iter().filter(|j| j.1 != Layout::Plain).count();
         // A few threads each copy a contiguous share of the weights (repacking is CPU work, and
         // several readers keep the disk busy on a cold load).
         let n_threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
@@ -138,10 +139,7 @@ fn copy_weights(model: &Model, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
             file.will_need(next.0.offset, next.0.bytes);
         }
         let src = model.bytes_of(w);
-        match layout {
-            Layout::Q4_0x8 => repack::repack_q4_0x8(src, w.rows, w.cols, dst),
-            _ => dst.copy_from_slice(src),
-        }
+        repack::repack(layout, src, w.rows, w.cols, dst);
         pending.push((w.offset, w.bytes));
         pending_bytes += w.bytes;
         if pending_bytes >= RELEASE_BATCH {
