@@ -102,8 +102,8 @@ pub fn repack_mxfp4x8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
         for b in 0..nb {
             let out = &mut dst[(g * nb + b) * MXFP4_BLOCK * Q4_0_GROUP..][..MXFP4_BLOCK * Q4_0_GROUP];
             let block = |i: usize| &src[(g * Q4_0_GROUP + i) * row_bytes + b * MXFP4_BLOCK..][..MXFP4_BLOCK];
-            for i in 0..Q4_0_GROUP {
-                out[i] = block(i)[0];
+            for (i, e) in out[..Q4_0_GROUP].iter_mut().enumerate() {
+                *e = block(i)[0];
             }
             for i in 0..16 {
                 let (src_id, src_off) = (i % 8, 1 + (i / 8) * 8);
