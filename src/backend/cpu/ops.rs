@@ -108,8 +108,8 @@ pub fn rope_apply(rope: &Rope, head: &mut [f32], angles: &[f32]) {
                 let ic = i / 2;
                 let (c, s) = (angles[i], angles[i + 1]);
                 let (x0, x1) = (head[ic], head[ic + half]);
-                head[ic] = x0 * c - x1 * s;
-                head[ic + half] = x0 * s + x1 * c;
+                head[ic] = x0.mul_add(c, -(x1 * s));
+                head[ic + half] = x0.mul_add(s, x1 * c);
             }
         }
     }
