@@ -67,5 +67,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         100.0 * low_b as f64 / high.max(1) as f64
     );
     eprintln!("  all experts: {:.1} MiB -> {:.1} MiB", mib(model.expert_bytes()), mib(low_b * n_experts as u64));
+    if low_b >= high {
+        tracing::warn!(
+            "{} experts are no smaller than the {high_ty} originals: loading them at low precision saves no \
+             bytes (pick a smaller type, e.g. q3_K or q2_K)",
+            low.name()
+        );
+    }
     Ok(())
 }
