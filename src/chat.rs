@@ -51,6 +51,18 @@ impl ChatFormat {
         self.fallback.is_none()
     }
 
+    /// A splitter for the answer to `prompt` (its ids), in the reasoning format of the model's
+    /// template (none for the ChatML fallback).
+    pub fn splitter(&self, prompt: &[u32]) -> crate::reasoning::ReasoningSplitter {
+        use crate::reasoning::{ReasoningFormat, ReasoningSplitter};
+        let format = match (&self.fallback, self.tok.chat_template()) {
+            (None, Some(t)) => t.reasoning(),
+            _ => ReasoningFormat::None,
+        };
+        let tail = self.tok.decode(&prompt[prompt.len().saturating_sub(16)..]);
+        ReasoningSplitter::new(format, &tail)
+    }
+
     /// Renders `messages` (opening the assistant's turn) and tokenizes the text. A template that
     /// writes the BOS itself gets no second one; otherwise the model's BOS preference applies.
     pub fn encode(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ChatError> {

@@ -14,6 +14,7 @@ pub mod layers;
 pub mod llama_log;
 pub mod lowprec;
 pub mod model;
+pub mod reasoning;
 pub mod reference;
 pub mod rng;
 pub mod server;

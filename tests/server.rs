@@ -33,7 +33,11 @@ fn config() -> ServerConfig {
 }
 
 async fn start(cfg: ServerConfig) -> TestServer {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED);
+    start_with(&Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED), cfg).await
+}
+
+async fn start_with(path: &Path, cfg: ServerConfig) -> TestServer {
+    let path = path.to_path_buf();
     let tok = Arc::new(Tokenizer::from_gguf(&path).expect("tokenizer"));
     let model = Arc::new(Model::load(&path).expect("model"));
     let server = Server::new(model, tok, cfg).expect("server");
@@ -516,4 +520,56 @@ async fn shutdown_lets_a_running_answer_finish() {
     let body = tokio::time::timeout(Duration::from_secs(60), running.text()).await.unwrap().unwrap();
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
+}
+
+/// The bundled model with its chat template replaced by `template` (everything else copied).
+fn with_template(dir: &Path, template: &str) -> std::path::PathBuf {
+    use moerun::gguf::{GgufFile, GgufWriter, Value};
+    let src = GgufFile::open(Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED)).expect("bundled");
+    let mut w = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        if k != "tokenizer.chat_template" && k != "general.alignment" {
+            w.add_metadata(k.clone(), v.clone());
+        }
+    }
+    w.add_metadata("tokenizer.chat_template", Value::String(template.into()));
+    for t in src.tensors() {
+        w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, src.tensor_data(t).to_vec()).expect("tensor");
+    }
+    let path = dir.join("rustdoc-moe-think.gguf");
+    w.write(&path).expect("write");
+    path
+}
+
+/// A template that opens `<think>` for the answer (as DeepSeek-R1's does): what the model writes
+/// before `</think>` is its reasoning, sent as `reasoning_content` (as llama.cpp's server does),
+/// not as the reply, both whole and streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_is_kept_apart_from_the_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = "{% for m in messages %}<|user|>\n{{ m.content }}<|end|>\n{% endfor %}\
+                    {% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}";
+    let s = start_with(&with_template(dir.path(), template), config()).await;
+    let body = json!({"messages": question(), "temperature": 0, "max_tokens": 12});
+    let (status, v) = s.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let msg = &v["choices"][0]["message"];
+    let reasoning = msg["reasoning_content"].as_str().expect("reasoning_content");
+    assert!(!reasoning.is_empty());
+    assert_eq!(msg["content"], "", "nothing after </think> in 12 tokens: {msg}");
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let text = s.post("/v1/chat/completions", &stream).await.text().await.expect("body");
+    let streamed: String = sse_data(&text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str().map(String::from))
+        .collect();
+    assert_eq!(streamed, reasoning, "streamed reasoning = whole reasoning");
+    // A plain completion is raw text: nothing is taken out.
+    let (status, v) = s.post_json("/v1/completions", &json!({"prompt": "<think>", "max_tokens": 4})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    s.stop().await;
 }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use moerun::chat::{reuse_prefix, ChatError, ChatFormat, Conversation, Turn};
 use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
 use moerun::model::{Model, Resident};
+use moerun::reasoning::Part;
 use moerun::stats::{Counters, ExpertCacheStats, MoeFacts, Outcome};
 use moerun::tokenizer::{StreamDecoder, Tokenizer};
 use rustyline::error::ReadlineError;
@@ -218,15 +219,31 @@ impl Chat {
             SamplerConfig { seed: self.sampler.seed.wrapping_add(self.counters.requests), ..self.sampler.clone() };
         let opts = GenerateOptions { max_tokens: self.n_predict.unwrap_or(n_ctx), sampler, is_eog: &is_eog };
         let mut decoder = StreamDecoder::new(&self.tok);
+        let mut splitter = self.format.splitter(&prompt.ids);
         let mut answer = String::new();
         let mut out = std::io::stdout().lock();
+        // Reasoning (`<think>`, gpt-oss's analysis channel) is shown dimmed on a terminal, left
+        // out of piped output and of the conversation, as llama.cpp's chat parsers keep it apart.
+        let tty = std::io::stdout().is_terminal();
+        let write_parts = |parts: Vec<Part>, out: &mut std::io::StdoutLock<'_>, answer: &mut String| {
+            for p in parts {
+                match p {
+                    Part::Reply(t) => {
+                        let _ = out.write_all(t.as_bytes());
+                        answer.push_str(&t);
+                    }
+                    Part::Reasoning(t) if tty => {
+                        let _ = write!(out, "\x1b[2m{t}\x1b[0m");
+                    }
+                    Part::Reasoning(_) => {}
+                }
+            }
+            let _ = out.flush();
+        };
         let interrupted = &self.interrupted;
         interrupted.store(false, Ordering::SeqCst);
         let result = self.engine.generate(&mut self.sess, &prompt.ids[reused..], &opts, &mut |id| {
-            let piece = decoder.push(id);
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-            answer.push_str(&piece);
+            write_parts(splitter.push(&decoder.push(id)), &mut out, &mut answer);
             if interrupted.load(Ordering::SeqCst) {
                 Flow::Stop
             } else {
@@ -243,9 +260,10 @@ impl Chat {
                 return Ok(());
             }
         };
-        let rest = decoder.finish();
-        answer.push_str(&rest);
-        writeln!(out, "{rest}")?;
+        let mut rest = splitter.push(&decoder.finish());
+        rest.extend(splitter.finish());
+        write_parts(rest, &mut out, &mut answer);
+        writeln!(out)?;
         out.flush()?;
         drop(out);
         match g.stop {

@@ -24,6 +24,7 @@ use super::openai::*;
 use super::worker::{Event, Job};
 use super::AppState;
 use crate::engine::SamplerConfig;
+use crate::reasoning::{ReasoningFormat, ReasoningSplitter};
 use crate::stats::ExpertCacheStats;
 use crate::tokenizer::{ChatMessage, EncodeOptions};
 
@@ -115,14 +116,16 @@ async fn chat_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
         req.messages.into_iter().map(|m| ChatMessage::new(m.role, text_of(m.content))).collect();
     let prompt = st.format.encode(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let reply = st.reply("chatcmpl", &req.params);
-    let rx = st.submit(prompt, req.params)?;
+    let splitter = st.format.splitter(&prompt);
+    let rx = st.submit(prompt, req.params, splitter)?;
     if reply.stream {
         Ok(sse(rx, reply, Kind::Chat))
     } else {
-        let (text, finish, usage) = collect(rx).await?;
+        let (text, reasoning, finish, usage) = collect(rx).await?;
+        let reasoning_content = (!reasoning.is_empty()).then_some(reasoning);
         let choice = ChatChoice {
             index: 0,
-            message: AssistantMessage { role: "assistant", content: text },
+            message: AssistantMessage { role: "assistant", content: text, reasoning_content },
             logprobs: None,
             finish_reason: finish,
         };
@@ -159,11 +162,12 @@ async fn completion_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>
         return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
     }
     let reply = st.reply("cmpl", &req.params);
-    let rx = st.submit(prompt, req.params)?;
+    // A plain completion is raw text: nothing is taken out as reasoning.
+    let rx = st.submit(prompt, req.params, ReasoningSplitter::new(ReasoningFormat::None, ""))?;
     if reply.stream {
         Ok(sse(rx, reply, Kind::Text))
     } else {
-        let (text, finish, usage) = collect(rx).await?;
+        let (text, _, finish, usage) = collect(rx).await?;
         let choice = TextChoice { index: 0, text, logprobs: None, finish_reason: Some(finish) };
         let body = TextCompletion {
             id: reply.id,
@@ -225,7 +229,12 @@ impl AppState {
     }
 
     /// Validates the sampling fields, fits `max_tokens` to the context and queues the job.
-    fn submit(&self, prompt: Vec<u32>, p: Params) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        p: Params,
+        splitter: ReasoningSplitter,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
         if p.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
         }
@@ -266,7 +275,8 @@ impl AppState {
             ..d
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.submit(Job { prompt, max_tokens, sampler, stop, ignore_eos: p.ignore_eos, events: tx })?;
+        let job = Job { prompt, max_tokens, sampler, stop, ignore_eos: p.ignore_eos, splitter, events: tx };
+        self.queue.submit(job)?;
         Ok(rx)
     }
 
@@ -279,14 +289,15 @@ impl AppState {
     }
 }
 
-/// Waits for the whole answer.
-async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, FinishReason, Usage), ApiError> {
-    let mut text = String::new();
+/// Waits for the whole answer: its text, its reasoning, why it ended and the usage.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, String, FinishReason, Usage), ApiError> {
+    let (mut text, mut reasoning) = (String::new(), String::new());
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
+            Event::Reasoning(t) => reasoning.push_str(&t),
             Event::Done { finish, prompt_tokens, completion_tokens } => {
-                return Ok((text, finish, Usage::new(prompt_tokens, completion_tokens)))
+                return Ok((text, reasoning, finish, Usage::new(prompt_tokens, completion_tokens)))
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
         }
@@ -304,7 +315,11 @@ fn sse(rx: mpsc::UnboundedReceiver<Event>, reply: Reply, kind: Kind) -> Response
     let mut stream = EventStream { rx, reply, kind, pending: VecDeque::new(), done: false };
     if let Kind::Chat = kind {
         // OpenAI opens a chat stream with the role.
-        let first = stream.chat_chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None, None);
+        let first = stream.chat_chunk(
+            Delta { role: Some("assistant"), content: Some(String::new()), reasoning_content: None },
+            None,
+            None,
+        );
         stream.pending.push_back(first);
     }
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
@@ -328,7 +343,7 @@ impl EventStream {
         let r = &self.reply;
         let choices = match (&delta, finish) {
             // The usage-only chunk has no choices.
-            (Delta { role: None, content: None }, None) => vec![],
+            (Delta { role: None, content: None, reasoning_content: None }, None) => vec![],
             _ => vec![ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }],
         };
         let chunk = ChatChunk {
@@ -362,9 +377,14 @@ impl EventStream {
     fn on_event(&mut self, ev: Event) {
         match (ev, self.kind) {
             (Event::Text(t), Kind::Chat) => {
-                let e = self.chat_chunk(Delta { role: None, content: Some(t) }, None, None);
+                let e = self.chat_chunk(Delta { content: Some(t), ..Default::default() }, None, None);
                 self.pending.push_back(e);
             }
+            (Event::Reasoning(t), Kind::Chat) => {
+                let e = self.chat_chunk(Delta { reasoning_content: Some(t), ..Default::default() }, None, None);
+                self.pending.push_back(e);
+            }
+            (Event::Reasoning(_), Kind::Text) => {}
             (Event::Text(t), Kind::Text) => {
                 let e = self.text_chunk(t, None, None);
                 self.pending.push_back(e);

@@ -121,6 +121,10 @@ pub enum FinishReason {
 pub struct AssistantMessage {
     pub role: &'static str,
     pub content: String,
+    /// The model's reasoning (`<think>`, gpt-oss's analysis channel), kept apart as llama.cpp's
+    /// server does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,6 +151,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

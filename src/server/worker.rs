@@ -14,6 +14,7 @@ use super::openai::{ApiError, FinishReason};
 use super::stop::{Scan, StopMatcher};
 use crate::chat::reuse_prefix;
 use crate::engine::{Engine, Flow, GenerateOptions, SamplerConfig, Session, StopReason, Timings};
+use crate::reasoning::{Part, ReasoningSplitter};
 use crate::stats::{Counters, Outcome};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -26,6 +27,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Keep generating through end-of-generation tokens (llama.cpp's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Takes the reasoning out of the answer (chat completions; none for plain completions).
+    pub splitter: ReasoningSplitter,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -33,7 +36,13 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Event {
     Text(String),
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// Reasoning the model wrote before (or between) its reply.
+    Reasoning(String),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Failed(String),
 }
 
@@ -147,13 +156,24 @@ fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) 
             let _ = job.events.send(Event::Text(text));
         }
     };
+    let mut splitter = job.splitter.clone();
     let result = engine.generate(sess, &job.prompt[reused..], &opts, &mut |id| {
-        match stops.push(&decoder.push(id)) {
-            Scan::Emit(text) => send(text),
-            Scan::Stop(text) => {
-                send(text);
-                hit_stop = true;
-                return Flow::Stop;
+        for part in splitter.push(&decoder.push(id)) {
+            let text = match part {
+                Part::Reasoning(t) => {
+                    let _ = job.events.send(Event::Reasoning(t));
+                    continue;
+                }
+                Part::Reply(t) => t,
+            };
+            // Stop strings apply to the reply.
+            match stops.push(&text) {
+                Scan::Emit(text) => send(text),
+                Scan::Stop(text) => {
+                    send(text);
+                    hit_stop = true;
+                    return Flow::Stop;
+                }
             }
         }
         if job.events.is_closed() {
@@ -173,8 +193,19 @@ fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) 
         return JobEnd { outcome: Outcome::Cancelled, reused, timings: g.timings, last: None };
     }
     if !hit_stop {
-        // A character or a partial stop string may still be held back.
-        match stops.push(&decoder.finish()) {
+        // A character, a partial marker or a partial stop string may still be held back.
+        let mut rest = splitter.push(&decoder.finish());
+        rest.extend(splitter.finish());
+        let mut reply = String::new();
+        for part in rest {
+            match part {
+                Part::Reasoning(t) => {
+                    let _ = job.events.send(Event::Reasoning(t));
+                }
+                Part::Reply(t) => reply.push_str(&t),
+            }
+        }
+        match stops.push(&reply) {
             Scan::Emit(text) => send(text + &stops.finish()),
             Scan::Stop(text) => {
                 send(text);

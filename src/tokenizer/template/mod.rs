@@ -39,6 +39,8 @@ pub struct ChatTemplate {
     origin: String,
     bos_token: String,
     eos_token: String,
+    /// How the model marks reasoning in its answers, as the source implies.
+    reasoning: crate::reasoning::ReasoningFormat,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -71,7 +73,13 @@ impl ChatTemplate {
         if let Err(err) = env.add_template_owned(TEMPLATE_NAME, source.to_owned()) {
             return Err(template_error(&origin, TemplateStage::Syntax, &err));
         }
-        Ok(ChatTemplate { env, origin, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+        let reasoning = crate::reasoning::ReasoningFormat::detect(Some(source));
+        Ok(ChatTemplate { env, origin, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned(), reasoning })
+    }
+
+    /// How answers rendered for this template mark their reasoning.
+    pub fn reasoning(&self) -> crate::reasoning::ReasoningFormat {
+        self.reasoning
     }
 
     /// Renders `messages`; `add_generation_prompt` asks the template to open the assistant's turn.
