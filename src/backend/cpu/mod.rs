@@ -45,6 +45,8 @@ pub struct CpuBackend {
     down: Vec<f32>,
     rows_tmp: Vec<f32>,
     angles: Vec<f32>,
+    /// Per head of a `matmul_heads`: its columns, converted.
+    heads: Vec<ActSet>,
 }
 
 impl CpuBackend {
@@ -59,6 +61,7 @@ impl CpuBackend {
             down: Vec::new(),
             rows_tmp: Vec::new(),
             angles: Vec::new(),
+            heads: Vec::new(),
         }
     }
 
@@ -271,19 +274,38 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_heads(&mut self, x: &HostAct, from: Heads, ws: &[MatRef<'_>], out: &mut HostAct, to: Heads) {
-        // One head at a time, each a plain mat-mul over its own columns (as ggml's batched
-        // `mul_mat` runs one 2-D product per slice of the weight).
-        let (mut xi, mut yi) = (HostAct::default(), HostAct::default());
-        for (i, &w) in ws.iter().enumerate().take(from.n) {
-            xi.resize(x.rows, from.width);
-            for t in 0..x.rows {
-                xi.row_mut(t).copy_from_slice(&x.row(t)[from.cols(i)]);
-            }
-            self.matmul(&xi, &[w], &mut yi);
-            for t in 0..x.rows {
-                out.row_mut(t)[to.cols(i)].copy_from_slice(yi.row(t));
-            }
+        // Every head's product in one parallel job (as ggml's batched `mul_mat` over a 3-D
+        // weight: one 2-D product per slice), each head's columns converted on their own.
+        let n = from.n.min(ws.len());
+        while self.heads.len() < n {
+            self.heads.push(ActSet::default());
         }
+        for (i, w) in ws.iter().enumerate().take(n) {
+            self.rows_tmp.clear();
+            for t in 0..x.rows {
+                self.rows_tmp.extend_from_slice(&x.row(t)[from.cols(i)]);
+            }
+            self.heads[i].prepare(std::slice::from_ref(w), &self.rows_tmp, from.width);
+        }
+        let stride = out.cols;
+        let shared = SharedOut::new(&mut out.data);
+        let jobs: Vec<MatJob> = ws
+            .iter()
+            .enumerate()
+            .take(n)
+            .map(|(i, &w)| MatJob {
+                w,
+                act: self.heads[i].get(&w),
+                tokens: None,
+                out: &shared,
+                out_stride: stride,
+                out_offset: to.cols(i).start,
+                mul_mat: true,
+            })
+            .collect();
+        assert!(ws.iter().take(n).enumerate().all(|(i, w)| w.rows == to.cols(i).len()), "one output block per head");
+        // SAFETY: job i writes the columns `to.cols(i)` of every row; the blocks do not overlap.
+        unsafe { matmul_batch(&self.pool, &jobs) };
     }
 
     fn add(&mut self, x: &mut HostAct, y: &HostAct) {
