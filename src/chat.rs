@@ -86,7 +86,7 @@ pub fn reuse_prefix<B: crate::backend::Backend>(sess: &mut Session<B>, prompt: &
     let common = sess.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
     let keep = common.min(prompt.len().saturating_sub(1));
     sess.truncate(keep);
-    keep
+    sess.tokens.len()
 }
 
 /// One exchange of the conversation.
@@ -168,9 +168,16 @@ mod tests {
     use crate::backend::{KvConfig, KvType, Values};
 
     fn check(held: &[u32], prompt: &[u32], reused: usize) {
-        let cfg =
-            KvConfig { ty: KvType::F32, n_layer: 1, n_ctx: 16, n_head_kv: 1, head_dim: 4, values: Values::Separate };
-        let mut sess: Session = Session { kv: KvCache::new(&cfg), tokens: held.to_vec() };
+        let cfg = KvConfig {
+            ty: KvType::F32,
+            n_layer: 1,
+            n_ctx: 16,
+            n_head_kv: 1,
+            head_dim: 4,
+            values: Values::Separate,
+            ring: None,
+        };
+        let mut sess: Session = Session { kv: KvCache::new(&cfg), tokens: held.to_vec(), kv_config: cfg };
         assert_eq!(reuse_prefix(&mut sess, prompt), reused, "held {held:?}, prompt {prompt:?}");
         assert_eq!(sess.tokens, &prompt[..reused]);
     }
@@ -184,5 +191,32 @@ mod tests {
         check(&[1, 2, 3], &[1, 2, 3], 2);
         check(&[1, 2, 3, 4], &[1, 2], 1);
         check(&[5], &[1], 0);
+    }
+
+    /// A sliding-window ring keeps only its last `len` positions: a cut that would need a
+    /// position it has overwritten starts over (as llama.cpp re-processes the prompt then).
+    #[test]
+    fn a_cut_behind_what_a_ring_holds_starts_over() {
+        let cfg = KvConfig {
+            ty: KvType::F32,
+            n_layer: 2,
+            n_ctx: 128,
+            n_head_kv: 1,
+            head_dim: 4,
+            values: Values::Separate,
+            ring: Some(crate::backend::KvRing { layers: crate::arch::SlidingWindow::EvenLayers, len: 24, window: 16 }),
+        };
+        let held: Vec<u32> = (0..100).collect();
+        let reuse = |prompt: Vec<u32>| {
+            let mut sess: Session = Session { kv: KvCache::new(&cfg), tokens: held.clone(), kv_config: cfg };
+            let n = reuse_prefix(&mut sess, &prompt);
+            assert_eq!(sess.tokens.len(), n);
+            n
+        };
+        // The window before 99 (83..99) is still held (76..100): kept.
+        assert_eq!(reuse((0..99).chain([7, 7]).collect()), 99);
+        // The window before 90 (74..90) is not: everything goes.
+        assert_eq!(reuse((0..90).chain([7]).collect()), 0);
+        assert_eq!(cfg.bytes(), (2 * (24 + 128) * 4 * 4) as u64);
     }
 }

@@ -180,3 +180,41 @@ fn gptoss_fixtures_next_match_llama_cpp() {
 fn deepseek2_fixtures_next_match_llama_cpp() {
     fixtures_next_match_llama_cpp("deepseek2-tiny", &KERNELS);
 }
+
+/// gpt-oss's sliding-window layers keep a ring of window + batch positions (llama.cpp's SWA
+/// cache) instead of the whole context. With batches small enough that the rings wrap many
+/// times — one-row attention (8-row batches) and the tiled path (64-row batches) — every logit
+/// of a 200-token prompt and of 24 greedy steps after it is bit-identical to full-length layers,
+/// and the cache is smaller.
+#[test]
+fn sliding_window_rings_give_the_full_cache_answer() {
+    let Some(root) = common::fixtures() else { return };
+    let path = root.join("../fixtures-next/gptoss-tiny/gptoss-tiny-Q8_0.gguf");
+    let model = Arc::new(Model::load(&path).unwrap_or_else(|e| panic!("{e}")));
+    let prompt: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 3000).collect();
+    let run = |n_batch: usize, swa_full: bool| {
+        let cfg = EngineConfig {
+            threads: 2,
+            n_ctx: 256,
+            n_batch,
+            swa_full,
+            residency: Residency::fixed(Resident::All),
+            ..Default::default()
+        };
+        let mut eng = Engine::new(Arc::clone(&model), cfg).unwrap_or_else(|e| panic!("{e}"));
+        let mut sess = eng.new_session().unwrap_or_else(|e| panic!("{e}"));
+        let mut all = eng.eval(&mut sess, &prompt, Logits::All).unwrap_or_else(|e| panic!("{e}"));
+        let mut last = all[all.len() - model.hp.n_vocab..].to_vec();
+        for _ in 0..24 {
+            last = eng.eval(&mut sess, &[argmax(&last) as u32], Logits::Last).unwrap_or_else(|e| panic!("{e}"));
+            all.extend_from_slice(&last);
+        }
+        (all, eng.session_kv_bytes())
+    };
+    for n_batch in [8, 64] {
+        let (full, full_bytes) = run(n_batch, true);
+        let (ring, ring_bytes) = run(n_batch, false);
+        assert!(ring == full, "batches of {n_batch}: the ring changed the logits");
+        assert!(ring_bytes < full_bytes, "batches of {n_batch}: {ring_bytes} vs {full_bytes} bytes");
+    }
+}

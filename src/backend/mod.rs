@@ -116,16 +116,45 @@ pub struct KvConfig {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub values: Values,
+    /// Sliding-window layers hold only the positions their window and one batch can reach (a
+    /// ring), as llama.cpp's SWA cache does; `None` keeps every layer full length (`--swa-full`).
+    pub ring: Option<KvRing>,
+}
+
+/// Which layers of a [`KvConfig`] are rings, and how long.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRing {
+    pub layers: crate::arch::SlidingWindow,
+    /// Positions a ring holds: the window plus the largest batch (a batch stores all its rows
+    /// before any of them attends).
+    pub len: usize,
+    /// The attention window of those layers.
+    pub window: usize,
 }
 
 impl KvConfig {
+    /// Positions layer `l` holds.
+    pub fn layer_len(&self, l: usize) -> usize {
+        match self.ring {
+            Some(r) if r.layers.applies(l) => r.len.min(self.n_ctx),
+            _ => self.n_ctx,
+        }
+    }
+
     /// Bytes of K and V for every layer and position.
     pub fn bytes(&self) -> u64 {
         let rows = match self.values {
             Values::Separate => 2,
             Values::KeyPrefix(_) => 1,
         };
-        (rows * self.n_layer * self.n_ctx * self.n_head_kv * self.head_dim * self.ty.bytes()) as u64
+        let positions: usize = (0..self.n_layer).map(|l| self.layer_len(l)).sum();
+        (rows * positions * self.n_head_kv * self.head_dim * self.ty.bytes()) as u64
+    }
+
+    /// Whether a cache that stored positions `0..held` still holds everything a session cut back
+    /// to its first `keep` positions needs: each ring must still hold the window before `keep`.
+    pub fn can_keep(&self, held: usize, keep: usize) -> bool {
+        self.ring.is_none_or(|r| keep.saturating_sub(r.window) >= held.saturating_sub(r.len.min(self.n_ctx)))
     }
 }
 

@@ -50,11 +50,16 @@ pub struct EngineArgs {
     /// KV cache type.
     #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub kv_type: KvType,
+    /// Keep sliding-window layers' KV cache full length (default: a ring of window + batch
+    /// positions, as llama.cpp's SWA cache).
+    #[arg(long)]
+    pub swa_full: bool,
 }
 
 impl EngineArgs {
     pub fn config(&self) -> EngineConfig {
-        let mut cfg = EngineConfig { n_ctx: self.ctx_size, kv_type: self.kv_type, ..Default::default() };
+        let mut cfg =
+            EngineConfig { n_ctx: self.ctx_size, kv_type: self.kv_type, swa_full: self.swa_full, ..Default::default() };
         if let Some(t) = self.threads {
             cfg.threads = t.max(1);
         }

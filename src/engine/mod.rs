@@ -26,6 +26,9 @@ pub struct EngineConfig {
     pub n_batch: usize,
     /// Which weights the backend copies out of the file mapping.
     pub residency: Residency,
+    /// Keep sliding-window layers' KV full length instead of a ring of window + batch positions
+    /// (llama.cpp's `--swa-full`).
+    pub swa_full: bool,
 }
 
 /// The default context cap when the model's own is larger (keeps the KV cache modest).
@@ -39,6 +42,7 @@ impl Default for EngineConfig {
             kv_type: KvType::F16,
             n_batch: 512,
             residency: Residency::default(),
+            swa_full: false,
         }
     }
 }
@@ -66,6 +70,8 @@ pub enum EngineError {
 pub struct Session<B: Backend = CpuBackend> {
     pub kv: B::Kv,
     pub tokens: Vec<u32>,
+    /// The cache's shape (which layers are rings decides what a cut can keep).
+    pub kv_config: KvConfig,
 }
 
 impl<B: Backend> Session<B> {
@@ -73,8 +79,11 @@ impl<B: Backend> Session<B> {
         self.tokens.len()
     }
 
-    /// Forget everything after the first `n` tokens (the KV rows past `n` become unused).
+    /// Forget everything after the first `n` tokens (the KV rows past `n` become unused). When a
+    /// sliding-window ring no longer holds the window before `n`, everything is forgotten (the
+    /// prompt is evaluated again, as llama.cpp does then).
     pub fn truncate(&mut self, n: usize) {
+        let n = if self.kv_config.can_keep(self.tokens.len(), n) { n } else { 0 };
         self.tokens.truncate(n);
     }
 }
@@ -189,6 +198,13 @@ pub fn kv_config(model: &Model, cfg: &EngineConfig) -> KvConfig {
         head_dim: hp.head_dim,
         // MLA stores the latent once, as the first `kv_lora` elements of each key.
         values: hp.mla.map_or(crate::backend::Values::Separate, |m| crate::backend::Values::KeyPrefix(m.kv_lora)),
+        ring: (model.spec.sliding_window != crate::arch::SlidingWindow::None && hp.n_swa > 0 && !cfg.swa_full).then(
+            || crate::backend::KvRing {
+                layers: model.spec.sliding_window,
+                len: hp.n_swa + cfg.n_batch.max(1),
+                window: hp.n_swa,
+            },
+        ),
     }
 }
 
@@ -277,7 +293,8 @@ impl<B: Backend> Engine<B> {
 
     /// A new session, with a KV cache of the engine's context length in the backend's memory.
     pub fn new_session(&self) -> Result<Session<B>, EngineError> {
-        Ok(Session { kv: self.backend.new_kv(&kv_config(&self.model, &self.cfg))?, tokens: Vec::new() })
+        let kv_config = kv_config(&self.model, &self.cfg);
+        Ok(Session { kv: self.backend.new_kv(&kv_config)?, tokens: Vec::new(), kv_config })
     }
 
     /// Bytes one session's KV cache holds.

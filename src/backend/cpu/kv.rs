@@ -71,16 +71,19 @@ pub struct KvCache {
     v_head_bytes: usize,
     /// Values are the first `v_dim` elements of the keys (`v` is empty).
     v_in_k: bool,
+    /// Positions each layer holds: `n_ctx`, or a sliding-window layer's ring length (position p
+    /// lives in row `p % len`).
+    lens: Vec<usize>,
     k: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
 }
 
 impl KvCache {
     pub fn new(cfg: &KvConfig) -> KvCache {
-        let KvConfig { ty, n_layer, n_ctx, n_head_kv, head_dim, values } = *cfg;
+        let KvConfig { ty, n_layer, n_ctx, n_head_kv, head_dim, values, .. } = *cfg;
         let kv_dim = n_head_kv * head_dim;
         let elem = if ty == KvType::F16 { 2 } else { 4 };
-        let bytes = n_ctx * kv_dim * elem;
+        let lens: Vec<usize> = (0..n_layer).map(|l| cfg.layer_len(l).max(1)).collect();
         let v_in_k = matches!(values, Values::KeyPrefix(_));
         let v_dim = values.dim(head_dim);
         KvCache {
@@ -92,9 +95,16 @@ impl KvCache {
             v_dim,
             v_head_bytes: v_dim * elem,
             v_in_k,
-            k: (0..n_layer).map(|_| vec![0u8; bytes]).collect(),
-            v: (0..n_layer).map(|_| if v_in_k { Vec::new() } else { vec![0u8; bytes] }).collect(),
+            k: lens.iter().map(|&n| vec![0u8; n * kv_dim * elem]).collect(),
+            v: lens.iter().map(|&n| if v_in_k { Vec::new() } else { vec![0u8; n * kv_dim * elem] }).collect(),
+            lens,
         }
+    }
+
+    /// The row of layer `l` that holds position `pos`.
+    #[inline]
+    fn slot(&self, l: usize, pos: usize) -> usize {
+        pos % self.lens[l]
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -115,9 +125,10 @@ impl KvCache {
     pub fn store(&mut self, l: usize, pos: usize, k: &[f32], v: &[f32]) {
         let row = self.kv_dim * self.head_bytes / self.head_dim;
         let kk = kernels(self.ty.ggml()).expect("kv kernels");
-        kk.quantize_row_any(k, &mut self.k[l][pos * row..(pos + 1) * row]);
+        let r = self.slot(l, pos);
+        kk.quantize_row_any(k, &mut self.k[l][r * row..(r + 1) * row]);
         if !self.v_in_k {
-            kk.quantize_row_any(v, &mut self.v[l][pos * row..(pos + 1) * row]);
+            kk.quantize_row_any(v, &mut self.v[l][r * row..(r + 1) * row]);
         }
     }
 
@@ -127,7 +138,7 @@ impl KvCache {
         if self.v_in_k {
             &self.k_head(l, pos, h)[..self.v_head_bytes]
         } else {
-            let off = pos * self.kv_dim * self.head_bytes / self.head_dim + h * self.head_bytes;
+            let off = self.slot(l, pos) * self.kv_dim * self.head_bytes / self.head_dim + h * self.head_bytes;
             &self.v[l][off..off + self.head_bytes]
         }
     }
@@ -135,7 +146,7 @@ impl KvCache {
     /// Head `h`'s key at `pos` in layer `l`, as raw bytes of the cache type.
     #[inline]
     pub fn k_head(&self, l: usize, pos: usize, h: usize) -> &[u8] {
-        let off = pos * self.kv_dim * self.head_bytes / self.head_dim + h * self.head_bytes;
+        let off = self.slot(l, pos) * self.kv_dim * self.head_bytes / self.head_dim + h * self.head_bytes;
         &self.k[l][off..off + self.head_bytes]
     }
 
@@ -159,8 +170,15 @@ impl KvCache {
         s.scores.resize(n_pos - start, 0.0);
         match self.ty {
             KvType::F16 => {
-                let k0 = start * row + h * self.head_bytes;
-                super::ops::dot_f16_strided(&self.k[l][k0..], row, q, &mut s.scores)
+                // Contiguous runs of rows (a ring wraps at most once over a window).
+                let mut p = start;
+                while p < n_pos {
+                    let r = self.slot(l, p);
+                    let run = (n_pos - p).min(self.lens[l] - r);
+                    let k0 = r * row + h * self.head_bytes;
+                    super::ops::dot_f16_strided(&self.k[l][k0..], row, q, &mut s.scores[p - start..p - start + run]);
+                    p += run;
+                }
             }
             KvType::F32 => (start..n_pos).for_each(|p| s.scores[p - start] = kk.dot(hd, self.k_head(l, p, h), q)),
         }
@@ -247,7 +265,7 @@ impl KvCache {
             // Keys transposed ([dim][position], positions contiguous), zero past the last.
             s.kt.iter_mut().for_each(|v| *v = 0.0);
             for j in 0..n {
-                let off = (c + j) * row_bytes + h * self.head_bytes;
+                let off = self.slot(l, c + j) * row_bytes + h * self.head_bytes;
                 widen(&self.k[l][off..off + self.head_bytes], &mut kbuf);
                 for (d, &k) in kbuf.iter().enumerate() {
                     s.kt[d * TILE + j] = k;
