@@ -90,51 +90,39 @@ pub fn repack(layout: Layout, src: &[u8], rows: usize, cols: usize, dst: &mut [u
 }
 
 /// Repack plain MXFP4 rows (`src`, `rows × cols`) into `dst` (same length) as `Mxfp4x8`: per
-/// group of 8 rows and block column, the 8 rows' scale bytes, then 16 chunks of 8 bytes, chunk i
-/// being bytes (i/8)·8.. of row i%8's nibbles.
+/// group of 8 rows and block column, the 8 rows' scale bytes, then the nibbles as is.
 pub fn repack_mxfp4x8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    let nb = cols / 32;
-    let row_bytes = nb * MXFP4_BLOCK;
-    assert_eq!(src.len(), rows * row_bytes);
-    assert_eq!(dst.len(), src.len());
-    assert_eq!(rows % Q4_0_GROUP, 0);
-    for g in 0..rows / Q4_0_GROUP {
-        for b in 0..nb {
-            let out = &mut dst[(g * nb + b) * MXFP4_BLOCK * Q4_0_GROUP..][..MXFP4_BLOCK * Q4_0_GROUP];
-            let block = |i: usize| &src[(g * Q4_0_GROUP + i) * row_bytes + b * MXFP4_BLOCK..][..MXFP4_BLOCK];
-            for (i, e) in out[..Q4_0_GROUP].iter_mut().enumerate() {
-                *e = block(i)[0];
-            }
-            for i in 0..16 {
-                let (src_id, src_off) = (i % 8, 1 + (i / 8) * 8);
-                out[8 + i * 8..8 + i * 8 + 8].copy_from_slice(&block(src_id)[src_off..src_off + 8]);
-            }
-        }
-    }
+    interleave_8x8(src, rows, cols, MXFP4_BLOCK, 1, 0, dst);
 }
 
-/// Repack plain Q4_0 rows (`src`, `rows × cols`) into `dst` (same length) as `Q4_0x8`.
+/// Repack plain Q4_0 rows (`src`, `rows × cols`) into `dst` (same length) as `Q4_0x8`: the 8
+/// rows' f16 scales, then the nibbles flipped to unsigned by xor 0x88 (what the kernel's lookup
+/// expects).
 pub fn repack_q4_0x8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    interleave_8x8(src, rows, cols, Q4_0_BLOCK, 2, 0x88, dst);
+}
+
+/// ggml's 8x8 interleave of blocks of 32 values (`block` bytes, a `scale`-byte scale first, 16
+/// bytes of nibbles after): per group of 8 rows and block column, the 8 scales in row order,
+/// then 16 chunks of 8 bytes, chunk i being bytes (i/8)·8.. of row i%8's nibbles, each xor `flip`.
+fn interleave_8x8(src: &[u8], rows: usize, cols: usize, block: usize, scale: usize, flip: u8, dst: &mut [u8]) {
     let nb = cols / 32;
-    let row_bytes = nb * Q4_0_BLOCK;
+    let row_bytes = nb * block;
     assert_eq!(src.len(), rows * row_bytes);
     assert_eq!(dst.len(), src.len());
     assert_eq!(rows % Q4_0_GROUP, 0);
     for g in 0..rows / Q4_0_GROUP {
         for b in 0..nb {
-            let out = &mut dst[(g * nb + b) * Q4_0_BLOCK * Q4_0_GROUP..][..Q4_0_BLOCK * Q4_0_GROUP];
-            let block = |i: usize| &src[(g * Q4_0_GROUP + i) * row_bytes + b * Q4_0_BLOCK..][..Q4_0_BLOCK];
+            let out = &mut dst[(g * nb + b) * block * Q4_0_GROUP..][..block * Q4_0_GROUP];
+            let blk = |i: usize| &src[(g * Q4_0_GROUP + i) * row_bytes + b * block..][..block];
             for i in 0..Q4_0_GROUP {
-                out[2 * i..2 * i + 2].copy_from_slice(&block(i)[..2]);
+                out[scale * i..scale * (i + 1)].copy_from_slice(&blk(i)[..scale]);
             }
-            // 16 chunks of 8 bytes: chunk i is bytes (i/8)*8.. of row i%8's quants, nibbles
-            // flipped to unsigned by xor 0x88 (what the kernel's lookup expects).
             for i in 0..16 {
-                let src_id = i % 8;
-                let src_off = 2 + (i / 8) * 8;
-                let o = 16 + i * 8;
+                let src_off = scale + (i / 8) * 8;
+                let o = scale * Q4_0_GROUP + i * 8;
                 for j in 0..8 {
-                    out[o + j] = block(src_id)[src_off + j] ^ 0x88;
+                    out[o + j] = blk(i % 8)[src_off + j] ^ flip;
                 }
             }
         }
