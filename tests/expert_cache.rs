@@ -104,8 +104,10 @@ fn check<B: Backend>(path: &Path, prompt: &[u32], pinned: usize, backend: impl F
 
 const OWNERSHIP: [u32; 9] = [3197, 1045, 363, 271, 677, 302, 2073, 432, 1545];
 
-fn synth_qwen3(dir: &Path) -> PathBuf {
-    let path = dir.join("qwen3moe.gguf");
+/// A small 4-layer model of `arch` with 16 experts (top-4) in `dir`; `expert_ty` for the experts
+/// when they differ from the rest.
+fn synth(dir: &Path, arch: &str, ty: GgmlType, expert_ty: Option<GgmlType>) -> PathBuf {
+    let path = dir.join(format!("{arch}.gguf"));
     let cfg = SynthConfig {
         n_layer: 4,
         n_ff_exp: 256,
@@ -113,10 +115,15 @@ fn synth_qwen3(dir: &Path) -> PathBuf {
         n_expert_used: 4,
         rms_eps: 1e-6,
         seed: 5,
-        ..SynthConfig::small("qwen3moe", GgmlType::Q4_0)
+        expert_type: expert_ty,
+        ..SynthConfig::small(arch, ty)
     };
     cfg.write(&path, &mut |_, _| {}).expect("synth");
     path
+}
+
+fn synth_qwen3(dir: &Path) -> PathBuf {
+    synth(dir, "qwen3moe", GgmlType::Q4_0, None)
 }
 
 #[test]
@@ -141,18 +148,7 @@ fn every_budget_and_policy_gives_the_all_resident_answer_on_gpt_oss_and_deepseek
     for (arch, ty, expert_ty) in
         [("gpt-oss", GgmlType::Q8_0, Some(GgmlType::MXFP4)), ("deepseek2", GgmlType::Q4_0, None)]
     {
-        let path = dir.path().join(format!("{arch}.gguf"));
-        let cfg = SynthConfig {
-            n_layer: 4,
-            n_ff_exp: 256,
-            n_expert: 16,
-            n_expert_used: 4,
-            rms_eps: 1e-6,
-            seed: 5,
-            expert_type: expert_ty,
-            ..SynthConfig::small(arch, ty)
-        };
-        cfg.write(&path, &mut |_, _| {}).expect("synth");
+        let path = synth(dir.path(), arch, ty, expert_ty);
         check(&path, &[3, 100, 200, 7, 42, 9, 300, 11, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53], 1, || {
             CpuBackend::new(2)
         });

@@ -90,12 +90,16 @@ fn check<B: Backend>(
     Ok(())
 }
 
-/// The oracle body, the same on every backend.
-fn fixtures_match_llama_cpp<B: Backend>(backend: impl Fn() -> B, tol: &Tolerance) {
-    let Some(root) = common::fixtures() else { return };
+/// Every case of every `(gguf, ref)` pair on a fresh `backend` per file: how many cases ran, and
+/// the failures (only rustdoc-moe, the trained model, is held to its greedy continuations).
+fn check_pairs<B: Backend>(
+    pairs: Vec<(std::path::PathBuf, common::RefFile)>,
+    backend: &impl Fn() -> B,
+    tol: &Tolerance,
+) -> (usize, Vec<String>) {
     let mut failures = Vec::new();
     let mut checked = 0;
-    for (gguf, r) in common::ref_pairs(&root) {
+    for (gguf, r) in pairs {
         let name = gguf.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let trained = name.starts_with("rustdoc-moe");
         let mut eng = engine(&gguf, backend());
@@ -106,6 +110,13 @@ fn fixtures_match_llama_cpp<B: Backend>(backend: impl Fn() -> B, tol: &Tolerance
             }
         }
     }
+    (checked, failures)
+}
+
+/// The oracle body, the same on every backend.
+fn fixtures_match_llama_cpp<B: Backend>(backend: impl Fn() -> B, tol: &Tolerance) {
+    let Some(root) = common::fixtures() else { return };
+    let (checked, failures) = check_pairs(common::ref_pairs(&root), &backend, tol);
     assert!(checked >= 8 + 3 * 5, "only {checked} cases found");
     assert!(
         failures.is_empty(),
@@ -129,18 +140,7 @@ fn fixtures_match_llama_cpp_on_the_plain_f32_backend() {
 fn fixtures_next_match_llama_cpp(folder: &str, tol: &Tolerance) {
     let Some(root) = common::fixtures() else { return };
     let dir = root.join("../fixtures-next").join(folder);
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    for (gguf, r) in common::ref_pairs_in(&dir) {
-        let name = gguf.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let mut eng = engine(&gguf, CpuBackend::new(2));
-        for c in &r.cases {
-            checked += 1;
-            if let Err(e) = check(&mut eng, &name, c, tol, false) {
-                failures.push(e);
-            }
-        }
-    }
+    let (checked, failures) = check_pairs(common::ref_pairs_in(&dir), &|| CpuBackend::new(2), tol);
     assert!(checked > 0, "no reference cases in {}", dir.display());
     assert!(
         failures.is_empty(),
