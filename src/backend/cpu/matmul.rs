@@ -209,32 +209,63 @@ fn llamafile_float(j: &MatJob<'_>, n_tok: usize) -> bool {
 /// every sixteenth element in order, then summed as `_mm512_reduce_add_ps` sums (halving).
 /// `ty` is F32 or F16 (both operands in it).
 pub fn llamafile_dot(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-    let widen = |src: &[u8], dst: &mut [f32; 16]| match ty {
-        GgmlType::F16 => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, h)| {
-            *d = crate::ggml::f16_to_f32(u16::from_ne_bytes([h[0], h[1]]));
-        }),
-        _ => dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(d, f)| {
-            *d = f32::from_ne_bytes([f[0], f[1], f[2], f[3]]);
-        }),
-    };
-    let es = if ty == GgmlType::F16 { 2 } else { 4 };
-    for l in 0..n / 16 {
-        widen(&w[l * 16 * es..(l + 1) * 16 * es], &mut a);
-        widen(&x[l * 16 * es..(l + 1) * 16 * es], &mut b);
-        for t in 0..16 {
-            acc[t] = a[t].mul_add(b[t], acc[t]);
+    let f16 = ty == GgmlType::F16;
+    let es = if f16 { 2 } else { 4 };
+    assert!(n.is_multiple_of(16) && w.len() >= n * es && x.len() >= n * es);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2, FMA and F16C are enabled for this build (the cfg); every load reads 16
+        // elements at element 16·l < n of `w` or `x`, which hold n elements (asserted).
+        unsafe {
+            let load = |p: &[u8], l: usize| -> (__m256, __m256) {
+                if f16 {
+                    let q = p.as_ptr().add(l * 32).cast::<__m128i>();
+                    (_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q.add(1))))
+                } else {
+                    let q = p.as_ptr().add(l * 64).cast::<f32>();
+                    (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8)))
+                }
+            };
+            // Lanes 0–7 and 8–15 of the sixteen.
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for l in 0..n / 16 {
+                let ((a0, a1), (b0, b1)) = (load(w, l), load(x, l));
+                lo = _mm256_fmadd_ps(a0, b0, lo);
+                hi = _mm256_fmadd_ps(a1, b1, hi);
+            }
+            // Halving: lane i += lane i + 8, then + 4, + 2, + 1.
+            let s8 = _mm256_add_ps(lo, hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+            _mm_cvtss_f32(s1)
         }
     }
-    let mut len = 16;
-    while len > 1 {
-        len /= 2;
-        for i in 0..len {
-            acc[i] += acc[i + len];
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c")))]
+    {
+        let mut acc = [0f32; 16];
+        let at = |p: &[u8], i: usize| {
+            if f16 {
+                crate::ggml::f16_to_f32(u16::from_ne_bytes([p[2 * i], p[2 * i + 1]]))
+            } else {
+                f32::from_ne_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]])
+            }
+        };
+        for l in 0..n / 16 {
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a = at(w, 16 * l + t).mul_add(at(x, 16 * l + t), *a);
+            }
         }
+        let mut len = 16;
+        while len > 1 {
+            len /= 2;
+            for i in 0..len {
+                acc[i] += acc[i + len];
+            }
+        }
+        acc[0]
     }
-    acc[0]
 }
 
 #[inline]
@@ -343,6 +374,34 @@ mod tests {
             k.quantize_row(row, &mut out[i * rb..(i + 1) * rb]);
         }
         out
+    }
+
+    /// `llamafile_dot` is tinyBLAS's sum: sixteen fused multiply-add lanes, then halving.
+    #[test]
+    fn llamafile_dot_sums_as_sixteen_lanes_then_halves() {
+        let n = 256;
+        let w: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 333.0 - 1.5) * 1.7).collect();
+        let x: Vec<f32> = (0..n).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * 0.3).collect();
+        let lanes = |w: &[f32], x: &[f32]| {
+            let mut acc = [0f32; 16];
+            for l in 0..n / 16 {
+                for t in 0..16 {
+                    acc[t] = w[16 * l + t].mul_add(x[16 * l + t], acc[t]);
+                }
+            }
+            for len in [8, 4, 2, 1] {
+                for i in 0..len {
+                    acc[i] += acc[i + len];
+                }
+            }
+            acc[0]
+        };
+        let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>();
+        assert_eq!(llamafile_dot(GgmlType::F32, n, &bytes(&w), &bytes(&x)), lanes(&w, &x));
+        let h =
+            |v: &[f32]| v.iter().map(|&f| crate::ggml::f16_to_f32(crate::ggml::f32_to_f16(f))).collect::<Vec<f32>>();
+        let h16 = |v: &[f32]| v.iter().flat_map(|&f| crate::ggml::f32_to_f16(f).to_ne_bytes()).collect::<Vec<u8>>();
+        assert_eq!(llamafile_dot(GgmlType::F16, n, &h16(&w), &h16(&x)), lanes(&h(&w), &h(&x)));
     }
 
     /// Every type's mat-mul agrees with a scalar f32 product within the type's error bound (NMSE).
