@@ -261,10 +261,13 @@ enum Decision {
 pub struct Offload {
     model: Arc<Model>,
     cache: ExpertCache,
-    high: Arena,
-    low: Option<(Arena, LowPrecSidecar)>,
+    // Fields drop in declaration order: the I/O services first, since dropping one drains its
+    // reads in flight, which write into the arenas' memory (a cancelled prefetch may still be
+    // landing when the provider goes).
     io_high: IoService,
     io_low: Option<IoService>,
+    high: Arena,
+    low: Option<(Arena, LowPrecSidecar)>,
     /// The layer of the last `fetch` and its plan's decisions.
     layer: usize,
     decisions: Vec<(u16, Decision)>,
