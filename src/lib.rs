@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the code map.
 
 pub mod arch;
+pub mod atomic;
 pub mod backend;
 pub mod chat;
 pub mod engine;
@@ -14,6 +15,7 @@ pub mod layers;
 pub mod llama_log;
 pub mod lowprec;
 pub mod model;
+pub mod predict;
 pub mod reasoning;
 pub mod reference;
 pub mod rng;

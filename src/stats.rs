@@ -4,7 +4,7 @@
 //!
 //! Invariant: no number is made up. Figures that need the expert cache (hit rate, bytes moved,
 //! precision mix) are `None` — `null` in JSON — when the run has no cache (every expert in RAM or
-//! the mapping); predictor accuracy stays `None` until a predictor exists.
+//! the mapping); predictor accuracy is `None` without a predictor.
 
 use std::collections::BTreeMap;
 
@@ -100,7 +100,7 @@ impl ExpertCacheStats {
             resident_bytes: None,
             budget_bytes: Some(o.budget_bytes),
             precision_mix: Some(mix),
-            predictor_accuracy: None,
+            predictor_accuracy: o.predictor.as_ref().map(|p| p.recall),
         }
     }
 }

@@ -14,6 +14,7 @@ use moerun::experts::PolicyKind;
 use moerun::gguf::GgmlType;
 use moerun::layers::{ExpertProvider, ExpertState, Logits, PrefetchId, Priority, ProviderError, Route};
 use moerun::model::{Model, Residency, Resident};
+use moerun::predict::PredictConfig;
 use moerun::synth::SynthConfig;
 
 fn bundled() -> PathBuf {
@@ -76,28 +77,43 @@ fn check<B: Backend>(path: &Path, prompt: &[u32], pinned: usize, backend: impl F
         let (all_logits, all_ids) = run(&mut all, prompt, 24, None);
         assert!(all_ids == want_ids && all_logits == want_logits, "{}: all-resident differs", path.display());
     }
-    for policy in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Hobbit, PolicyKind::Fate] {
+    let profiles = tempfile::tempdir().expect("tempdir");
+    for (i, policy) in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Hobbit, PolicyKind::Fate].into_iter().enumerate()
+    {
         for share in [0.10, 0.25, 0.50, 1.0] {
-            let cfg = OffloadConfig {
-                budget: Budget::Share(share),
-                policy,
-                pinned_layers: if policy == PolicyKind::Fate && share >= 0.5 { pinned } else { 0 },
-                ..Default::default()
-            };
-            let off = Offload::new(Arc::clone(&model), &cfg).unwrap_or_else(|e| panic!("{policy:?} {share}: {e}"));
-            let mut eng = engine(&model, backend());
-            eng.set_offload(off);
-            let (logits, ids) = run(&mut eng, prompt, 24, None);
-            assert_eq!(ids, want_ids, "{}: {policy:?} at {share}: tokens differ", path.display());
-            assert!(logits == want_logits, "{}: {policy:?} at {share}: logits are not bit-identical", path.display());
-            let st = eng.offload().expect("offload").stats();
-            assert!(st.lookups > 0 && st.hits <= st.lookups);
-            if share < 1.0 {
-                assert!(
-                    st.loads_high > (model.hp.n_layer * model.hp.n_expert_used) as u64,
-                    "{policy:?} {share}: {st:?}"
-                );
+            // Without a predictor; then with one looking 1–3 layers ahead that prefetches every
+            // prediction (no confidence or cost gate), and a routing profile: the first such run
+            // records it, the repeat warms the cache from it.
+            let profile = profiles.path().join(format!("{policy:?}-{share}.json"));
+            let predict =
+                PredictConfig { distance: 1 + i % 3, min_confidence: 0.0, cost_gate: false, ..Default::default() };
+            for (predictor, prof) in [(None, None), (Some(predict), Some(&profile)), (Some(predict), Some(&profile))] {
+                let cfg = OffloadConfig {
+                    budget: Budget::Share(share),
+                    policy,
+                    pinned_layers: if policy == PolicyKind::Fate && share >= 0.5 { pinned } else { 0 },
+                    profile: prof.cloned(),
+                    ..Default::default()
+                };
+                let what = format!("{}: {policy:?} at {share}, predictor {predictor:?}", path.display());
+                let off = Offload::new(Arc::clone(&model), &cfg).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let mut eng = engine(&model, backend());
+                eng.set_offload(off);
+                eng.set_predictor(predictor);
+                let (logits, ids) = run(&mut eng, prompt, 24, None);
+                assert_eq!(ids, want_ids, "{what}: tokens differ");
+                assert!(logits == want_logits, "{what}: logits are not bit-identical");
+                let st = eng.offload_stats().expect("offload");
+                assert!(st.lookups > 0 && st.hits <= st.lookups);
+                if share < 1.0 && prof.is_none() {
+                    assert!(st.loads_high > (model.hp.n_layer * model.hp.n_expert_used) as u64, "{what}: {st:?}");
+                }
+                if let Some(p) = &st.predictor {
+                    assert!(p.per_distance[0].predictions > 0 && p.prefetched > 0, "{what}: {p:?}");
+                }
             }
+            let saved = moerun::experts::profile::RoutingProfile::load(&profile).expect("profile").expect("saved");
+            assert_eq!(saved.tokens as usize, 2 * (prompt.len() + 24), "two runs counted");
         }
     }
 }

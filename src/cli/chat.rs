@@ -294,7 +294,7 @@ impl Chat {
 
     fn cache_stats(&self) -> ExpertCacheStats {
         let tokens = self.counters.prompt_tokens + self.counters.generated_tokens;
-        self.engine.offload().map(|o| ExpertCacheStats::of(&o.stats(), tokens)).unwrap_or_else(ExpertCacheStats::absent)
+        self.engine.offload_stats().map(|o| ExpertCacheStats::of(&o, tokens)).unwrap_or_else(ExpertCacheStats::absent)
     }
 
     fn print_stats(&self) {

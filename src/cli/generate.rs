@@ -91,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "generated_tokens": g.timings.generated_tokens,
             "prefill_tok_s": g.timings.prefill_tok_s(),
             "decode_tok_s": g.timings.decode_tok_s(),
-            "expert_cache": engine.offload().map(|o| o.stats()),
+            "expert_cache": engine.offload_stats(),
         });
         writeln!(stdout, "{out}")?;
     } else {
@@ -104,8 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             g.timings.generated_tokens,
             g.timings.decode_tok_s()
         );
-        if let Some(o) = engine.offload() {
-            let st = o.stats();
+        if let Some(st) = engine.offload_stats() {
             let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
             eprintln!(
                 "[expert cache: hit rate {:.1}%, {:.2} MiB read per token (high {:.2}, low {:.2}), {:.1} ms stall per token, {} skipped]",
@@ -116,6 +115,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 1000.0 * st.stall_s / steps,
                 st.skips
             );
+            if let Some(p) = &st.predictor {
+                let per: Vec<String> =
+                    p.per_distance.iter().map(|d| format!("{}: {:.0}%", d.distance, 100.0 * d.recall)).collect();
+                eprintln!(
+                    "[predictor: recall by distance {}, precision {:.0}%, {:.2} MiB wasted per token; decode stall {:.2} ms per token]",
+                    per.join(", "),
+                    100.0 * p.precision,
+                    p.wasted_bytes_per_token / 1048576.0,
+                    st.stall_ms_per_token
+                );
+            }
         }
     }
     engine.finish_trace()?;

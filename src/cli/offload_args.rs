@@ -9,6 +9,7 @@ use moerun::engine::Engine;
 use moerun::experts::PolicyKind;
 use moerun::io::{IoBackend, IoConfig};
 use moerun::model::{resident_bytes, Model, Residency, Resident};
+use moerun::predict::{parse_predict, PredictConfig};
 
 /// Room left for scratch buffers, the tokenizer and the allocator when deriving the expert
 /// budget from `--memory-budget`.
@@ -52,6 +53,16 @@ pub struct OffloadArgs {
     /// Write every routing decision (token, layer, experts, weights) to this JSON-lines file.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// Predict the experts of the next N MoE layers (1–3) from each layer's hidden state and
+    /// prefetch them; `off` to disable. Default: on (2) when experts are budgeted, else off
+    /// (with every expert in memory, `--predict N` only measures the predictions).
+    #[arg(long, value_name = "N|off")]
+    pub predict: Option<String>,
+    /// The routing profile: which experts this model's routers choose, kept across runs to warm
+    /// the cache at start (saved when the run ends). Default: one file per model in the user's
+    /// cache directory (`~/.cache/moerun/profiles`); `off` for none.
+    #[arg(long, value_name = "PATH|off")]
+    pub profile: Option<String>,
 }
 
 impl OffloadArgs {
@@ -105,7 +116,16 @@ impl OffloadArgs {
             }
         }
         let thresholds = sidecar.as_ref().map(|_| (self.t1, self.t2));
+        let profile = match self.profile.as_deref() {
+            Some("off") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => moerun::experts::profile::default_dir().map(|d| {
+                let stem = model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                d.join(format!("{stem}.{:016x}.json", moerun::lowprec::fingerprint(model)))
+            }),
+        };
         Ok(Some(OffloadConfig {
+            profile,
             budget,
             policy: self.policy,
             pinned_layers: self.pin_layers,
@@ -117,12 +137,21 @@ impl OffloadArgs {
         }))
     }
 
+    /// The predictor `--predict` asks for (default: on when experts are budgeted).
+    pub fn predict_config(&self) -> anyhow::Result<Option<PredictConfig>> {
+        match &self.predict {
+            Some(s) => parse_predict(s).map_err(anyhow::Error::msg),
+            None => Ok(self.enabled().then(PredictConfig::default)),
+        }
+    }
+
     /// Put the expert cache (and the routing trace) on `engine`, if asked for.
     pub fn apply(&self, engine: &mut Engine, model: &Arc<Model>, model_path: &Path) -> anyhow::Result<()> {
         let kv = engine.session_kv_bytes();
         if let Some(cfg) = self.config(model, model_path, kv)? {
             engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
         }
+        engine.set_predictor(self.predict_config()?);
         if let Some(t) = &self.trace {
             engine.trace_to(t).with_context(|| format!("cannot write the trace {}", t.display()))?;
         }

@@ -77,7 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let test = pass(&mut eng, &seqs)?;
     let ppl = |p: &Pass| (p.nll / p.n.max(1) as f64).exp();
     let agree = full.top1.iter().zip(&test.top1).filter(|(a, b)| a == b).count() as f64 / full.top1.len().max(1) as f64;
-    let st = eng.offload().map(|o| o.stats());
+    let st = eng.offload_stats();
     let per_tok =
         st.as_ref().map(|s| ((s.bytes_read_high as f64) / test.n as f64, (s.bytes_read_low as f64) / test.n as f64));
     println!("{} tokens of {} in {} sequences", full.n, a.text.display(), seqs.len());

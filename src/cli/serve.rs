@@ -55,6 +55,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_body_bytes: a.max_body,
         engine,
         offload,
+        predict: a.offload.predict_config()?,
     };
     let server = Server::new(model, tok, cfg)?;
     // The engine has its own compute threads; the runtime only moves bytes.

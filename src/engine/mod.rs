@@ -97,6 +97,7 @@ pub struct Engine<B: Backend = CpuBackend> {
     cfg: EngineConfig,
     n_ctx: usize,
     offload: Option<offload::Offload>,
+    predictor: Option<crate::predict::Predictor>,
     trace: Option<TraceObserver>,
 }
 
@@ -225,7 +226,17 @@ impl<B: Backend> Engine<B> {
     pub fn with_backend(model: Arc<Model>, mut backend: B, cfg: EngineConfig) -> Result<Engine<B>, EngineError> {
         let n_ctx = context_length(&model, &cfg);
         let weights = backend.take_weights(&model, cfg.residency)?;
-        Ok(Engine { model, backend, weights, scratch: Scratch::default(), cfg, n_ctx, offload: None, trace: None })
+        Ok(Engine {
+            model,
+            backend,
+            weights,
+            scratch: Scratch::default(),
+            cfg,
+            n_ctx,
+            offload: None,
+            predictor: None,
+            trace: None,
+        })
     }
 
     /// What the backend copied (`Auto` resolved) and the bytes those copies hold.
@@ -240,6 +251,24 @@ impl<B: Backend> Engine<B> {
     /// Serve routed experts from a budgeted cache instead of the model's memory.
     pub fn set_offload(&mut self, off: offload::Offload) {
         self.offload = Some(off);
+    }
+
+    /// Predict the next layers' experts and prefetch them (`None`: off). Without an expert
+    /// cache the predictions are only scored (the experts are all in place).
+    pub fn set_predictor(&mut self, cfg: Option<crate::predict::PredictConfig>) {
+        self.predictor = cfg.map(crate::predict::Predictor::new);
+    }
+
+    pub fn predictor(&self) -> Option<&crate::predict::Predictor> {
+        self.predictor.as_ref()
+    }
+
+    /// The expert cache's figures with the predictor's (None without a cache).
+    pub fn offload_stats(&self) -> Option<offload::OffloadStats> {
+        let o = self.offload.as_ref()?;
+        let mut st = o.stats();
+        st.predictor = self.predictor.as_ref().map(|p| p.stats(o.wasted_prefetch_bytes()));
+        Some(st)
     }
 
     pub fn offload(&self) -> Option<&offload::Offload> {
@@ -343,14 +372,35 @@ impl<B: Backend> Engine<B> {
             Provider::Model => &mut model_experts,
             Provider::Cache(p) => p,
         };
-        let mut fwd = Forward { model: &self.model, backend: &mut self.backend, weights: &self.weights, experts };
+        let mut predictor = self.predictor.take();
+        let mut fwd = Forward {
+            model: &self.model,
+            backend: &mut self.backend,
+            weights: &self.weights,
+            experts,
+            predictor: predictor.as_mut(),
+        };
+        let r = Self::eval_chunks(&mut fwd, sess, tokens, want, self.cfg.n_batch, &mut self.scratch, obs);
+        self.predictor = predictor;
+        r
+    }
+
+    fn eval_chunks(
+        fwd: &mut Forward<'_, B>,
+        sess: &mut Session<B>,
+        tokens: &[u32],
+        want: Logits,
+        n_batch: usize,
+        scratch: &mut Scratch<B>,
+        obs: &mut dyn RouteObserver,
+    ) -> Result<Vec<f32>, EngineError> {
         let mut out = Vec::new();
-        let batch = self.cfg.n_batch.max(1);
+        let batch = n_batch.max(1);
         let n_chunks = tokens.len().div_ceil(batch);
         for (i, chunk) in tokens.chunks(batch).enumerate() {
             let last = i + 1 == n_chunks;
             let w = if want == Logits::All { Logits::All } else { Logits::Last };
-            let logits = fwd.run(chunk, sess.n_past(), &mut sess.kv, &mut self.scratch, w, obs)?;
+            let logits = fwd.run(chunk, sess.n_past(), &mut sess.kv, scratch, w, obs)?;
             sess.tokens.extend_from_slice(chunk);
             if want == Logits::All || last {
                 out.extend(logits);

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::experts::profile::{ProfileError, ProfileRecorder, RoutingProfile};
 use crate::experts::{
     Action, CacheConfig, CacheError, ExpertCache, ExpertKey, PlanKind, PolicyKind, Precision, SlotId,
     DEFAULT_HOBBIT_WEIGHTS,
@@ -95,6 +96,9 @@ pub struct OffloadConfig {
     /// Compute misses from the file mapping instead of loading them (see `CacheConfig`).
     pub host_compute: bool,
     pub io: IoConfig,
+    /// The routing profile to warm the cache from and to save this run's routing to (see
+    /// `experts::profile`); `None`: none.
+    pub profile: Option<PathBuf>,
 }
 
 impl Default for OffloadConfig {
@@ -110,6 +114,7 @@ impl Default for OffloadConfig {
             low_share: 0.25,
             host_compute: false,
             io: IoConfig::default(),
+            profile: None,
         }
     }
 }
@@ -124,6 +129,10 @@ pub enum OffloadError {
     Io(#[from] IoError),
     #[error(transparent)]
     LowPrec(#[from] LowPrecError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error("warming the expert cache: {0}")]
+    Warm(#[from] ProviderError),
     #[error("mixed precision needs both a low-precision sidecar (--low-sidecar, made by `moerun prepare`) and thresholds (--t1/--t2)")]
     MixedPrecisionHalfSet,
 }
@@ -234,8 +243,14 @@ pub struct OffloadStats {
     pub bytes_read_low: u64,
     /// Bytes read for prefetches (included in the two above).
     pub bytes_prefetched: u64,
+    /// Bytes read at start to warm the cache from a routing profile (included above too).
+    pub bytes_warmed: u64,
     /// Seconds the forward pass waited for reads.
     pub stall_s: f64,
+    /// Milliseconds one-token passes (decode) waited for reads, per such pass.
+    pub stall_ms_per_token: f64,
+    /// One-token passes served.
+    pub decode_tokens: u64,
     pub io_busy_s: f64,
     pub per_layer_hit_rate: Vec<f64>,
     /// Per layer: experts prefetched, prefetched ones used by a later plan, and ones evicted or
@@ -246,6 +261,8 @@ pub struct OffloadStats {
     pub slots_high: usize,
     pub slots_low: usize,
     pub budget_bytes: u64,
+    /// The expert predictor's figures when one runs (`Engine::offload_stats` fills them in).
+    pub predictor: Option<crate::predict::PredictStats>,
 }
 
 /// What the current layer's plan decided for one expert.
@@ -273,11 +290,24 @@ pub struct Offload {
     decisions: Vec<(u16, Decision)>,
     groups: HashMap<u64, Group>,
     next_group: u64,
+    next_prefetch: u64,
     step: u64,
     stall_s: f64,
+    /// Tokens in the current pass (1: decode), and decode's stall and passes.
+    batch: usize,
+    /// Live load figures for the prefetch cost model: when the last pass began (with the I/O
+    /// busy time, hits and lookups then), and the recent disk utilization and hit rate.
+    pass_mark: Option<(Instant, f64, u64, u64)>,
+    utilization: f64,
+    recent_hit_rate: f64,
+    decode_stall_s: f64,
+    decode_tokens: u64,
     bytes_high: u64,
     bytes_low: u64,
     bytes_prefetched: u64,
+    bytes_warmed: u64,
+    /// This run's routing, counted on top of the profile it started from, and where it goes.
+    profile: Option<(ProfileRecorder, PathBuf)>,
 }
 
 impl Offload {
@@ -340,7 +370,7 @@ impl Offload {
             io_high.backend(),
             if io_high.direct() { " with O_DIRECT" } else { "" }
         );
-        Ok(Offload {
+        let mut off = Offload {
             model,
             cache,
             high,
@@ -351,12 +381,89 @@ impl Offload {
             decisions: Vec::new(),
             groups: HashMap::new(),
             next_group: 0,
+            next_prefetch: 0,
             step: 0,
             stall_s: 0.0,
+            batch: 0,
+            pass_mark: None,
+            utilization: 0.0,
+            recent_hit_rate: 0.0,
+            decode_stall_s: 0.0,
+            decode_tokens: 0,
             bytes_high: 0,
             bytes_low: 0,
             bytes_prefetched: 0,
-        })
+            bytes_warmed: 0,
+            profile: None,
+        };
+        if let Some(p) = &cfg.profile {
+            off.start_profile(p)?;
+        }
+        Ok(off)
+    }
+
+    /// Load the routing profile at `path` (if it is this model's), warm the cache with its most
+    /// used experts, and record this run's routing into it.
+    fn start_profile(&mut self, path: &Path) -> Result<(), OffloadError> {
+        let m = &self.model;
+        let fp = format!("{:016x}", crate::lowprec::fingerprint(m));
+        let size = m.file.bytes().len() as u64;
+        let name = m.file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (nl, ne) = (m.hp.n_layer, m.hp.n_expert);
+        let saved = match RoutingProfile::load(path) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{e}; starting a new profile");
+                None
+            }
+        };
+        let profile = match saved {
+            Some(p) if p.matches(&fp, size, nl, ne) => {
+                let hot = p.hottest(self.cache.n_slots(Precision::High));
+                self.warm(&hot)?;
+                tracing::info!(
+                    "routing profile {}: {} tokens seen; warming {} experts",
+                    path.display(),
+                    p.tokens,
+                    hot.iter().map(|(_, e)| e.len()).sum::<usize>()
+                );
+                p
+            }
+            Some(_) => {
+                tracing::warn!("{}: a routing profile of another model; starting a new one", path.display());
+                RoutingProfile::new(name, fp, size, nl, ne)
+            }
+            None => RoutingProfile::new(name, fp, size, nl, ne),
+        };
+        self.profile = Some((ProfileRecorder::new(profile), path.to_path_buf()));
+        Ok(())
+    }
+
+    /// Start loading `experts` (per layer) into free slots, in the background: demand reads
+    /// jump ahead of them, and a layer that needs one waits only for its own read.
+    pub fn warm(&mut self, experts: &[(usize, Vec<u16>)]) -> Result<(), ProviderError> {
+        for (l, ex) in experts {
+            if self.model.experts(*l).is_none() {
+                continue;
+            }
+            let plan = self.cache.plan_warm(*l, self.step, ex);
+            self.check_plan(&plan)?;
+            self.cache.apply(&plan);
+            let id = PrefetchId(self.next_prefetch);
+            self.next_prefetch += 1;
+            let before = self.bytes_high + self.bytes_low;
+            self.issue(&plan, Some(id), Urgency::Background)?;
+            self.bytes_warmed += self.bytes_high + self.bytes_low - before;
+        }
+        Ok(())
+    }
+
+    /// Save the routing profile (with this run's counts), if one is kept; atomically.
+    pub fn save_profile(&mut self) -> Result<(), ProfileError> {
+        match &mut self.profile {
+            Some((rec, path)) if rec.dirty() => rec.save(path),
+            _ => Ok(()),
+        }
     }
 
     pub fn stats(&self) -> OffloadStats {
@@ -378,7 +485,14 @@ impl Offload {
             bytes_read_high: self.bytes_high,
             bytes_read_low: self.bytes_low,
             bytes_prefetched: self.bytes_prefetched,
+            bytes_warmed: self.bytes_warmed,
             stall_s: self.stall_s,
+            stall_ms_per_token: if self.decode_tokens == 0 {
+                0.0
+            } else {
+                1000.0 * self.decode_stall_s / self.decode_tokens as f64
+            },
+            decode_tokens: self.decode_tokens,
             io_busy_s: self.io_high.stats().busy_s + self.io_low.as_ref().map(|i| i.stats().busy_s).unwrap_or(0.0),
             per_layer_hit_rate,
             per_layer_prefetched: c.per_layer_prefetched.clone(),
@@ -387,6 +501,40 @@ impl Offload {
             slots_high: self.cache.n_slots(Precision::High),
             slots_low: self.cache.n_slots(Precision::Low),
             budget_bytes: self.cache.config().budget_bytes,
+            predictor: None,
+        }
+    }
+
+    /// Bytes read for prefetched experts that left the cache (or were cancelled) unused.
+    pub fn wasted_prefetch_bytes(&self) -> u64 {
+        let n: u64 = self.cache.stats().per_layer_prefetch_wasted.iter().sum();
+        n * self.high.shape.bytes as u64
+    }
+
+    /// A forward pass begins: fold the last pass's disk utilization and hit rate into the
+    /// running figures (exponentially weighted, about the last ten passes).
+    fn mark_pass(&mut self) {
+        let busy = self.io_high.stats().busy_s + self.io_low.as_ref().map_or(0.0, |i| i.stats().busy_s);
+        let (hits, lookups) = (self.cache.stats().hits, self.cache.stats().lookups);
+        let now = Instant::now();
+        if let Some((t, b, h, n)) = self.pass_mark {
+            let dt = now.duration_since(t).as_secs_f64();
+            if dt > 0.0 && lookups > n {
+                let a = 0.1;
+                let rho = ((busy - b) / dt).clamp(0.0, 1.0);
+                self.utilization += a * (rho - self.utilization);
+                self.recent_hit_rate += a * ((hits - h) as f64 / (lookups - n) as f64 - self.recent_hit_rate);
+            }
+        }
+        self.pass_mark = Some((now, busy, hits, lookups));
+    }
+
+    /// Count time the forward pass waited for reads.
+    fn stalled(&mut self, t0: Instant) {
+        let dt = t0.elapsed().as_secs_f64();
+        self.stall_s += dt;
+        if self.batch == 1 {
+            self.decode_stall_s += dt;
         }
     }
 
@@ -464,9 +612,15 @@ impl Offload {
         }
         let Some(grp) = self.groups.remove(&g) else { return Ok(()) };
         let mut first_err: Option<IoError> = None;
+        let mut dropped = false;
         for &(t, low) in &grp.tickets {
-            if let Some(Err(e)) = self.io(low).map(|io| io.wait(t)) {
-                first_err.get_or_insert(e);
+            match self.io(low).map(|io| io.wait(t)) {
+                // Our own cancel: the slots empty, nothing failed.
+                Some(Err(IoError::Cancelled { .. })) => dropped = true,
+                Some(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                _ => {}
             }
         }
         for &(key, p, slot) in &grp.keys {
@@ -474,7 +628,10 @@ impl Offload {
             if first_err.is_some() && still_ours {
                 self.cache.invalidate(key);
             }
-            let ok = first_err.is_none() && still_ours;
+            let ok = first_err.is_none() && !dropped && still_ours;
+            if dropped && still_ours {
+                self.cache.invalidate(key);
+            }
             if let Some(s) = self.arena_mut(p).and_then(|a| a.slots.get_mut(slot as usize)) {
                 if s.state == SlotState::Loading(g) {
                     s.state = if ok { SlotState::Ready } else { SlotState::Empty };
@@ -557,7 +714,7 @@ impl Offload {
             if let Err(e) = self.finish_group(g, true) {
                 tracing::warn!("{e}");
             }
-            self.stall_s += t0.elapsed().as_secs_f64();
+            self.stalled(t0);
         }
     }
 
@@ -594,7 +751,7 @@ impl Offload {
             if ops.is_empty() {
                 continue;
             }
-            if prefetch.is_some() {
+            if prefetch.is_some() && plan.kind == PlanKind::Prefetch {
                 self.bytes_prefetched += ops.iter().map(|o| o.len as u64).sum::<u64>();
             }
             let io = self.io(low).ok_or(ProviderError::NoSidecar { layer: plan.layer, expert: keys[0].0.expert })?;
@@ -613,6 +770,14 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     fn schedule(&mut self, l: usize, routes: &[Route]) -> Vec<Vec<u16>> {
         if l == 0 || self.layer > l {
             self.step += 1;
+            self.batch = routes.len();
+            self.mark_pass();
+            if routes.len() == 1 {
+                self.decode_tokens += 1;
+            }
+        }
+        if let Some((rec, _)) = &mut self.profile {
+            rec.record(l, routes);
         }
         let used = used_experts(routes);
         // A wave must fit the slots this layer may use (never fewer than top-k: checked at start).
@@ -649,6 +814,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             self.decisions.push((key.expert, d));
         }
         self.issue(&plan, None, Urgency::Urgent)?;
+        self.promote_needed();
         Ok(())
     }
 
@@ -674,7 +840,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
                 first_err.get_or_insert(e);
             }
         }
-        self.stall_s += t0.elapsed().as_secs_f64();
+        self.stalled(t0);
         match first_err {
             Some(e) => {
                 // The failed loads' slots are empty; nothing of this plan is viewed any more.
@@ -734,29 +900,103 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         }
         self.check_plan(&plan)?;
         self.cache.apply(&plan);
-        let id = PrefetchId(self.next_group);
+        let id = PrefetchId(self.next_prefetch);
+        self.next_prefetch += 1;
         let urgency = if priority == Priority::Demand { Urgency::Urgent } else { Urgency::Background };
-        self.issue(&plan, Some(id), urgency)?;
+        // One read group per expert, so a prediction that dies is dropped alone.
+        for (i, action) in plan.actions.iter().enumerate() {
+            if matches!(action.1, Action::Prefetch { .. }) {
+                let one = crate::experts::Plan { actions: vec![*action], ..plan.clone() };
+                if let Err(e) = self.issue(&one, Some(id), urgency) {
+                    // The rest of this plan was applied: forget it, nothing reads into it.
+                    for &(key, a, _) in &plan.actions[i..] {
+                        if let Action::Prefetch { slot, precision, .. } = a {
+                            if self.cache.lookup(key) == Some((slot, precision)) {
+                                self.cache.invalidate(key);
+                            }
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(id)
     }
 
     fn cancel(&mut self, id: PrefetchId) {
-        let Some((&g, _)) = self.groups.iter().find(|(_, grp)| grp.prefetch == Some(id)) else { return };
-        if self.landed(g) {
-            // Its experts are in place: they simply stay cached.
-            return;
+        self.drop_prefetch(id, None);
+    }
+
+    /// The cost model's break-even: a right prefetch saves about one read's stall, but only
+    /// while the disk has idle time (1 − ρ of it); a wrong one costs a read's disk time when the
+    /// disk is busy (ρ) and evicts an expert that would have hit with the recent hit rate h.
+    /// Prefetch when q·(1 − ρ) > (1 − q)·(ρ + h), i.e. q > (ρ + h) / (1 + h).
+    fn prefetch_bar(&self) -> f32 {
+        let (rho, h) = (self.utilization, self.recent_hit_rate);
+        ((rho + h) / (1.0 + h)) as f32
+    }
+
+    fn cancel_experts(&mut self, id: PrefetchId, experts: &[u16]) {
+        self.drop_prefetch(id, Some(experts));
+    }
+}
+
+impl Offload {
+    /// Forget the experts of prefetch `id` (those in `only`, else all) whose reads have not
+    /// landed, and drop their reads that have not started. Their slots turn `Empty` when the
+    /// reads end (`finish_group`); landed ones simply stay cached.
+    fn drop_prefetch(&mut self, id: PrefetchId, only: Option<&[u16]>) {
+        let groups: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.prefetch == Some(id) && only.is_none_or(|ex| g.keys.iter().any(|(k, ..)| ex.contains(&k.expert)))
+            })
+            .map(|(&g, _)| g)
+            .collect();
+        for g in groups {
+            if self.landed(g) {
+                continue;
+            }
+            let Some(grp) = self.groups.get_mut(&g) else { continue };
+            grp.cancelled = true;
+            let (keys, tickets) = (grp.keys.clone(), grp.tickets.clone());
+            for (key, p, slot) in keys {
+                if self.cache.lookup(key) == Some((slot, p)) {
+                    self.cache.invalidate(key);
+                }
+            }
+            for (t, low) in tickets {
+                if let Some(io) = self.io(low) {
+                    io.cancel(t);
+                }
+            }
         }
-        let keys = match self.groups.get_mut(&g) {
-            Some(grp) => {
-                grp.cancelled = true;
-                grp.keys.clone()
+    }
+
+    /// Reads of prefetches the current layer now needs go ahead of other prefetches.
+    fn promote_needed(&self) {
+        for &(_, d) in &self.decisions {
+            if let Decision::At(p, slot) = d {
+                if let Some(SlotState::Loading(g)) = self.slot_state(p, slot) {
+                    if let Some(grp) = self.groups.get(&g).filter(|grp| grp.prefetch.is_some()) {
+                        for &(t, low) in &grp.tickets {
+                            if let Some(io) = self.io(low) {
+                                io.promote(t);
+                            }
+                        }
+                    }
+                }
             }
-            None => return,
-        };
-        for (key, p, slot) in keys {
-            if self.cache.lookup(key) == Some((slot, p)) {
-                self.cache.invalidate(key);
-            }
+        }
+    }
+}
+
+impl Drop for Offload {
+    /// The routing profile is saved when the cache goes (the end of a run or a session).
+    fn drop(&mut self) {
+        if let Err(e) = self.save_profile() {
+            tracing::warn!("{e}");
         }
     }
 }

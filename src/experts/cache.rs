@@ -120,6 +120,13 @@ impl ExpertCache {
         self.plan_kind(PlanKind::Prefetch, layer, token, candidates, protect)
     }
 
+    /// Like `plan_prefetch`, for warming the cache at start from a routing profile: the loads
+    /// are not counted as prefetches (nothing predicted them).
+    pub fn plan_warm(&self, layer: usize, token: u64, experts: &[u16]) -> Plan {
+        let cands: Vec<(u16, f32)> = experts.iter().map(|&e| (e, 0.0)).collect();
+        self.plan_kind(PlanKind::Warm, layer, token, &cands, &[])
+    }
+
     fn plan_kind(
         &self,
         kind: PlanKind,
@@ -142,13 +149,13 @@ impl ExpertCache {
                     None => match (self.want(layer, rank, s), kind) {
                         (None, _) => Action::Skip,
                         (Some(_), PlanKind::Demand) if self.cfg.host_compute => Action::ComputeOn(Device::Host),
-                        (Some(_), PlanKind::Prefetch) if self.cfg.host_compute => Action::Skip,
+                        (Some(_), _) if self.cfg.host_compute => Action::Skip,
                         (Some(p), _) => match self.place(p, needed, protect, &taken, &now) {
                             Some((precision, slot, evict)) => {
                                 taken.push((precision, slot));
                                 match kind {
                                     PlanKind::Demand => Action::Load { slot, precision, evict },
-                                    PlanKind::Prefetch => Action::Prefetch { slot, precision, evict },
+                                    PlanKind::Prefetch | PlanKind::Warm => Action::Prefetch { slot, precision, evict },
                                 }
                             }
                             None => Action::Skip,
@@ -171,7 +178,7 @@ impl ExpertCache {
     /// skips.
     pub fn apply(&mut self, plan: &Plan) {
         self.step += 1;
-        if plan.kind == PlanKind::Prefetch {
+        if plan.kind != PlanKind::Demand {
             return self.apply_prefetch(plan);
         }
         self.seq.observe(plan.token);
@@ -216,8 +223,10 @@ impl ExpertCache {
             if let (Action::Prefetch { slot, precision, .. }, Some(i)) = (action, self.index(key)) {
                 if (slot as usize) < self.pool(precision).slots.len() {
                     self.place_key(key, i, precision, slot);
-                    self.stats.per_layer_prefetched[key.layer as usize] += 1;
-                    self.records[i].prefetched = true;
+                    if plan.kind == PlanKind::Prefetch {
+                        self.stats.per_layer_prefetched[key.layer as usize] += 1;
+                        self.records[i].prefetched = true;
+                    }
                     self.records[i].last_step = self.step;
                 }
             }

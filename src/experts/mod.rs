@@ -8,8 +8,8 @@
 //!
 //! - [`cache`]: the cache, its slot pools and the plan/apply rules.
 //! - [`policy`]: eviction priorities (LRU, LFU, HOBBIT, Fate) as pure functions of the records.
-//! - [`trace`]: routing traces as JSON lines — the one file of this room that does file I/O,
-//!   and only for traces; the cache and the simulator never do.
+//! - [`trace`]: routing traces as JSON lines, and [`profile`]: routing profiles kept across
+//!   runs — the two files of this room that do file I/O; the cache and the simulator never do.
 //! - [`sim`]: replays a trace through `plan`/`apply` exactly as the engine does, offline.
 //!
 //! Slot numbering: each precision has its own pool, numbered from 0. An action's `(slot,
@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod policy;
+pub mod profile;
 pub mod sim;
 pub mod trace;
 
@@ -183,6 +184,8 @@ pub enum PlanKind {
     Demand,
     /// Predicted experts of a later layer: loads only, counted as prefetches.
     Prefetch,
+    /// Experts a routing profile says are used most, loaded at start: loads only, not counted.
+    Warm,
 }
 
 /// The decisions for one token in one layer, in router rank order.

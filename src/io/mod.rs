@@ -298,6 +298,21 @@ impl IoService {
         self.shared.wait(t.0)
     }
 
+    /// Drop the batch's reads that have not started (those in flight complete); the batch then
+    /// finishes with `IoError::Cancelled`, or normally if all had started. Its memory stays
+    /// the caller's promise until `finished` says it is done.
+    pub fn cancel(&self, t: Ticket) {
+        self.shared.cancel(t.0);
+    }
+
+    /// Read the batch's queued reads before other background ones, as if urgent (io_uring; the
+    /// pread threads take jobs in order).
+    pub fn promote(&self, t: Ticket) {
+        if let Engine::Uring(u) = &self.engine {
+            u.promote(t.0);
+        }
+    }
+
     /// Convenience: reads the byte range `[offset, offset + len)` through its aligned superset
     /// and waits. Returns the buffer and the pad where the wanted bytes start.
     pub fn read_range(&self, offset: u64, len: u64) -> Result<(AlignedBuf, usize), IoError> {

@@ -56,6 +56,10 @@ fn worker(shared: &Shared, queues: &Queues<Job>) {
     let _guard = GoneGuard(shared);
     // `None`: both queues closed and drained.
     while let Some(job) = queues.recv() {
+        if shared.is_cancelled(job.batch) {
+            shared.finish_op(job.batch, job.op.len, Err(shared.cancelled_error()));
+            continue;
+        }
         shared.busy_enter();
         let result = shared.chunks(&job.op).try_for_each(|chunk| read_chunk(shared, &job, chunk));
         shared.busy_exit();

@@ -1,7 +1,7 @@
 //! State shared by the submitting side and the I/O thread(s): batch bookkeeping, statistics and
 //! the rules every backend applies to a read's outcome (EOF tail, short reads).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -70,6 +70,8 @@ struct State {
     active: usize,
     busy_since: Option<Instant>,
     gone: bool,
+    /// Batches whose ops not yet started are to be dropped (`IoService::cancel`).
+    cancelled: HashSet<u64>,
 }
 
 pub(super) struct Shared {
@@ -219,9 +221,29 @@ impl Shared {
         }
         if complete {
             st.stats.batches += 1;
+            st.cancelled.remove(&id);
             drop(st);
             self.done.notify_all();
         }
+    }
+
+    /// Drop the ops of batch `id` that have not started; the batch then fails with
+    /// `IoError::Cancelled` unless every op had already started.
+    pub fn cancel(&self, id: u64) {
+        let mut st = self.lock();
+        if st.batches.get(&id).is_some_and(|b| b.remaining > 0) {
+            st.cancelled.insert(id);
+        }
+    }
+
+    /// Whether an op of batch `id` about to start should be dropped instead.
+    pub fn is_cancelled(&self, id: u64) -> bool {
+        self.lock().cancelled.contains(&id)
+    }
+
+    /// The error a dropped op finishes with.
+    pub fn cancelled_error(&self) -> IoError {
+        IoError::Cancelled { path: self.path.clone() }
     }
 
     /// Whether batch `id` has finished: `None` while ops are in flight, else whether every op

@@ -18,6 +18,8 @@ const WAKE: u64 = u64::MAX;
 
 enum Msg {
     Batch(Vec<Job>, Urgency),
+    /// Move a batch's queued background reads ahead of the other background ones.
+    Promote(u64),
     Shutdown,
 }
 
@@ -59,6 +61,13 @@ impl UringThread {
         let ok = self.tx.send(Msg::Batch(jobs, urgency)).is_ok();
         self.kick();
         ok
+    }
+
+    /// Asks the thread to take batch `id`'s queued reads as urgent.
+    pub fn promote(&self, id: u64) {
+        if self.tx.send(Msg::Promote(id)).is_ok() {
+            self.kick();
+        }
     }
 
     fn kick(&self) {
@@ -181,6 +190,13 @@ impl<'a> Reader<'a> {
     fn take(&mut self, msg: Msg) {
         match msg {
             Msg::Shutdown => self.shutting_down = true,
+            Msg::Promote(id) => {
+                let ops = &self.ops;
+                let of_batch = |p: &Piece| ops[p.op].as_ref().is_some_and(|s| s.job.batch == id);
+                let (mine, rest): (VecDeque<Piece>, VecDeque<Piece>) = self.background.drain(..).partition(of_batch);
+                self.background = rest;
+                self.pending.extend(mine);
+            }
             Msg::Batch(jobs, urgency) => {
                 for job in jobs {
                     let chunks: Vec<Chunk> = self.shared.chunks(&job.op).collect();
@@ -208,6 +224,13 @@ impl<'a> Reader<'a> {
             let Some(piece) = self.pending.pop_front().or_else(|| self.background.pop_front()) else {
                 break;
             };
+            // A cancelled batch's pieces not started yet are dropped (only a fresh piece: a
+            // resubmitted remainder has already written part of its chunk).
+            let batch = self.ops[piece.op].as_ref().map(|s| s.job.batch);
+            if piece.done == 0 && batch.is_some_and(|b| self.shared.is_cancelled(b)) {
+                self.chunk_done(piece.op, Some(self.shared.cancelled_error()));
+                continue;
+            }
             let Some(slot) = self.free_slots.pop() else {
                 break;
             };

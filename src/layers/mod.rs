@@ -91,6 +91,9 @@ pub struct Scratch<B: Backend> {
     kv_a: B::Act,
     heads: B::Act,
     logits_r: B::Act,
+    /// The next layers' router scores for the predictor.
+    pred: B::Act,
+    pred_h: B::Act,
     /// Per assignment (token, expert): the expert's output.
     ydown: B::Act,
     moe: B::Act,
@@ -115,6 +118,8 @@ impl<B: Backend> Default for Scratch<B> {
             kv_a: B::Act::default(),
             heads: B::Act::default(),
             logits_r: B::Act::default(),
+            pred: B::Act::default(),
+            pred_h: B::Act::default(),
             ydown: B::Act::default(),
             moe: B::Act::default(),
             shared: B::Act::default(),
@@ -150,6 +155,9 @@ pub struct Forward<'a, B: Backend> {
     pub backend: &'a mut B,
     pub weights: &'a B::Weights,
     pub experts: &'a mut dyn ExpertProvider<B>,
+    /// Cross-layer prediction: for one-token passes, layer l's router input goes through the
+    /// next layers' routers and their experts are prefetched.
+    pub predictor: Option<&'a mut crate::predict::Predictor>,
 }
 
 impl<B: Backend> Forward<'_, B> {
@@ -170,7 +178,15 @@ impl<B: Backend> Forward<'_, B> {
         let n = tokens.len();
         // [n, d] embeddings
         self.backend.get_rows(B::mat(w, &m.tok_embd), tokens, &mut s.x);
+        if n == 1 {
+            if let Some(p) = self.predictor.as_deref_mut() {
+                p.begin_token();
+            }
+        }
         for (l, layer) in m.layers.iter().enumerate() {
+            if n == 1 {
+                self.predict(l, s);
+            }
             self.attention(l, layer, pos0, n, kv, s);
             self.ffn(l, layer, pos0, n, s, obs)?;
         }
@@ -335,6 +351,9 @@ impl<B: Backend> Forward<'_, B> {
                         r
                     })
                     .collect();
+                if let (Some(p), [r]) = (self.predictor.as_deref_mut(), routes.as_slice()) {
+                    p.observe(l, r, self.experts);
+                }
                 // Assignments (token, weight) in token-major, rank order, and their experts.
                 let assign: Vec<(u32, f32)> = routes
                     .iter()
@@ -367,6 +386,32 @@ impl<B: Backend> Forward<'_, B> {
         }
         self.backend.add(&mut s.x, &s.moe);
         Ok(())
+    }
+
+    /// Predict the experts of the next MoE layers from layer `l`'s input (`s.x`, one token,
+    /// before attention): for each target layer, that state normed as the target's router input
+    /// is normed, through the target's router; then prefetch them.
+    fn predict(&mut self, l: usize, s: &mut Scratch<B>) {
+        let (m, w) = (self.model, self.weights);
+        let Some(p) = self.predictor.as_deref_mut() else { return };
+        let targets = p.targets(l, m.layers.len(), |t| m.experts(t).is_some());
+        let ne = m.hp.n_expert;
+        let mut scores = Vec::with_capacity(targets.len() * ne);
+        for &(t, _) in &targets {
+            let layer = &m.layers[t];
+            let Ffn::Moe { router, router_bias, .. } = &layer.ffn else { return };
+            self.backend.rms_norm(&s.x, B::vector(w, layer.ffn_norm), m.hp.rms_eps, &mut s.pred_h);
+            self.backend.matmul(&s.pred_h, &[B::mat(w, router)], &mut s.pred);
+            if let Some(b) = router_bias {
+                self.backend.add_bias(&mut s.pred, 0, B::vector(w, *b));
+            }
+            scores.extend_from_slice(&self.backend.read(&s.pred));
+        }
+        let sel = |t: usize| match &m.layers[t].ffn {
+            Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v).to_vec()),
+            _ => None,
+        };
+        p.predict(&targets, &mut scores, ne, m.hp.n_expert_used, &m.hp.router, sel, self.experts);
     }
 
     /// A dense FFN (all tokens, one expert): into `s.moe` when `into_moe`, else into `s.shared`,

@@ -68,6 +68,15 @@ pub trait ExpertProvider<B: Backend> {
     fn cancel(&mut self, id: PrefetchId) {
         let _ = id;
     }
+    /// How sure a prediction must be for its prefetch to pay off here (0–1): a provider with
+    /// nothing to load asks nothing.
+    fn prefetch_bar(&self) -> f32 {
+        0.0
+    }
+    /// Drop only `experts` of a prefetch (the rest of it is still wanted).
+    fn cancel_experts(&mut self, id: PrefetchId, experts: &[u16]) {
+        let _ = (id, experts);
+    }
 }
 
 /// Experts as the backend took them from the model (all resident): one wave, nothing to load.

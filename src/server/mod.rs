@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     /// Serve routed experts from a budgeted cache (`None`: all resident).
     pub offload: Option<crate::engine::offload::OffloadConfig>,
+    /// Predict and prefetch the next layers' experts (`None`: off).
+    pub predict: Option<crate::predict::PredictConfig>,
 }
 
 pub const DEFAULT_QUEUE: usize = 64;
@@ -58,6 +60,7 @@ impl Default for ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY,
             engine: EngineConfig::default(),
             offload: None,
+            predict: None,
         }
     }
 }
@@ -115,6 +118,7 @@ impl Server {
         if let Some(oc) = &cfg.offload {
             engine.set_offload(crate::engine::offload::Offload::new(model, oc)?);
         }
+        engine.set_predictor(cfg.predict);
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
         let sess = engine.new_session()?;
         let stats = SharedStats::default();

@@ -127,7 +127,7 @@ fn run(mut engine: Engine, mut sess: Session, tok: &Tokenizer, mut rx: mpsc::Rec
             let mut s = stats.lock();
             s.busy = false;
             s.counters.record(end.outcome, job.prompt.len(), end.reused, &end.timings);
-            s.cache = engine.offload().map(|o| o.stats());
+            s.cache = engine.offload_stats();
         }
         // Sent after the counters are updated, so a client that has its answer sees them.
         if let Some(last) = end.last {

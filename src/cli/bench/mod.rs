@@ -198,7 +198,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (resident_mode, resident_bytes) = engine.resident();
     let moerun_side =
         run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
-    let cache = engine.offload().map(|o| o.stats());
+    let cache = engine.offload_stats();
     let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
     drop(engine);
     let llama_side = run_llama.then(|| Side {

@@ -55,8 +55,9 @@ pub(super) fn run(sweep: SweepRun<'_>) -> anyhow::Result<()> {
         let kv = engine.session_kv_bytes();
         let cfg = a.config(model, path, kv)?.context("a sweep budget")?;
         engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
+        engine.set_predictor(args.predict_config()?);
         let ((pf, dec), _) = measure_ours(&mut engine, prompt, n_gen, repeats)?;
-        let st = engine.offload().map(|o| o.stats()).context("offload stats")?;
+        let st = engine.offload_stats().context("offload stats")?;
         let tokens = ((prompt.len() + n_gen) * (repeats + 1)) as f64;
         let share = match parse_budget(b) {
             Ok(Budget::Share(f)) => f,
