@@ -7,8 +7,17 @@ use std::process::Command;
 
 use moerun::gguf::GgufFile;
 
+/// The user's cache directory as the tests' binary sees it (routing profiles go there).
+fn cache_home() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("moerun-cli-tests-{}", std::process::id()))
+}
+
 fn moerun(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moerun")).args(args).output().expect("run moerun");
+    let out = Command::new(env!("CARGO_BIN_EXE_moerun"))
+        .args(args)
+        .env("XDG_CACHE_HOME", cache_home())
+        .output()
+        .expect("run moerun");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -177,6 +186,25 @@ fn generate_with_an_expert_cache_gives_the_same_tokens_and_reports_the_cache() {
     let hit = cached["expert_cache"]["hit_rate"].as_f64().expect("hit_rate");
     assert!((0.0..1.0).contains(&hit), "{hit}");
     assert!(cached["expert_cache"]["bytes_read_high"].as_u64().expect("bytes") > 0);
+    // The predictor is on by default with a budget, and reports itself; the run's routing
+    // profile is saved in the user's cache directory, and the next run warms from it.
+    let p = &cached["expert_cache"]["predictor"];
+    assert_eq!(p["distance"], 2, "{p}");
+    assert!(p["recall"].as_f64().is_some_and(|r| r > 0.5), "{p}");
+    assert!(p["per_distance"].as_array().is_some_and(|d| d.len() == 2), "{p}");
+    assert!(cached["expert_cache"]["stall_ms_per_token"].as_f64().is_some());
+    let dir = cache_home().join("moerun/profiles");
+    let saved: Vec<_> = std::fs::read_dir(&dir).expect("profile dir").flatten().collect();
+    assert_eq!(saved.len(), 1, "one profile for one model in {}", dir.display());
+    let again = json(&with_cache);
+    assert_eq!(again["ids"], plain["ids"]);
+    assert!(again["expert_cache"]["bytes_warmed"].as_u64().expect("warmed") > 0, "{}", again["expert_cache"]);
+    with_cache.extend(["--predict", "off", "--profile", "off"]);
+    let bare = json(&with_cache);
+    assert!(bare["expert_cache"]["predictor"].is_null() && bare["expert_cache"]["bytes_warmed"] == 0);
+    let _ = std::fs::remove_dir_all(cache_home());
     let (ok, _, err) = moerun(&["generate", "-p", "x", "--expert-budget", "12 parsecs"]);
     assert!(!ok && err.contains("parsecs"), "{err}");
+    let (ok, _, err) = moerun(&["generate", "-p", "x", "--expert-budget", "25%", "--predict", "7"]);
+    assert!(!ok && err.contains("--predict '7'"), "{err}");
 }

@@ -4,7 +4,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use moerun::io::{align_extent, AlignedBuf, IoBackend, IoConfig, IoError, IoService, IoTuning, ReadOp, Ticket, ALIGN};
+use moerun::io::{
+    align_extent, AlignedBuf, IoBackend, IoConfig, IoError, IoService, IoTuning, ReadOp, Ticket, Urgency, ALIGN,
+};
 use moerun::rng::SplitMix64;
 
 const MIB: usize = 1 << 20;
@@ -319,4 +321,44 @@ fn io_service_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<IoService>();
     check::<AlignedBuf>();
+}
+
+/// Cancelling a background batch drops the reads that have not started (it then ends with
+/// `Cancelled`, naming the file) while batches queued around it land intact; promoting a
+/// background batch lets it finish with its bytes right.
+#[test]
+fn cancelled_batches_drop_queued_reads_and_promoted_ones_land() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file_len = 32 * MIB;
+    let path = write_file(dir.path(), "data.bin", file_len);
+    for_each_backend(|setup| {
+        // One read in flight at a time, so most of a queued batch has not started.
+        let cfg = IoConfig { backend: setup.backend, queue_depth: 1, pread_threads: 1, ..IoConfig::default() };
+        let svc = IoService::open_tuned(&path, cfg, IoTuning { split_bytes: setup.split_bytes }).expect("open");
+        let mut rng = SplitMix64::new(5);
+        let mut first = random_extents(&mut rng, 8, file_len, MIB);
+        let mut doomed = random_extents(&mut rng, 32, file_len, MIB);
+        let mut promoted = random_extents(&mut rng, 8, file_len, MIB);
+        let mut last = random_extents(&mut rng, 8, file_len, MIB);
+        let bg = Urgency::Background;
+        // SAFETY: every buffer lives until its ticket is waited below.
+        let (t1, t2, t3, t4) = unsafe {
+            (
+                svc.submit_with(first.iter_mut().map(Extent::op).collect(), bg),
+                svc.submit_with(doomed.iter_mut().map(Extent::op).collect(), bg),
+                svc.submit_with(promoted.iter_mut().map(Extent::op).collect(), bg),
+                svc.submit_with(last.iter_mut().map(Extent::op).collect(), bg),
+            )
+        };
+        svc.cancel(t2);
+        svc.promote(t3);
+        match svc.wait(t2) {
+            Err(IoError::Cancelled { path: p }) => assert_eq!(p, path),
+            other => panic!("{setup:?}: a cancelled batch of 32 queued reads ended {other:?}"),
+        }
+        for (t, batch, name) in [(t1, &first, "first"), (t3, &promoted, "promoted"), (t4, &last, "last")] {
+            svc.wait(t).unwrap_or_else(|e| panic!("{setup:?} {name}: {e}"));
+            batch.iter().for_each(|e| e.check(&format!("{setup:?} {name}")));
+        }
+    });
 }
