@@ -6,6 +6,7 @@ pub mod arch;
 pub mod atomic;
 pub mod backend;
 pub mod chat;
+pub mod devices;
 pub mod engine;
 pub mod experts;
 pub mod ggml;

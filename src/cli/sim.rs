@@ -1,5 +1,6 @@
 //! `moerun sim`: replay a routing trace (`--trace`) through cache policies at given budgets,
-//! offline, and compare hit rates and bytes-weighted miss penalties.
+//! offline, and compare hit rates and bytes-weighted miss penalties; with `--device`, predict
+//! decode tok/s on that machine from the cost model (size a Jetson before buying one).
 
 use std::path::PathBuf;
 
@@ -43,6 +44,18 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// A device profile (`devices/*.toml`): also predict decode tok/s and stall per token on it
+    /// from the cost model, for the trace's decoded tokens.
+    #[arg(long, value_name = "TOML")]
+    device: Option<PathBuf>,
+    /// The model the trace was recorded from (its dense and expert sizes); default: the path in
+    /// the trace's header.
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Next-layer recall of the predictor to assume (0: no prediction; `generate --json` reports
+    /// the live figure as `expert_cache.predictor.recall`).
+    #[arg(long, default_value_t = 0.0)]
+    predict_recall: f64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -61,6 +74,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         anyhow::bail!("--t1/--t2 need low-precision copies: the trace was recorded without --low, so give --low-ratio");
     }
     let all = (header.n_layers * header.n_experts) as u64 * header.expert_bytes_high;
+    let cost = match &a.device {
+        Some(d) => {
+            let device = moerun::devices::DeviceProfile::load(d)?;
+            let mpath = a.model.clone().unwrap_or_else(|| PathBuf::from(&header.model));
+            let model = moerun::model::Model::load(&mpath)
+                .with_context(|| format!("the trace's model (give it with --model): {}", mpath.display()))?;
+            let mut mc = moerun::experts::costmodel::ModelCosts::of(&model);
+            mc.expert_bytes_low = header.expert_bytes_low as f64;
+            if !(0.0..=1.0).contains(&a.predict_recall) {
+                anyhow::bail!("--predict-recall {}: a recall is between 0 and 1", a.predict_recall);
+            }
+            if !a.json {
+                println!("on {} ({}):", device.name, d.display());
+            }
+            Some(moerun::experts::costmodel::CostModel { device, model: mc, predict_recall: a.predict_recall })
+        }
+        None => None,
+    };
     let mut rows = Vec::new();
     if !a.json {
         println!(
@@ -72,8 +103,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             header.top_k
         );
         println!(
-            "{:>8} {:>8} {:>9} {:>8} {:>16} {:>10}",
-            "budget", "policy", "hit rate", "misses", "miss MiB", "vs LRU"
+            "{:>8} {:>8} {:>9} {:>8} {:>16} {:>10}{}",
+            "budget",
+            "policy",
+            "hit rate",
+            "misses",
+            "miss MiB",
+            "vs LRU",
+            if cost.is_some() { format!(" {:>13} {:>14}", "decode tok/s", "stall ms/tok") } else { String::new() }
         );
     }
     for b in &a.budgets {
@@ -93,6 +130,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             if p == PolicyKind::Fate {
                 cfg.pinned_layers = a.pin_layers;
             }
+            let est = match &cost {
+                Some(c) => Some(moerun::experts::sim::estimate_decode(cfg.clone(), &header, &records, c)?),
+                None => None,
+            };
             let r = match simulate(cfg, &header, &records) {
                 Ok(r) => r,
                 Err(e) => {
@@ -108,16 +149,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .unwrap_or_default();
             if !a.json {
                 println!(
-                    "{:>8} {:>8} {:>8.1}% {:>8} {:>16.1} {:>10}",
+                    "{:>8} {:>8} {:>8.1}% {:>8} {:>16.1} {:>10}{}",
                     b,
                     format!("{p:?}").to_lowercase(),
                     100.0 * r.hit_rate,
                     r.misses,
                     r.miss_penalty_bytes as f64 / 1048576.0,
-                    vs
+                    vs,
+                    est.as_ref()
+                        .map(|e| format!(" {:>13.1} {:>14.2}", e.decode_tok_s, e.stall_ms_per_token))
+                        .unwrap_or_default()
                 );
             }
-            rows.push(serde_json::json!({"budget": b, "budget_bytes": bytes, "share_of_experts": bytes as f64 / all as f64, "policy": p, "result": r}));
+            let est = est.map(|mut e| {
+                e.cache = Default::default();
+                e
+            });
+            rows.push(serde_json::json!({"budget": b, "budget_bytes": bytes, "share_of_experts": bytes as f64 / all as f64, "policy": p, "result": r, "decode_estimate": est}));
         }
     }
     if a.json {

@@ -18,6 +18,7 @@
 //! `n_slots(Low)` of `expert_bytes_low`; the cache never asks for more.
 
 pub mod cache;
+pub mod costmodel;
 pub mod policy;
 pub mod profile;
 pub mod sim;

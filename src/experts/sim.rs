@@ -58,7 +58,7 @@ pub fn config_for(header: &TraceHeader, budget_bytes: u64) -> CacheConfig {
 pub fn simulate(cfg: CacheConfig, header: &TraceHeader, records: &[TraceRecord]) -> Result<SimResult, SimError> {
     check_shape(&cfg, header)?;
     let mut cache = ExpertCache::new(cfg)?;
-    Ok(replay(&mut cache, records, |_| {}))
+    Ok(replay(&mut cache, records, |_, _, _| {}))
 }
 
 fn check_shape(cfg: &CacheConfig, header: &TraceHeader) -> Result<(), SimError> {
@@ -75,8 +75,13 @@ fn check_shape(cfg: &CacheConfig, header: &TraceHeader) -> Result<(), SimError> 
     Ok(())
 }
 
-/// The replay loop; `after` sees the cache after every apply (tests check invariants there).
-fn replay(cache: &mut ExpertCache, records: &[TraceRecord], mut after: impl FnMut(&ExpertCache)) -> SimResult {
+/// The replay loop; `after` sees each record, its plan and the cache after the apply (tests
+/// check invariants there; the decode estimate counts the plan's work).
+fn replay(
+    cache: &mut ExpertCache,
+    records: &[TraceRecord],
+    mut after: impl FnMut(&TraceRecord, &super::Plan, &ExpertCache),
+) -> SimResult {
     let mut peak = 0u64;
     let mut sequences = 0u64;
     let mut prev: Option<(u64, u16)> = None;
@@ -95,7 +100,7 @@ fn replay(cache: &mut ExpertCache, records: &[TraceRecord], mut after: impl FnMu
         let plan = cache.plan(rec.layer as usize, rec.token, &rec.needed());
         cache.apply(&plan);
         peak = peak.max(cache.resident_bytes());
-        after(cache);
+        after(rec, &plan, cache);
     }
     let cfg = cache.config();
     let s = cache.stats();
@@ -120,6 +125,86 @@ fn replay(cache: &mut ExpertCache, records: &[TraceRecord], mut after: impl FnMu
         n_slots_low: cache.n_slots(Precision::Low),
         sequences,
     }
+}
+
+/// What the cost model predicts for the decoded tokens of a trace.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DecodeEstimate {
+    /// Tokens decoded one at a time (a token whose MoE layers follow each other in the trace;
+    /// prompt tokens come layer by layer for the whole batch).
+    pub tokens: u64,
+    pub decode_tok_s: f64,
+    pub compute_ms_per_token: f64,
+    pub stall_ms_per_token: f64,
+    /// Hit rate over the decoded tokens only.
+    pub hit_rate: f64,
+    pub cache: SimResult,
+}
+
+/// Replay `records` as [`simulate`] does and time every decoded token with `cost`.
+pub fn estimate_decode(
+    cfg: CacheConfig,
+    header: &TraceHeader,
+    records: &[TraceRecord],
+    cost: &super::costmodel::CostModel,
+) -> Result<DecodeEstimate, SimError> {
+    use super::costmodel::LayerWork;
+    use super::Action;
+    check_shape(&cfg, header)?;
+    let mut cache = ExpertCache::new(cfg)?;
+    // Per token (in file order): its layers' work; a token whose records are not contiguous
+    // (a prompt batch) is dropped when the next token interrupts it.
+    let mut tokens: Vec<Vec<LayerWork>> = Vec::new();
+    let mut current: Option<(u64, Vec<LayerWork>)> = None;
+    let cache_result = replay(&mut cache, records, |rec, plan, _| {
+        let mut w = LayerWork::default();
+        for &(_, a, _) in &plan.actions {
+            match a {
+                Action::Hit { precision, .. } => {
+                    w.hits += 1;
+                    w.hits_low += u32::from(precision == Precision::Low);
+                }
+                Action::Load { precision: Precision::High, .. } => w.loads_high += 1,
+                Action::Load { precision: Precision::Low, .. } => w.loads_low += 1,
+                _ => {}
+            }
+        }
+        match &mut current {
+            Some((t, layers)) if *t == rec.token => layers.push(w),
+            _ => {
+                if let Some((_, layers)) = current.take() {
+                    if layers.len() > 1 || header.n_layers == 1 {
+                        tokens.push(layers);
+                    }
+                }
+                current = Some((rec.token, vec![w]));
+            }
+        }
+    });
+    if let Some((_, layers)) = current.take() {
+        if layers.len() > 1 || header.n_layers == 1 {
+            tokens.push(layers);
+        }
+    }
+    let n = tokens.len().max(1) as f64;
+    let (mut compute, mut stall, mut hits, mut lookups) = (0.0, 0.0, 0u64, 0u64);
+    for layers in &tokens {
+        let t = cost.token(layers);
+        compute += t.compute_s;
+        stall += t.stall_s;
+        for w in layers {
+            hits += w.hits as u64;
+            lookups += (w.hits + w.loads_high + w.loads_low) as u64;
+        }
+    }
+    Ok(DecodeEstimate {
+        tokens: tokens.len() as u64,
+        decode_tok_s: if tokens.is_empty() { 0.0 } else { n / (compute + stall) },
+        compute_ms_per_token: 1000.0 * compute / n,
+        stall_ms_per_token: 1000.0 * stall / n,
+        hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+        cache: cache_result,
+    })
 }
 
 /// A synthetic, deterministic routing trace with skewed, layer-correlated, sticky routing.
@@ -240,7 +325,7 @@ mod tests {
             let budget = cfg.budget_bytes;
             let label = format!("{:?} per_layer={} thresholds={:?}", cfg.policy, cfg.per_layer, cfg.thresholds);
             let mut cache = ExpertCache::new(cfg.clone()).unwrap();
-            let r = replay(&mut cache, &recs, |c| {
+            let r = replay(&mut cache, &recs, |_, _, c| {
                 c.check_invariants();
                 assert!(c.resident_bytes() <= budget);
             });

@@ -1,0 +1,190 @@
+//! The cost model: how long one decoded token takes on a device (`devices::DeviceProfile`)
+//! given, per MoE layer, which experts hit the cache and which were loaded — the same
+//! arithmetic `moerun sim --device` uses to size a machine before buying it.
+//!
+//! Per layer: the dense part streams its weights (`dense / W` plus a fixed overhead); the hits
+//! compute while the misses are read (the engine's overlap), then the misses compute:
+//! `t = dense + max(hits·E / W, misses·E / R) + misses·E / W`, with `W` the device's weight
+//! rate and `R` the rate misses arrive at (disk, or host-to-device for a discrete GPU whose
+//! host holds the model). Where computing a miss on the host beats moving it (a discrete GPU,
+//! llama.cpp's `--cpu-moe`), the miss costs `E / W_host` instead. A predictor with recall `r`
+//! starts that share of a layer's reads one layer early, hiding up to the previous layer's time.
+
+use crate::devices::DeviceProfile;
+
+/// The model's sizes the cost model needs.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ModelCosts {
+    /// Weight bytes a token reads outside the routed experts (attention, shared experts,
+    /// norms, output head, one embedding row).
+    pub dense_bytes_per_token: f64,
+    /// Bytes of one routed expert at high and low precision.
+    pub expert_bytes_high: f64,
+    pub expert_bytes_low: f64,
+    /// Layers in all (each pays the overhead) and MoE layers.
+    pub n_layers: usize,
+    pub n_moe_layers: usize,
+    /// Bytes of the whole model file (does it fit the host's RAM?).
+    pub model_bytes: f64,
+}
+
+impl ModelCosts {
+    pub fn of(model: &crate::model::Model) -> ModelCosts {
+        let hp = &model.hp;
+        let moe: Vec<usize> = (0..model.layers.len()).filter(|&l| model.experts(l).is_some()).collect();
+        let expert =
+            moe.iter().filter_map(|&l| model.experts(l)).flatten().map(|e| e.bytes()).max().unwrap_or(0) as f64;
+        let routed_per_token = (moe.len() * hp.n_expert_used) as f64 * expert;
+        ModelCosts {
+            dense_bytes_per_token: (model.active_bytes_per_token() as f64 - routed_per_token).max(0.0),
+            expert_bytes_high: expert,
+            expert_bytes_low: 0.0,
+            n_layers: hp.n_layer,
+            n_moe_layers: moe.len().max(1),
+            model_bytes: model.total_bytes() as f64,
+        }
+    }
+}
+
+/// What one MoE layer did for one token.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LayerWork {
+    pub hits: u32,
+    /// Hits on low-precision copies (included in `hits`).
+    pub hits_low: u32,
+    pub loads_high: u32,
+    pub loads_low: u32,
+}
+
+/// One token's estimated time, split.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct TokenTime {
+    pub compute_s: f64,
+    pub stall_s: f64,
+}
+
+impl TokenTime {
+    pub fn total_s(&self) -> f64 {
+        self.compute_s + self.stall_s
+    }
+}
+
+/// A device and a model; see the module docs.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    pub device: DeviceProfile,
+    pub model: ModelCosts,
+    /// Recall of the next-layer predictor (0: no prediction).
+    pub predict_recall: f64,
+}
+
+impl CostModel {
+    /// The rate misses arrive at: from disk into unified memory; to a discrete device from host
+    /// RAM when the model fits there, else from disk through the host.
+    pub fn miss_bytes_per_s(&self) -> f64 {
+        let d = &self.device;
+        if d.unified {
+            d.disk_bytes_per_s
+        } else if self.model.model_bytes <= d.host_memory_bytes {
+            d.host_to_device_bytes_per_s
+        } else {
+            d.disk_bytes_per_s.min(d.host_to_device_bytes_per_s)
+        }
+    }
+
+    /// Seconds to move one miss of `bytes`, and seconds to compute it on the host instead
+    /// (`None` where the host is the device).
+    pub fn miss_costs(&self, bytes: f64) -> (f64, Option<f64>) {
+        let load = bytes / self.miss_bytes_per_s();
+        let host = (!self.device.unified).then(|| bytes / self.device.host_weight_bytes_per_s);
+        (load, host)
+    }
+
+    /// One decoded token's time from its MoE layers' work (in layer order).
+    pub fn token(&self, layers: &[LayerWork]) -> TokenTime {
+        let d = &self.device;
+        let w = d.weight_bytes_per_s;
+        let (eh, el) = (self.model.expert_bytes_high, self.model.expert_bytes_low.max(0.0));
+        let dense = self.model.dense_bytes_per_token / w + self.model.n_layers as f64 * d.layer_overhead_s;
+        let per_layer_dense = dense / self.model.n_moe_layers.max(1) as f64;
+        let mut t = TokenTime { compute_s: dense, stall_s: 0.0 };
+        let mut prev_layer_s = 0.0;
+        for lw in layers {
+            let hit_bytes = (lw.hits - lw.hits_low) as f64 * eh + lw.hits_low as f64 * el;
+            let miss_bytes = lw.loads_high as f64 * eh + lw.loads_low as f64 * el;
+            let hits_s = hit_bytes / w;
+            let (read_s, host_s) = self.miss_costs(miss_bytes);
+            let (miss_compute_s, stall_s) = match host_s {
+                // The host computes the misses while the device computes the hits.
+                Some(h) if h < read_s + miss_bytes / w => (0.0, (h - hits_s).max(0.0)),
+                _ => {
+                    let hidden = self.predict_recall * prev_layer_s;
+                    (miss_bytes / w, (read_s - hits_s - hidden).max(0.0))
+                }
+            };
+            t.compute_s += hits_s + miss_compute_s;
+            t.stall_s += stall_s;
+            prev_layer_s = per_layer_dense + hits_s + miss_compute_s + stall_s;
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(unified: bool) -> DeviceProfile {
+        DeviceProfile {
+            name: "t".into(),
+            memory_bytes: 8e9,
+            unified,
+            host_memory_bytes: 32e9,
+            disk_bytes_per_s: 1e9,
+            host_to_device_bytes_per_s: 20e9,
+            weight_bytes_per_s: 100e9,
+            host_weight_bytes_per_s: 10e9,
+            layer_overhead_s: 0.0,
+            sources: Default::default(),
+        }
+    }
+
+    fn model() -> ModelCosts {
+        ModelCosts {
+            dense_bytes_per_token: 1e9,
+            expert_bytes_high: 1e8,
+            expert_bytes_low: 5e7,
+            n_layers: 2,
+            n_moe_layers: 2,
+            model_bytes: 10e9,
+        }
+    }
+
+    #[test]
+    fn hits_only_is_the_weight_stream_and_misses_stall_on_the_disk() {
+        let cm = CostModel { device: device(true), model: model(), predict_recall: 0.0 };
+        let all_hit = [LayerWork { hits: 2, ..Default::default() }; 2];
+        let t = cm.token(&all_hit);
+        assert!((t.compute_s - (1e9 + 4e8) / 100e9).abs() < 1e-12 && t.stall_s == 0.0, "{t:?}");
+        // One miss per layer: 0.1 s read against 1 ms of hit compute.
+        let one_miss = [LayerWork { hits: 1, loads_high: 1, ..Default::default() }; 2];
+        let t = cm.token(&one_miss);
+        assert!((t.stall_s - 2.0 * (0.1 - 1e-3)).abs() < 1e-9, "{t:?}");
+        // A perfect predictor hides the second layer's read behind the first layer's time.
+        let p = CostModel { predict_recall: 1.0, ..cm.clone() };
+        assert!(p.token(&one_miss).stall_s < t.stall_s * 0.55);
+    }
+
+    #[test]
+    fn a_discrete_gpu_copies_from_host_ram_or_computes_there() {
+        let cm = CostModel { device: device(false), model: model(), predict_recall: 0.0 };
+        assert_eq!(cm.miss_bytes_per_s(), 20e9, "the model fits the host: PCIe");
+        let (load, host) = cm.miss_costs(1e8);
+        assert!((load - 5e-3).abs() < 1e-12 && host == Some(1e-2));
+        let big = CostModel { model: ModelCosts { model_bytes: 64e9, ..model() }, ..cm };
+        assert_eq!(big.miss_bytes_per_s(), 1e9, "it does not: the disk");
+        // Computing a miss on the host (10 ms) beats reading it from disk (100 ms).
+        let t = big.token(&[LayerWork { hits: 1, loads_high: 1, ..Default::default() }]);
+        assert!(t.stall_s < 0.01, "{t:?}");
+    }
+}
