@@ -20,6 +20,10 @@ pub struct DeviceProfile {
     pub host_memory_bytes: f64,
     /// Bytes per second read from the model's disk with O_DIRECT, expert-sized reads.
     pub disk_bytes_per_s: f64,
+    /// Seconds before the first byte of a layer's reads arrives (queueing, the device's
+    /// latency); paid once per layer that misses.
+    #[serde(default)]
+    pub read_latency_s: f64,
     /// Bytes per second from pinned host memory to the device (0 with unified memory).
     pub host_to_device_bytes_per_s: f64,
     /// Bytes of weights per second the device's decode kernels stream (one token's mat-vecs
@@ -69,6 +73,7 @@ impl DeviceProfile {
             ("host_memory_bytes", d.host_memory_bytes),
             ("host_to_device_bytes_per_s", d.host_to_device_bytes_per_s),
             ("layer_overhead_s", d.layer_overhead_s),
+            ("read_latency_s", d.read_latency_s),
         ];
         let bad = positive
             .iter()

@@ -11,7 +11,7 @@
 //! hands out an expert before its bytes land).
 
 use crate::arch::RouterConfig;
-use crate::layers::{route, ExpertProvider, PrefetchId, Priority, Route};
+use crate::layers::{route, Candidate, ExpertProvider, PrefetchId, Route};
 
 /// The farthest a predictor looks ahead.
 pub const MAX_DISTANCE: usize = 3;
@@ -27,8 +27,9 @@ pub struct PredictConfig {
     /// least this often so far (a wrong prefetch costs a read as long as the one a right one
     /// hides, and may evict an expert that would have hit).
     pub min_confidence: f32,
-    /// Also ask the provider's cost model how sure a prediction must be
-    /// (`ExpertProvider::prefetch_bar`); off, every prediction above `min_confidence` loads.
+    /// Give the planner each candidate's learned confidence, for its cost model
+    /// (`ExpertProvider::prefetch_bar`) to weigh; off, every prediction goes as certain (and
+    /// `min_confidence` does not apply).
     pub cost_gate: bool,
 }
 
@@ -214,32 +215,29 @@ impl Predictor {
         provider: &mut dyn ExpertProvider<B>,
     ) {
         let width = if self.cfg.width == 0 { top_k } else { self.cfg.width.min(n_expert) };
-        let bar = match self.cfg.cost_gate {
-            true => self.cfg.min_confidence.max(provider.prefetch_bar()),
-            false => self.cfg.min_confidence,
-        };
         for (&(target, dist), logits) in targets.iter().zip(scores.chunks_exact_mut(n_expert)) {
             let bias = selection_bias(target);
             let r = route(logits, width, router, bias.as_deref());
             // Candidates in score order with their predicted weights (so HOBBIT's thresholds
-            // apply), the confident ones only.
-            let cands: Vec<(u16, f32)> = r
+            // apply) and confidences; the planner decides which to load.
+            let cands: Vec<Candidate> = r
                 .experts
                 .iter()
                 .zip(&r.weights)
                 .enumerate()
-                .filter(|&(rank, _)| self.confidence(dist, rank) >= bar)
-                .map(|(_, (&e, &w))| (e as u16, w))
+                .map(|(rank, (&e, &w))| Candidate {
+                    expert: e as u16,
+                    weight: w,
+                    confidence: if self.cfg.cost_gate { self.confidence(dist, rank) } else { 1.0 },
+                })
+                .filter(|c| !self.cfg.cost_gate || c.confidence >= self.cfg.min_confidence)
                 .collect();
-            let prefetch = match cands.is_empty() {
-                true => None,
-                false => match provider.prefetch(target, &cands, Priority::Prefetch) {
-                    Ok(id) => Some((id, cands.iter().map(|&(e, _)| e).collect())),
-                    Err(err) => {
-                        tracing::warn!("prefetch for layer {target}: {err}");
-                        None
-                    }
-                },
+            let prefetch = match provider.predicted(target, &cands) {
+                Ok(taken) => taken,
+                Err(err) => {
+                    tracing::warn!("prefetch for layer {target}: {err}");
+                    None
+                }
             };
             let experts = r.experts.iter().map(|&e| e as u16).collect();
             self.pending.push(Pending { target, dist, experts, prefetch });

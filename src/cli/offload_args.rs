@@ -63,6 +63,11 @@ pub struct OffloadArgs {
     /// cache directory (`~/.cache/moerun/profiles`); `off` for none.
     #[arg(long, value_name = "PATH|off")]
     pub profile: Option<String>,
+    /// Write every expert-cache decision (hit, load, prefetch, skip, compute on the host; the
+    /// predictor's candidates against the cost model's bar) with its estimated read time, and
+    /// every wait with its stall, to this JSON-lines file.
+    #[arg(long, value_name = "FILE")]
+    pub explain_plan: Option<PathBuf>,
 }
 
 impl OffloadArgs {
@@ -126,6 +131,7 @@ impl OffloadArgs {
         };
         Ok(Some(OffloadConfig {
             profile,
+            explain: self.explain_plan.clone(),
             budget,
             policy: self.policy,
             pinned_layers: self.pin_layers,

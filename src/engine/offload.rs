@@ -99,6 +99,8 @@ pub struct OffloadConfig {
     /// The routing profile to warm the cache from and to save this run's routing to (see
     /// `experts::profile`); `None`: none.
     pub profile: Option<PathBuf>,
+    /// Write every plan's decisions with their estimated costs to this JSON-lines file.
+    pub explain: Option<PathBuf>,
 }
 
 impl Default for OffloadConfig {
@@ -115,6 +117,7 @@ impl Default for OffloadConfig {
             host_compute: false,
             io: IoConfig::default(),
             profile: None,
+            explain: None,
         }
     }
 }
@@ -308,6 +311,31 @@ pub struct Offload {
     bytes_warmed: u64,
     /// This run's routing, counted on top of the profile it started from, and where it goes.
     profile: Option<(ProfileRecorder, PathBuf)>,
+    explain: Option<Explain>,
+    /// The predictor's side of the next prefetch's explanation (bar, confidences).
+    pending_explain: Option<serde_json::Value>,
+}
+
+/// `--explain-plan`: one JSON line per plan (and per wait), written as they happen.
+struct Explain {
+    out: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    failed: bool,
+}
+
+impl Explain {
+    fn line(&mut self, v: serde_json::Value) {
+        if self.failed {
+            return;
+        }
+        if let Err(e) = serde_json::to_writer(&mut self.out, &v).map_err(std::io::Error::other).and_then(|_| {
+            use std::io::Write;
+            self.out.write_all(b"\n")
+        }) {
+            tracing::warn!("{}: cannot write the plan explanation: {e}", self.path.display());
+            self.failed = true;
+        }
+    }
 }
 
 impl Offload {
@@ -395,7 +423,13 @@ impl Offload {
             bytes_prefetched: 0,
             bytes_warmed: 0,
             profile: None,
+            explain: None,
+            pending_explain: None,
         };
+        if let Some(p) = &cfg.explain {
+            let f = std::fs::File::create(p).map_err(|source| IoError::Open { path: p.clone(), source })?;
+            off.explain = Some(Explain { out: std::io::BufWriter::new(f), path: p.clone(), failed: false });
+        }
         if let Some(p) = &cfg.profile {
             off.start_profile(p)?;
         }
@@ -527,6 +561,54 @@ impl Offload {
             }
         }
         self.pass_mark = Some((now, busy, hits, lookups));
+    }
+
+    /// Live read rate (bytes per busy second) of the model file, if anything was read yet.
+    fn read_rate(&self) -> Option<f64> {
+        let st = self.io_high.stats();
+        (st.busy_s > 0.0 && st.bytes > 0).then(|| st.bytes as f64 / st.busy_s)
+    }
+
+    /// One plan's decisions for `--explain-plan`, with each load's estimated read time.
+    fn explain_plan(&mut self, plan: &crate::experts::Plan, extra: serde_json::Value) {
+        if self.explain.is_none() {
+            return;
+        }
+        let rate = self.read_rate();
+        let bytes = self.high.shape.bytes as f64;
+        let read_ms = |p: Precision| {
+            let b = match p {
+                Precision::High => bytes,
+                Precision::Low => self.low.as_ref().map_or(bytes, |(a, _)| a.shape.bytes as f64),
+            };
+            rate.map(|r| 1000.0 * b / r)
+        };
+        let actions: Vec<serde_json::Value> = plan
+            .actions
+            .iter()
+            .map(|&(key, a, w)| {
+                let (what, precision, evict, est) = match a {
+                    Action::Hit { precision, .. } => ("hit", Some(precision), None, None),
+                    Action::Load { precision, evict, .. } => ("load", Some(precision), evict, read_ms(precision)),
+                    Action::Prefetch { precision, evict, .. } => {
+                        ("prefetch", Some(precision), evict, read_ms(precision))
+                    }
+                    Action::ComputeOn(_) => ("compute_on_host", None, None, None),
+                    Action::Skip => ("skip", None, None, None),
+                };
+                serde_json::json!({"expert": key.expert, "weight": w, "action": what, "precision": precision,
+                    "evicts": evict.map(|k| k.to_string()), "est_read_ms": est})
+            })
+            .collect();
+        let mut v = serde_json::json!({"pass": self.step, "layer": plan.layer, "kind": plan.kind, "actions": actions,
+            "disk_utilization": self.utilization, "recent_hit_rate": self.recent_hit_rate,
+            "read_gb_s": rate.map(|r| r / 1e9)});
+        if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        if let Some(x) = &mut self.explain {
+            x.line(v);
+        }
     }
 
     /// Count time the forward pass waited for reads.
@@ -813,6 +895,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             };
             self.decisions.push((key.expert, d));
         }
+        self.explain_plan(&plan, serde_json::json!({"tokens": routes.len()}));
         self.issue(&plan, None, Urgency::Urgent)?;
         self.promote_needed();
         Ok(())
@@ -841,6 +924,10 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             }
         }
         self.stalled(t0);
+        if let Some(x) = &mut self.explain {
+            x.line(serde_json::json!({"pass": self.step, "layer": l, "kind": "Wait",
+                "stall_ms": 1000.0 * t0.elapsed().as_secs_f64()}));
+        }
         match first_err {
             Some(e) => {
                 // The failed loads' slots are empty; nothing of this plan is viewed any more.
@@ -899,6 +986,8 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             }
         }
         self.check_plan(&plan)?;
+        let extra = self.pending_explain.take().unwrap_or(serde_json::Value::Null);
+        self.explain_plan(&plan, extra);
         self.cache.apply(&plan);
         let id = PrefetchId(self.next_prefetch);
         self.next_prefetch += 1;
@@ -925,6 +1014,36 @@ impl<B: Backend> ExpertProvider<B> for Offload {
 
     fn cancel(&mut self, id: PrefetchId) {
         self.drop_prefetch(id, None);
+    }
+
+    fn predicted(
+        &mut self,
+        l: usize,
+        candidates: &[crate::layers::Candidate],
+    ) -> Result<Option<(PrefetchId, Vec<u16>)>, ProviderError> {
+        let bar = <Offload as ExpertProvider<B>>::prefetch_bar(self);
+        let take: Vec<(u16, f32)> =
+            candidates.iter().filter(|c| c.confidence >= bar).map(|c| (c.expert, c.weight)).collect();
+        if self.explain.is_some() {
+            let below: Vec<serde_json::Value> = candidates
+                .iter()
+                .filter(|c| c.confidence < bar)
+                .map(|c| serde_json::json!({"expert": c.expert, "weight": c.weight, "confidence": c.confidence}))
+                .collect();
+            let conf: Vec<f32> = candidates.iter().filter(|c| c.confidence >= bar).map(|c| c.confidence).collect();
+            let plan = crate::experts::Plan { kind: PlanKind::Prefetch, layer: l, token: self.step, actions: vec![] };
+            let expl = serde_json::json!({"bar": bar, "confidences": conf, "below_bar": below});
+            if take.is_empty() {
+                self.explain_plan(&plan, expl);
+                return Ok(None);
+            }
+            self.pending_explain = Some(expl);
+        }
+        if take.is_empty() {
+            return Ok(None);
+        }
+        let id = <Offload as ExpertProvider<B>>::prefetch(self, l, &take, Priority::Prefetch)?;
+        Ok(Some((id, take.iter().map(|t| t.0).collect())))
     }
 
     /// The cost model's break-even: a right prefetch saves about one read's stall, but only

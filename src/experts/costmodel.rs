@@ -5,7 +5,7 @@
 //! Per layer: the dense part streams its weights (`dense / W` plus a fixed overhead); the hits
 //! compute while the misses are read (the engine's overlap), then the misses compute:
 //! `t = dense + max(hits·E / W, misses·E / R) + misses·E / W`, with `W` the device's weight
-//! rate and `R` the rate misses arrive at (disk, or host-to-device for a discrete GPU whose
+//! rate and `R` the rate misses arrive at (after the device's read latency, once per layer) (disk, or host-to-device for a discrete GPU whose
 //! host holds the model). Where computing a miss on the host beats moving it (a discrete GPU,
 //! llama.cpp's `--cpu-moe`), the miss costs `E / W_host` instead. A predictor with recall `r`
 //! starts that share of a layer's reads one layer early, hiding up to the previous layer's time.
@@ -95,7 +95,8 @@ impl CostModel {
     /// Seconds to move one miss of `bytes`, and seconds to compute it on the host instead
     /// (`None` where the host is the device).
     pub fn miss_costs(&self, bytes: f64) -> (f64, Option<f64>) {
-        let load = bytes / self.miss_bytes_per_s();
+        let latency = if bytes > 0.0 { self.device.read_latency_s } else { 0.0 };
+        let load = latency + bytes / self.miss_bytes_per_s();
         let host = (!self.device.unified).then(|| bytes / self.device.host_weight_bytes_per_s);
         (load, host)
     }
@@ -145,6 +146,7 @@ mod tests {
             weight_bytes_per_s: 100e9,
             host_weight_bytes_per_s: 10e9,
             layer_overhead_s: 0.0,
+            read_latency_s: 0.0,
             sources: Default::default(),
         }
     }

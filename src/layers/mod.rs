@@ -5,7 +5,9 @@
 
 mod provider;
 
-pub use provider::{used_experts, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError};
+pub use provider::{
+    used_experts, Candidate, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError,
+};
 
 use crate::arch::{Gating, GroupLimit, QkNorm, RouterConfig};
 use crate::backend::{AttnShape, Backend, ExpertJob, Heads, Values};

@@ -39,6 +39,15 @@ pub enum Priority {
     Demand,
 }
 
+/// A predicted expert of a later layer: its predicted gate weight and how often predictions
+/// like it (same distance and rank) have been right.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub expert: u16,
+    pub weight: f32,
+    pub confidence: f32,
+}
+
 /// Identifies one `prefetch` call until it is used or cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PrefetchId(pub u64);
@@ -72,6 +81,22 @@ pub trait ExpertProvider<B: Backend> {
     /// nothing to load asks nothing.
     fn prefetch_bar(&self) -> f32 {
         0.0
+    }
+    /// The predictor's candidates for layer `l` (score order): the planner prefetches those
+    /// whose confidence clears `prefetch_bar`. Returns the prefetch and the experts it took
+    /// (`None` when it takes none).
+    fn predicted(
+        &mut self,
+        l: usize,
+        candidates: &[Candidate],
+    ) -> Result<Option<(PrefetchId, Vec<u16>)>, ProviderError> {
+        let bar = self.prefetch_bar();
+        let take: Vec<(u16, f32)> =
+            candidates.iter().filter(|c| c.confidence >= bar).map(|c| (c.expert, c.weight)).collect();
+        match take.is_empty() {
+            true => Ok(None),
+            false => Ok(Some((self.prefetch(l, &take, Priority::Prefetch)?, take.iter().map(|t| t.0).collect()))),
+        }
     }
     /// Drop only `experts` of a prefetch (the rest of it is still wanted).
     fn cancel_experts(&mut self, id: PrefetchId, experts: &[u16]) {
