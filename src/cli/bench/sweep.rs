@@ -16,6 +16,9 @@ use crate::cli::offload_args::OffloadArgs;
 #[derive(serde::Serialize)]
 struct Point {
     budget: String,
+    /// The predictor's look-ahead (None: prediction off).
+    predict: Option<usize>,
+    predictor_recall: Option<f64>,
     budget_mib: f64,
     share_of_experts: f64,
     decode_tok_s: Stat,
@@ -43,46 +46,62 @@ pub(super) fn run(sweep: SweepRun<'_>) -> anyhow::Result<()> {
     let SweepRun { offload: args, budgets, model, path, prompt, n_gen, repeats, threads, n_ctx } = sweep;
     let mut points = Vec::new();
     println!(
-        "{:>8} {:>10} {:>22} {:>9} {:>12} {:>10}",
-        "budget", "MiB", "decode tok/s [min–max]", "hit rate", "MiB/token", "stall ms"
+        "{:>8} {:>8} {:>10} {:>22} {:>9} {:>12} {:>10}",
+        "budget", "predict", "MiB", "decode tok/s [min–max]", "hit rate", "MiB/token", "stall ms/tok"
     );
+    // Every budget without prediction and with it (the `--predict` given, else the default);
+    // routing profiles stay off unless asked for, so that one budget's run does not warm the next.
+    let mut a = args.clone();
+    a.predict = None;
+    a.expert_budget = Some("100%".into());
+    let with = match args.predict.as_deref() {
+        Some("off") => None,
+        _ => args.predict_config()?.or_else(|| a.predict_config().ok().flatten()),
+    };
+    let predictors: Vec<Option<moerun::predict::PredictConfig>> = std::iter::once(None).chain(with.map(Some)).collect();
     for b in budgets {
-        let mut a = args.clone();
-        a.expert_budget = Some(b.clone());
-        a.memory_budget = None;
-        let cfg = EngineConfig { threads, n_ctx, residency: a.residency(Resident::Dense), ..Default::default() };
-        let mut engine = Engine::new(Arc::clone(model), cfg)?;
-        let kv = engine.session_kv_bytes();
-        let cfg = a.config(model, path, kv)?.context("a sweep budget")?;
-        engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
-        engine.set_predictor(args.predict_config()?);
-        let ((pf, dec), _) = measure_ours(&mut engine, prompt, n_gen, repeats)?;
-        let st = engine.offload_stats().context("offload stats")?;
-        let tokens = ((prompt.len() + n_gen) * (repeats + 1)) as f64;
-        let share = match parse_budget(b) {
-            Ok(Budget::Share(f)) => f,
-            _ => st.budget_bytes as f64 / model.expert_bytes().max(1) as f64,
-        };
-        let p = Point {
-            budget: b.clone(),
-            budget_mib: st.budget_bytes as f64 / 1048576.0,
-            share_of_experts: share,
-            decode_tok_s: Stat::of(dec),
-            prefill_tok_s: Stat::of(pf),
-            hit_rate: st.hit_rate,
-            mib_read_per_token: (st.bytes_read_high + st.bytes_read_low) as f64 / tokens / 1048576.0,
-            stall_ms_per_token: 1000.0 * st.stall_s / tokens,
-        };
-        println!(
-            "{:>8} {:>10.1} {:>22} {:>8.1}% {:>12.2} {:>10.2}",
-            p.budget,
-            p.budget_mib,
-            p.decode_tok_s.show(),
-            100.0 * p.hit_rate,
-            p.mib_read_per_token,
-            p.stall_ms_per_token
-        );
-        points.push(p);
+        for &predict in &predictors {
+            let mut a = args.clone();
+            a.expert_budget = Some(b.clone());
+            a.memory_budget = None;
+            a.profile = Some(args.profile.clone().unwrap_or_else(|| "off".into()));
+            let cfg = EngineConfig { threads, n_ctx, residency: a.residency(Resident::Dense), ..Default::default() };
+            let mut engine = Engine::new(Arc::clone(model), cfg)?;
+            let kv = engine.session_kv_bytes();
+            let cfg = a.config(model, path, kv)?.context("a sweep budget")?;
+            engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
+            engine.set_predictor(predict);
+            let ((pf, dec), _) = measure_ours(&mut engine, prompt, n_gen, repeats)?;
+            let st = engine.offload_stats().context("offload stats")?;
+            let tokens = ((prompt.len() + n_gen) * (repeats + 1)) as f64;
+            let share = match parse_budget(b) {
+                Ok(Budget::Share(f)) => f,
+                _ => st.budget_bytes as f64 / model.expert_bytes().max(1) as f64,
+            };
+            let p = Point {
+                budget: b.clone(),
+                predict: predict.map(|p| p.distance),
+                predictor_recall: st.predictor.as_ref().map(|p| p.recall),
+                budget_mib: st.budget_bytes as f64 / 1048576.0,
+                share_of_experts: share,
+                decode_tok_s: Stat::of(dec),
+                prefill_tok_s: Stat::of(pf),
+                hit_rate: st.hit_rate,
+                mib_read_per_token: (st.bytes_read_high + st.bytes_read_low) as f64 / tokens / 1048576.0,
+                stall_ms_per_token: st.stall_ms_per_token,
+            };
+            println!(
+                "{:>8} {:>8} {:>10.1} {:>22} {:>8.1}% {:>12.2} {:>10.2}",
+                p.budget,
+                p.predict.map_or("off".to_string(), |d| d.to_string()),
+                p.budget_mib,
+                p.decode_tok_s.show(),
+                100.0 * p.hit_rate,
+                p.mib_read_per_token,
+                p.stall_ms_per_token
+            );
+            points.push(p);
+        }
     }
     std::fs::create_dir_all("bench-results").context("creating bench-results/")?;
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -145,22 +164,42 @@ fn plot(points: &[Point], png: &Path, title: &str) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         chart.configure_secondary_axes().y_desc("hit rate (%)").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
-    let tok: Vec<(f64, f64)> = xs.iter().zip(points).map(|(&x, p)| (x, p.decode_tok_s.median)).collect();
-    let hit: Vec<(f64, f64)> = xs.iter().zip(points).map(|(&x, p)| (x, 100.0 * p.hit_rate)).collect();
-    let s1 = chart
-        .draw_series(LineSeries::new(tok.clone(), BLUE.stroke_width(3)))
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    if labels {
-        s1.label("decode tok/s").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    // One decode line and one hit-rate line per predictor setting.
+    let settings: Vec<Option<usize>> = points.iter().fold(Vec::new(), |mut v, p| {
+        if !v.contains(&p.predict) {
+            v.push(p.predict);
+        }
+        v
+    });
+    for (i, &setting) in settings.iter().enumerate() {
+        let (tok_color, hit_color) = if i == 0 { (BLUE, RED) } else { (GREEN, MAGENTA) };
+        let name = setting.map_or("no prediction".to_string(), |d| format!("prediction {d} ahead"));
+        let mine: Vec<(f64, &Point)> =
+            xs.iter().zip(points).filter(|(_, p)| p.predict == setting).map(|(&x, p)| (x, p)).collect();
+        let tok: Vec<(f64, f64)> = mine.iter().map(|&(x, p)| (x, p.decode_tok_s.median)).collect();
+        let hit: Vec<(f64, f64)> = mine.iter().map(|&(x, p)| (x, 100.0 * p.hit_rate)).collect();
+        let s1 = chart
+            .draw_series(LineSeries::new(tok.clone(), tok_color.stroke_width(3)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        if labels {
+            s1.label(format!("decode tok/s, {name}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], tok_color));
+        }
+        chart
+            .draw_series(tok.iter().map(|&p| Circle::new(p, 4, tok_color.filled())))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        let s2 = chart
+            .draw_secondary_series(LineSeries::new(hit.clone(), hit_color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        if labels {
+            s2.label(format!("hit rate %, {name}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], hit_color));
+        }
+        chart
+            .draw_secondary_series(hit.iter().map(|&p| Circle::new(p, 4, hit_color.filled())))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
-    chart
-        .draw_series(tok.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    let s2 = chart
-        .draw_secondary_series(LineSeries::new(hit.clone(), RED.stroke_width(3)))
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     if labels {
-        s2.label("hit rate %").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -168,9 +207,6 @@ fn plot(points: &[Point], png: &Path, title: &str) -> anyhow::Result<()> {
             .draw()
             .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
-    chart
-        .draw_secondary_series(hit.iter().map(|&p| Circle::new(p, 4, RED.filled())))
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }
