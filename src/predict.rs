@@ -35,7 +35,7 @@ pub struct PredictConfig {
 
 /// The default look-ahead when experts are budgeted (chosen by measurement: see the closing note
 /// of issue 11 and `moerun bench --predict`).
-pub const DEFAULT_DISTANCE: usize = 2;
+pub const DEFAULT_DISTANCE: usize = 1;
 
 impl Default for PredictConfig {
     fn default() -> Self {

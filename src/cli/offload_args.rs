@@ -54,7 +54,7 @@ pub struct OffloadArgs {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Predict the experts of the next N MoE layers (1–3) from each layer's hidden state and
-    /// prefetch them; `off` to disable. Default: on (2) when experts are budgeted, else off
+    /// prefetch them; `off` to disable. Default: on (1) when experts are budgeted, else off
     /// (with every expert in memory, `--predict N` only measures the predictions).
     #[arg(long, value_name = "N|off")]
     pub predict: Option<String>,

@@ -861,7 +861,12 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         if let Some((rec, _)) = &mut self.profile {
             rec.record(l, routes);
         }
-        let used = used_experts(routes);
+        let mut used = used_experts(routes);
+        if routes.len() > 1 {
+            // A batch: the experts most tokens share load (and compute) first.
+            let count = |e: u16| routes.iter().filter(|r| r.experts.contains(&(e as u32))).count();
+            used.sort_by_key(|&e| std::cmp::Reverse(count(e)));
+        }
         // A wave must fit the slots this layer may use (never fewer than top-k: checked at start).
         let cap = self.cache.layer_slots(l, Precision::High).len().max(1);
         used.chunks(cap).map(|c| c.to_vec()).collect()
@@ -896,7 +901,15 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             self.decisions.push((key.expert, d));
         }
         self.explain_plan(&plan, serde_json::json!({"tokens": routes.len()}));
-        self.issue(&plan, None, Urgency::Urgent)?;
+        if routes.len() > 1 {
+            // A batch: one read group per expert, so each computes as soon as it lands.
+            for action in plan.actions.iter().filter(|a| matches!(a.1, Action::Load { .. })) {
+                let one = crate::experts::Plan { actions: vec![*action], ..plan.clone() };
+                self.issue(&one, None, Urgency::Urgent)?;
+            }
+        } else {
+            self.issue(&plan, None, Urgency::Urgent)?;
+        }
         self.promote_needed();
         Ok(())
     }
@@ -936,6 +949,24 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             }
             None => Ok(()),
         }
+    }
+
+    fn wait_for(&mut self, l: usize, e: u16) -> Result<(), ProviderError> {
+        let group = match self.decision(l, e) {
+            Some(Decision::At(p, slot)) => match self.slot_state(p, slot) {
+                Some(SlotState::Loading(g)) => g,
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        let t0 = Instant::now();
+        let r = self.finish_group(group, true);
+        self.stalled(t0);
+        if r.is_err() {
+            // The failed loads' slots are empty; nothing of this plan is viewed any more.
+            self.decisions.clear();
+        }
+        r
     }
 
     fn state(&self, l: usize, e: u16) -> ExpertState {

@@ -368,9 +368,32 @@ impl<B: Backend> Forward<'_, B> {
                 for wave in self.experts.schedule(l, &routes) {
                     self.experts.fetch(l, &wave, &routes)?;
                     // Experts already in place are computed while the misses load.
-                    let (ready, rest): (Vec<u16>, Vec<u16>) =
-                        wave.iter().partition(|&&e| self.experts.state(l, e) == ExpertState::Ready);
-                    self.wave_outputs(l, &ready, &expert_of, &assign, &mut done, s);
+                    // Then each miss as it lands (reads go out most-shared first), until the
+                    // wave is done.
+                    let mut rest: Vec<u16> = wave.clone();
+                    let mut waited: Vec<u16> = Vec::new();
+                    while !rest.is_empty() {
+                        let (ready, waiting): (Vec<u16>, Vec<u16>) =
+                            rest.iter().partition(|&&e| self.experts.state(l, e) == ExpertState::Ready);
+                        if ready.is_empty() {
+                            // Skipped or absent experts never land; one waited for already
+                            // and still loading means its reads are not tracked alone.
+                            let next = waiting
+                                .iter()
+                                .copied()
+                                .find(|&e| self.experts.state(l, e) == ExpertState::Loading && !waited.contains(&e));
+                            match next {
+                                Some(e) => {
+                                    self.experts.wait_for(l, e)?;
+                                    waited.push(e);
+                                }
+                                None => break,
+                            }
+                            continue;
+                        }
+                        self.wave_outputs(l, &ready, &expert_of, &assign, &mut done, s);
+                        rest = waiting;
+                    }
                     self.experts.wait(l)?;
                     self.wave_outputs(l, &rest, &expert_of, &assign, &mut done, s);
                 }

@@ -62,6 +62,12 @@ pub trait ExpertProvider<B: Backend> {
     /// Block until every read layer `l`'s last `fetch` depends on has landed (its own misses,
     /// and prefetches of the experts it needs), and never for anything else.
     fn wait(&mut self, l: usize) -> Result<(), ProviderError>;
+    /// Block until expert `e` of layer `l`'s last `fetch` has landed (or the whole layer, where
+    /// reads are not tracked per expert), so the pass can compute it while the rest load.
+    fn wait_for(&mut self, l: usize, e: u16) -> Result<(), ProviderError> {
+        let _ = e;
+        self.wait(l)
+    }
     fn state(&self, l: usize, e: u16) -> ExpertState;
     /// The expert's matrices (gate, up, down) if its bytes have landed; `None` while it loads,
     /// when the plan skipped it, or when nobody asked for it.
