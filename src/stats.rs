@@ -74,8 +74,12 @@ pub struct ExpertCacheStats {
     pub budget_bytes: Option<u64>,
     /// Fraction of resident expert bytes held at each precision.
     pub precision_mix: Option<BTreeMap<String, f64>>,
-    /// How often the expert predictor named an expert the router then chose.
+    /// How often the expert predictor named an expert the router then chose (next-layer recall).
     pub predictor_accuracy: Option<f64>,
+    /// Milliseconds a decoded token waited for expert reads.
+    pub stall_ms_per_token: Option<f64>,
+    /// The predictor's figures: recall and precision per distance, wasted bytes per token.
+    pub predictor: Option<crate::predict::PredictStats>,
 }
 
 impl ExpertCacheStats {
@@ -101,6 +105,8 @@ impl ExpertCacheStats {
             budget_bytes: Some(o.budget_bytes),
             precision_mix: Some(mix),
             predictor_accuracy: o.predictor.as_ref().map(|p| p.recall),
+            stall_ms_per_token: Some(o.stall_ms_per_token),
+            predictor: o.predictor.clone(),
         }
     }
 }
@@ -197,7 +203,14 @@ mod tests {
     fn absent_cache_serializes_as_nulls() {
         let v = serde_json::to_value(ExpertCacheStats::absent()).expect("serializes");
         assert_eq!(v["enabled"], false);
-        for k in ["hit_rate", "bytes_moved_per_token", "precision_mix", "predictor_accuracy"] {
+        for k in [
+            "hit_rate",
+            "bytes_moved_per_token",
+            "precision_mix",
+            "predictor_accuracy",
+            "stall_ms_per_token",
+            "predictor",
+        ] {
             assert!(v[k].is_null(), "{k}: {v}");
         }
     }

@@ -504,9 +504,35 @@ async fn models_health_and_moe_stats() {
     // No expert cache yet: its figures are null, never made up.
     let cache = &st["expert_cache"];
     assert_eq!(cache["enabled"], false);
-    for k in ["hit_rate", "bytes_moved_per_token", "precision_mix", "predictor_accuracy"] {
+    for k in ["hit_rate", "bytes_moved_per_token", "precision_mix", "predictor_accuracy", "stall_ms_per_token"] {
         assert!(cache[k].is_null(), "{k}: {cache}");
     }
+    s.stop().await;
+}
+
+/// With an expert cache and the predictor, `/v1/moe/stats` reports real cache and predictor
+/// figures (hit rate, stall per token, next-layer recall per distance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_report_the_expert_cache_and_the_predictor() {
+    let mut cfg = config();
+    cfg.engine.residency = moerun::model::Residency::fixed(moerun::model::Resident::Dense);
+    cfg.offload = Some(moerun::engine::offload::OffloadConfig {
+        budget: moerun::engine::offload::Budget::Share(0.25),
+        ..Default::default()
+    });
+    cfg.predict = Some(moerun::predict::PredictConfig { distance: 2, ..Default::default() });
+    let s = start(cfg).await;
+    let body = json!({"prompt": "The borrow checker", "max_tokens": 24, "ignore_eos": true});
+    let (status, _) = s.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200);
+    let cache = s.stats().await["expert_cache"].clone();
+    assert_eq!(cache["enabled"], true, "{cache}");
+    assert!(cache["hit_rate"].as_f64().is_some_and(|h| (0.0..=1.0).contains(&h)), "{cache}");
+    assert!(cache["predictor_accuracy"].as_f64().is_some_and(|r| r > 0.5 && r <= 1.0), "{cache}");
+    assert!(cache["stall_ms_per_token"].as_f64().is_some(), "{cache}");
+    let per = cache["predictor"]["per_distance"].as_array().expect("per distance").clone();
+    assert_eq!(per.len(), 2, "{cache}");
+    assert!(per.iter().all(|d| d["predictions"].as_u64().is_some_and(|n| n > 0)), "{cache}");
     s.stop().await;
 }
 

@@ -339,6 +339,21 @@ impl Chat {
         for l in lines {
             self.io.note(&l);
         }
+        if let Some(p) = &cache.predictor {
+            let per: Vec<String> = p
+                .per_distance
+                .iter()
+                .map(|d| format!("{} ahead {:.0}%/{:.0}%", d.distance, 100.0 * d.recall, 100.0 * d.precision))
+                .collect();
+            self.io.note(&format!(
+                "predictor    recall/precision {}; {} of {} prefetches used, {} wasted per token; stall {:.2} ms per token",
+                per.join(", "),
+                p.prefetched_used,
+                p.prefetched,
+                mib(p.wasted_bytes_per_token as u64),
+                cache.stall_ms_per_token.unwrap_or(0.0)
+            ));
+        }
     }
 }
 
