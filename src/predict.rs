@@ -10,7 +10,7 @@
 //! earlier (`layers::ExpertProvider::prefetch` never evicts the current layer's experts and never
 //! hands out an expert before its bytes land).
 
-use crate::arch::RouterConfig;
+use crate::arch::HParams;
 use crate::layers::{route, Candidate, ExpertProvider, PrefetchId, Route};
 
 /// The farthest a predictor looks ahead.
@@ -208,13 +208,12 @@ impl Predictor {
         &mut self,
         targets: &[(usize, usize)],
         scores: &mut [f32],
-        n_expert: usize,
-        top_k: usize,
-        router: &RouterConfig,
+        hp: &HParams,
         selection_bias: impl Fn(usize) -> Option<Vec<f32>>,
         provider: &mut dyn ExpertProvider<B>,
     ) {
-        let width = if self.cfg.width == 0 { top_k } else { self.cfg.width.min(n_expert) };
+        let (n_expert, router) = (hp.n_expert, &hp.router);
+        let width = if self.cfg.width == 0 { hp.n_expert_used } else { self.cfg.width.min(n_expert) };
         for (&(target, dist), logits) in targets.iter().zip(scores.chunks_exact_mut(n_expert)) {
             let bias = selection_bias(target);
             let r = route(logits, width, router, bias.as_deref());

@@ -373,3 +373,33 @@ fn a_read_that_fails_mid_run_ends_the_generation_with_an_error_naming_the_file()
     let mut s2 = eng.new_session().expect("session");
     let _ = eng.eval(&mut s2, &[709], Logits::Last);
 }
+
+/// Per-layer shares set from a routing profile (deepseek2's dense first layer gets none) still
+/// give the all-resident bits, with the predictor on.
+#[test]
+fn per_layer_shares_from_a_profile_never_change_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = synth(dir.path(), "deepseek2", GgmlType::Q4_0, None);
+    let model = load(&path);
+    let prompt = [3, 100, 200, 7, 42, 9, 300, 11];
+    let (want_logits, want_ids) = baseline(&model, CpuBackend::new(2), &prompt);
+    let profile = dir.path().join("profile.json");
+    for pass in 0..2 {
+        let cfg = OffloadConfig {
+            budget: Budget::Share(0.5),
+            per_layer: true,
+            profile: Some(profile.clone()),
+            ..Default::default()
+        };
+        let off = Offload::new(Arc::clone(&model), &cfg).unwrap_or_else(|e| panic!("pass {pass}: {e}"));
+        let mut eng = engine(&model, CpuBackend::new(2));
+        eng.set_offload(off);
+        eng.set_predictor(Some(PredictConfig { distance: 2, cost_gate: false, ..Default::default() }));
+        let (logits, ids) = run(&mut eng, &prompt, 24, None);
+        assert_eq!(ids, want_ids, "pass {pass}");
+        assert!(logits == want_logits, "pass {pass}: logits are not bit-identical");
+        if pass == 1 {
+            assert!(eng.offload_stats().expect("stats").bytes_warmed > 0, "the second run warms from the profile");
+        }
+    }
+}

@@ -362,7 +362,16 @@ impl Offload {
             // That share of all experts, counted in slots (a slot holds one expert's aligned reads).
             Budget::Share(f) => ((moe_layers.len() * hp.n_expert) as f64 * f).round() as u64 * high_shape.bytes as u64,
         };
+        // This model's routing profile, if one is kept and matches: it warms the cache below and
+        // sets per-layer shares.
+        let profile = cfg.profile.as_deref().map(|p| (p, matching_profile(p, &model)));
+        // Every MoE layer needs slots (at least top_k, whatever the profile saw); dense ones none.
+        let layer_weights = profile.as_ref().and_then(|(_, p)| p.as_ref()).map(|p| {
+            let eff = p.effective_experts();
+            (0..hp.n_layer).map(|l| if model.experts(l).is_some() { eff[l].max(1.0) } else { 0.0 }).collect()
+        });
         let cache_cfg = CacheConfig {
+            layer_weights,
             n_layers: hp.n_layer,
             n_experts: hp.n_expert,
             top_k: hp.n_expert_used,
@@ -430,29 +439,17 @@ impl Offload {
             let f = std::fs::File::create(p).map_err(|source| IoError::Open { path: p.clone(), source })?;
             off.explain = Some(Explain { out: std::io::BufWriter::new(f), path: p.clone(), failed: false });
         }
-        if let Some(p) = &cfg.profile {
-            off.start_profile(p)?;
+        if let Some((path, saved)) = profile {
+            off.start_profile(path, saved)?;
         }
         Ok(off)
     }
 
-    /// Load the routing profile at `path` (if it is this model's), warm the cache with its most
-    /// used experts, and record this run's routing into it.
-    fn start_profile(&mut self, path: &Path) -> Result<(), OffloadError> {
-        let m = &self.model;
-        let fp = format!("{:016x}", crate::lowprec::fingerprint(m));
-        let size = m.file.bytes().len() as u64;
-        let name = m.file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (nl, ne) = (m.hp.n_layer, m.hp.n_expert);
-        let saved = match RoutingProfile::load(path) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("{e}; starting a new profile");
-                None
-            }
-        };
+    /// Warm the cache with the most used experts of `saved` (this model's profile, if any) and
+    /// record this run's routing into it, to be saved at `path`.
+    fn start_profile(&mut self, path: &Path, saved: Option<RoutingProfile>) -> Result<(), OffloadError> {
         let profile = match saved {
-            Some(p) if p.matches(&fp, size, nl, ne) => {
+            Some(p) => {
                 let hot = p.hottest(self.cache.n_slots(Precision::High));
                 self.warm(&hot)?;
                 tracing::info!(
@@ -463,11 +460,12 @@ impl Offload {
                 );
                 p
             }
-            Some(_) => {
-                tracing::warn!("{}: a routing profile of another model; starting a new one", path.display());
-                RoutingProfile::new(name, fp, size, nl, ne)
+            None => {
+                let m = &self.model;
+                let name = m.file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let (fp, size) = profile_identity(m);
+                RoutingProfile::new(name, fp, size, m.hp.n_layer, m.hp.n_expert)
             }
-            None => RoutingProfile::new(name, fp, size, nl, ne),
         };
         self.profile = Some((ProfileRecorder::new(profile), path.to_path_buf()));
         Ok(())
@@ -1138,6 +1136,29 @@ impl Offload {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A model's identity in routing profiles: its fingerprint (hex) and file size.
+fn profile_identity(m: &Model) -> (String, u64) {
+    (format!("{:016x}", crate::lowprec::fingerprint(m)), m.file.bytes().len() as u64)
+}
+
+/// The routing profile at `path` if it is `model`'s (a missing, unreadable or foreign one: none,
+/// with a warning for the last two).
+fn matching_profile(path: &Path, model: &Model) -> Option<RoutingProfile> {
+    let (fp, size) = profile_identity(model);
+    match RoutingProfile::load(path) {
+        Ok(Some(p)) if p.matches(&fp, size, model.hp.n_layer, model.hp.n_expert) => Some(p),
+        Ok(Some(_)) => {
+            tracing::warn!("{}: a routing profile of another model; starting a new one", path.display());
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("{e}; starting a new profile");
+            None
         }
     }
 }

@@ -490,7 +490,13 @@ fn layout(cfg: &CacheConfig) -> Result<(Pool, Pool), CacheError> {
     }
     let n_low = if low_on { low_bytes / cfg.expert_bytes_low } else { 0 };
     let pinned_layer = |l: u64| l < pinned;
-    let (high_sizes, low_sizes): (Vec<u64>, Vec<u64>) = if cfg.per_layer {
+    let weighted = cfg.layer_weights.as_ref().filter(|w| cfg.per_layer && w.len() == cfg.n_layers);
+    let (high_sizes, low_sizes): (Vec<u64>, Vec<u64>) = if let Some(w) = weighted {
+        let free: Vec<f64> = (0..n_l).map(|l| if pinned_layer(l) { 0.0 } else { w[l as usize].max(0.0) }).collect();
+        let high = apportion(have - pinned * n_e, &free, cfg.top_k as u64, n_e);
+        let low = apportion(n_low, &free, 0, n_e);
+        (0..n_l as usize).map(|l| if pinned_layer(l as u64) { (n_e, 0) } else { (high[l], low[l]) }).unzip()
+    } else if cfg.per_layer {
         // `nth` counts the unpinned layers from 0; free_layers > 0 whenever it is called.
         let split = |total: u64, nth: u64| (total / free_layers + u64::from(nth < total % free_layers)).min(n_e);
         (0..n_l)
@@ -508,6 +514,48 @@ fn layout(cfg: &CacheConfig) -> Result<(Pool, Pool), CacheError> {
         (vec![high; cfg.n_layers], (0..n_l).map(|l| if pinned_layer(l) { 0 } else { low }).collect())
     };
     Ok((pool(&high_sizes, cfg.per_layer), pool(&low_sizes, cfg.per_layer)))
+}
+
+/// `total` slots over the layers with a positive weight, in proportion to it, each between `min`
+/// and `max` (largest remainders first; `total` is at least `min` per such layer, checked by
+/// the caller).
+fn apportion(total: u64, weights: &[f64], min: u64, max: u64) -> Vec<u64> {
+    let live: Vec<usize> = (0..weights.len()).filter(|&l| weights[l] > 0.0).collect();
+    let sum: f64 = live.iter().map(|&l| weights[l]).sum();
+    let mut out = vec![0u64; weights.len()];
+    if live.is_empty() || sum <= 0.0 {
+        return out;
+    }
+    let ideal = |l: usize| total as f64 * weights[l] / sum;
+    for &l in &live {
+        out[l] = (ideal(l).floor() as u64).clamp(min, max);
+    }
+    let mut given: u64 = out.iter().sum();
+    // Too many (the minimums pushed it over): take from the layers furthest above their ideal.
+    while given > total {
+        let Some(&l) = live
+            .iter()
+            .filter(|&&l| out[l] > min)
+            .max_by(|&&a, &&b| (out[a] as f64 - ideal(a)).total_cmp(&(out[b] as f64 - ideal(b))))
+        else {
+            break;
+        };
+        out[l] -= 1;
+        given -= 1;
+    }
+    // Too few: give to the layers furthest below their ideal.
+    while given < total {
+        let Some(&l) = live
+            .iter()
+            .filter(|&&l| out[l] < max)
+            .max_by(|&&a, &&b| (ideal(a) - out[a] as f64).total_cmp(&(ideal(b) - out[b] as f64)))
+        else {
+            break;
+        };
+        out[l] += 1;
+        given += 1;
+    }
+    out
 }
 
 /// Per-layer sizes → a pool: contiguous ranges when per layer, else one range shared by all.

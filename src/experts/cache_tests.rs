@@ -384,3 +384,16 @@ fn stale_plans_still_leave_a_consistent_cache() {
     c.check_invariants();
     assert_eq!(c.stats().skips, 1);
 }
+
+#[test]
+fn per_layer_shares_follow_layer_weights_within_top_k_and_all_experts() {
+    let mut c = cfg(4, 8, 2, 16);
+    c.per_layer = true;
+    c.layer_weights = Some(vec![1.0, 1.0, 6.0, 0.5]);
+    let cache = ExpertCache::new(c).unwrap();
+    let sizes: Vec<usize> = (0..4).map(|l| cache.layer_slots(l, Precision::High).len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 16, "{sizes:?}");
+    assert_eq!(sizes[2], 8, "capped at all 8 experts: {sizes:?}");
+    assert!(sizes.iter().all(|&n| n >= 2), "at least top_k each: {sizes:?}");
+    assert!(sizes[0] >= sizes[3], "{sizes:?}");
+}

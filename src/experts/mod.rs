@@ -97,8 +97,12 @@ pub struct CacheConfig {
     /// First L layers fully pinned (their experts never evicted once loaded). Honoured by
     /// every policy; `Fate` is LRU plus this.
     pub pinned_layers: usize,
-    /// Give every layer its own equal share of slots instead of one shared pool.
+    /// Give every layer its own share of slots instead of one shared pool: equal, or in
+    /// proportion to `layer_weights`.
     pub per_layer: bool,
+    /// With `per_layer`: each layer's relative need (a routing profile's effective number of
+    /// experts per layer); every layer still gets at least top_k and at most all its experts.
+    pub layer_weights: Option<Vec<f64>>,
     /// HOBBIT mixed precision thresholds (T1, T2) on cumulative normalized gate weight
     /// (None = always high).
     pub thresholds: Option<(f32, f32)>,
@@ -128,6 +132,7 @@ impl CacheConfig {
             hobbit_weights: DEFAULT_HOBBIT_WEIGHTS,
             pinned_layers: 0,
             per_layer: false,
+            layer_weights: None,
             thresholds: None,
             host_compute: false,
         }

@@ -93,7 +93,7 @@ impl RoutingProfile {
 
     /// Write atomically: a temporary file beside `path`, synced, renamed over it.
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
-        let json = serde_json::to_vec(self).map_err(|e| std::io::Error::other(e));
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other);
         json.and_then(|j| crate::atomic::write(path, &j))
             .map_err(|source| ProfileError::Write { path: path.to_path_buf(), source })?;
         Ok(())
@@ -113,6 +113,29 @@ impl RoutingProfile {
                 }
             }
         }
+    }
+
+    /// Per layer, the effective number of experts its routing spreads over: exp of the entropy
+    /// of its frequencies (0 for a layer never routed, e.g. a dense one).
+    pub fn effective_experts(&self) -> Vec<f64> {
+        self.freq
+            .iter()
+            .map(|f| {
+                let total: u64 = f.iter().sum();
+                if total == 0 {
+                    return 0.0;
+                }
+                let h: f64 = f
+                    .iter()
+                    .filter(|&&c| c > 0)
+                    .map(|&c| {
+                        let p = c as f64 / total as f64;
+                        -p * p.ln()
+                    })
+                    .sum();
+                h.exp()
+            })
+            .collect()
     }
 
     /// The `n` most chosen experts over all layers (ties: lower layer, then lower index), as
@@ -274,6 +297,9 @@ mod tests {
         assert_eq!(t(2, 3), 2);
         assert_eq!(t(3, 1), 0);
         assert_eq!(p.hottest(3), vec![(0, vec![0, 2]), (2, vec![1])]);
+        let eff = p.effective_experts();
+        assert_eq!(eff[1], 0.0, "a layer never routed");
+        assert!(eff[0] > 3.0 && eff[0] < 4.0, "four experts, uneven: {eff:?}");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/p.json");
         r.save(&path).expect("save");

@@ -436,7 +436,7 @@ impl<B: Backend> Forward<'_, B> {
             Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v).to_vec()),
             _ => None,
         };
-        p.predict(&targets, &mut scores, ne, m.hp.n_expert_used, &m.hp.router, sel, self.experts);
+        p.predict(&targets, &mut scores, &m.hp, sel, self.experts);
     }
 
     /// A dense FFN (all tokens, one expert): into `s.moe` when `into_moe`, else into `s.shared`,
