@@ -335,6 +335,18 @@ pub trait Backend: 'static {
     fn vector<'a>(weights: &'a Self::Weights, v: VecRef) -> Self::Vector<'a>;
     /// A view of `w`'s bytes in ggml's plain layout, held in host memory.
     fn host_mat<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a>;
+    /// Rearrange `w`'s plain bytes in host memory, in place, the way this backend holds the
+    /// resident copy of such a weight (the CPU backend repacks Q4_0 and MXFP4 for ggml's
+    /// interleaved kernels), so a cached copy computes exactly as the resident one. Returns
+    /// whether it did; the bytes are then viewed with `host_mat_prepared`.
+    fn prepare_host_mat(w: &WeightDesc, bytes: &mut [u8]) -> bool {
+        let _ = (w, bytes);
+        false
+    }
+    /// A view of bytes `prepare_host_mat` rearranged.
+    fn host_mat_prepared<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a> {
+        Self::host_mat(w, bytes)
+    }
 
     /// Keep the backend ready for a run of operations with host work between them (a
     /// generation: sampling, streaming, the next token) until the guard drops: the CPU backend

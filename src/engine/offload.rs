@@ -176,6 +176,8 @@ enum SlotState {
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     content: Option<([WeightDesc; 3], [usize; 3])>,
+    /// Which matrices the backend rearranged after landing (`Backend::prepare_host_mat`).
+    prepared: [bool; 3],
     state: SlotState,
 }
 
@@ -192,13 +194,14 @@ impl Arena {
         Ok(Arena {
             shape,
             mem: AlignedBuf::new(shape.bytes * n)?,
-            slots: vec![Slot { content: None, state: SlotState::Empty }; n],
+            slots: vec![Slot { content: None, prepared: [false; 3], state: SlotState::Empty }; n],
         })
     }
 
     /// The three matrices' bytes of a slot whose reads have completed (`landed` answers for a
-    /// slot still marked `Loading`).
-    fn bytes(&self, slot: SlotId, landed: impl Fn(u64) -> bool) -> Option<([WeightDesc; 3], [&[u8]; 3])> {
+    /// slot still marked `Loading`), and which of them were prepared.
+    #[allow(clippy::type_complexity)]
+    fn bytes(&self, slot: SlotId, landed: impl Fn(u64) -> bool) -> Option<([WeightDesc; 3], [&[u8]; 3], [bool; 3])> {
         let s = self.slots.get(slot as usize)?;
         match s.state {
             SlotState::Ready => {}
@@ -216,7 +219,23 @@ impl Arena {
             // reference covers these bytes mutably.
             unsafe { std::slice::from_raw_parts(self.mem.as_ptr().add(at), descs[i].bytes as usize) }
         };
-        Some((descs, [m(0), m(1), m(2)]))
+        Some((descs, [m(0), m(1), m(2)], s.prepared))
+    }
+
+    /// Let `prepare` rearrange a landed slot's three matrices in place.
+    fn prepare(&mut self, slot: SlotId, prepare: fn(&WeightDesc, &mut [u8]) -> bool) {
+        let base = slot as usize * self.shape.bytes;
+        let (len, ptr) = (self.mem.len(), self.mem.as_mut_ptr());
+        let Some(s) = self.slots.get_mut(slot as usize) else { return };
+        let Some((descs, pads)) = s.content else { return };
+        for i in 0..3 {
+            let at = base + self.shape.region[i] + pads[i];
+            assert!(at + descs[i].bytes as usize <= len, "slot region out of bounds");
+            // SAFETY: in bounds (asserted); the slot's reads have completed (the caller ends
+            // its group first) and `&mut self` excludes any view of it.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(ptr.add(at), descs[i].bytes as usize) };
+            s.prepared[i] = prepare(&descs[i], bytes);
+        }
     }
 }
 
@@ -314,6 +333,9 @@ pub struct Offload {
     explain: Option<Explain>,
     /// The predictor's side of the next prefetch's explanation (bar, confidences).
     pending_explain: Option<serde_json::Value>,
+    /// The backend's rearrangement of landed slots (set by the first call as a provider);
+    /// while it is set, a slot is viewable only once its group has ended (and it is prepared).
+    prepare: Option<fn(&WeightDesc, &mut [u8]) -> bool>,
 }
 
 /// `--explain-plan`: one JSON line per plan (and per wait), written as they happen.
@@ -434,6 +456,7 @@ impl Offload {
             profile: None,
             explain: None,
             pending_explain: None,
+            prepare: None,
         };
         if let Some(p) = &cfg.explain {
             let f = std::fs::File::create(p).map_err(|source| IoError::Open { path: p.clone(), source })?;
@@ -712,8 +735,13 @@ impl Offload {
             if dropped && still_ours {
                 self.cache.invalidate(key);
             }
-            if let Some(s) = self.arena_mut(p).and_then(|a| a.slots.get_mut(slot as usize)) {
-                if s.state == SlotState::Loading(g) {
+            let prepare = self.prepare;
+            if let Some(a) = self.arena_mut(p) {
+                if a.slots.get(slot as usize).is_some_and(|s| s.state == SlotState::Loading(g)) {
+                    if let (true, Some(f)) = (ok, prepare) {
+                        a.prepare(slot, f);
+                    }
+                    let s = &mut a.slots[slot as usize];
                     s.state = if ok { SlotState::Ready } else { SlotState::Empty };
                     if !ok {
                         s.content = None;
@@ -771,7 +799,8 @@ impl Offload {
             ops.push(ReadOp { file_offset: off, len, dst });
             bytes += len as u64;
         }
-        arena.slots[slot as usize] = Slot { content: Some((descs, pads)), state: SlotState::Loading(g) };
+        arena.slots[slot as usize] =
+            Slot { content: Some((descs, pads)), prepared: [false; 3], state: SlotState::Loading(g) };
         match p {
             Precision::High => self.bytes_high += bytes,
             Precision::Low => self.bytes_low += bytes,
@@ -871,6 +900,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn fetch(&mut self, l: usize, wave: &[u16], routes: &[Route]) -> Result<(), ProviderError> {
+        self.prepare.get_or_insert(B::prepare_host_mat);
         self.sweep();
         self.layer = l;
         // One token: its experts in rank order with their gate weights, so HOBBIT's thresholds
@@ -913,6 +943,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn wait(&mut self, l: usize) -> Result<(), ProviderError> {
+        self.prepare.get_or_insert(B::prepare_host_mat);
         let t0 = Instant::now();
         // The read groups still filling the slots of layer l's decisions (its own loads, and
         // prefetches of experts it hit); nothing else.
@@ -950,6 +981,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn wait_for(&mut self, l: usize, e: u16) -> Result<(), ProviderError> {
+        self.prepare.get_or_insert(B::prepare_host_mat);
         let group = match self.decision(l, e) {
             Some(Decision::At(p, slot)) => match self.slot_state(p, slot) {
                 Some(SlotState::Loading(g)) => g,
@@ -974,7 +1006,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             Some(Decision::Host) => ExpertState::Ready,
             Some(Decision::At(p, slot)) => match self.slot_state(p, slot) {
                 Some(SlotState::Ready) => ExpertState::Ready,
-                Some(SlotState::Loading(g)) if self.landed(g) => ExpertState::Ready,
+                Some(SlotState::Loading(g)) if self.prepare.is_none() && self.landed(g) => ExpertState::Ready,
                 Some(SlotState::Loading(_)) => ExpertState::Loading,
                 _ => ExpertState::Absent,
             },
@@ -989,12 +1021,21 @@ impl<B: Backend> ExpertProvider<B> for Offload {
                 let descs = [ex.gate, ex.up, ex.down];
                 (descs, descs.map(|w| self.model.bytes_of(&w)))
             }
-            Decision::At(p, slot) => self.arena(p)?.bytes(slot, |g| self.landed(g))?,
+            Decision::At(p, slot) => {
+                let landed = |g| self.prepare.is_none() && self.landed(g);
+                let (descs, bytes, prepared) = self.arena(p)?.bytes(slot, landed)?;
+                let m = |i: usize| match prepared[i] {
+                    true => B::host_mat_prepared(&descs[i], bytes[i]),
+                    false => B::host_mat(&descs[i], bytes[i]),
+                };
+                return Some([m(0), m(1), m(2)]);
+            }
         };
         Some([B::host_mat(&descs[0], bytes[0]), B::host_mat(&descs[1], bytes[1]), B::host_mat(&descs[2], bytes[2])])
     }
 
     fn prefetch(&mut self, l: usize, experts: &[(u16, f32)], priority: Priority) -> Result<PrefetchId, ProviderError> {
+        self.prepare.get_or_insert(B::prepare_host_mat);
         self.sweep();
         // Never evict what the current layer uses or what is still being read.
         let mut protect: Vec<ExpertKey> = self

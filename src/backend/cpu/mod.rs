@@ -115,6 +115,32 @@ impl Backend for CpuBackend {
         resident::plain(w, bytes)
     }
 
+    fn prepare_host_mat(w: &WeightDesc, bytes: &mut [u8]) -> bool {
+        match repack::repackable(w.ty, w.rows, w.cols) {
+            Some(layout) if bytes.len() as u64 == w.bytes => {
+                thread_local! {
+                    static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                PLAIN.with_borrow_mut(|plain| {
+                    plain.clear();
+                    plain.extend_from_slice(bytes);
+                    repack::repack(layout, plain, w.rows, w.cols, bytes);
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn host_mat_prepared<'a>(w: &WeightDesc, bytes: &'a [u8]) -> MatRef<'a> {
+        match repack::repackable(w.ty, w.rows, w.cols) {
+            Some(layout) => {
+                MatRef::repacked(w.ty, w.rows, w.cols, bytes, layout).expect("prepared slot views are sized at load")
+            }
+            None => resident::plain(w, bytes),
+        }
+    }
+
     fn resize(&self, a: &mut HostAct, rows: usize, cols: usize) {
         a.resize(rows, cols);
     }
