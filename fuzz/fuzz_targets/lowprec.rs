@@ -18,7 +18,8 @@ use moerun::synth::SynthConfig;
 struct Fixture {
     model: Model,
     valid: Vec<u8>,
-    /// Where each input is written (one file per process, on tmpfs where there is one).
+    /// Where each input is written: one file per process, on tmpfs where there is one (left
+    /// behind when the process ends: a few KB).
     input: PathBuf,
 }
 
@@ -27,9 +28,11 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let base =
             if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        let dir = base.join(format!("moerun-fuzz-lowprec-{}", std::process::id()));
+        // The model is the same bytes in every process: one shared directory, each file written
+        // under this process's name and renamed into place.
+        let dir = base.join("moerun-fuzz-lowprec");
         std::fs::create_dir_all(&dir).expect("fuzz dir");
-        let model_path = dir.join("tiny.gguf");
+        let pid = std::process::id();
         // One MoE layer of two experts, rows of 64: a sidecar of a few KB.
         let cfg = SynthConfig {
             n_layer: 1,
@@ -45,13 +48,17 @@ fn fixture() -> &'static Fixture {
             n_ctx: 32,
             ..SynthConfig::small("llama", GgmlType::Q8_0)
         };
-        cfg.write(&model_path, &mut |_, _| {}).expect("synth model");
+        let model_path = dir.join("tiny.gguf");
+        let scratch = dir.join(format!("tiny.{pid}.gguf"));
+        cfg.write(&scratch, &mut |_, _| {}).expect("synth model");
+        std::fs::rename(&scratch, &model_path).expect("model in place");
         let model = Model::load(&model_path).expect("synth model loads");
-        let sidecar = dir.join("tiny.lowprec.gguf");
+        let sidecar = dir.join(format!("tiny.lowprec.{pid}.gguf"));
         lowprec::prepare(&model, GgmlType::Q4_0, &sidecar, &mut |_, _| {}).expect("prepare");
         let valid = std::fs::read(&sidecar).expect("read sidecar");
         LowPrecSidecar::open(&sidecar, &model).expect("the valid sidecar opens");
-        Fixture { model, valid, input: dir.join("input.gguf") }
+        std::fs::remove_file(&sidecar).expect("remove sidecar");
+        Fixture { model, valid, input: dir.join(format!("input.{pid}.gguf")) }
     })
 }
 
@@ -91,6 +98,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        Err(e) => assert!(e.to_string().contains("input.gguf"), "an error names the file: {e}"),
+        Err(e) => assert!(
+            e.to_string().contains(&format!("input.{}.gguf", std::process::id())),
+            "an error names the file: {e}"
+        ),
     }
 });
