@@ -111,7 +111,13 @@ async fn chat_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     let req: ChatRequest = parse_body(&st, body)?;
     st.check_model(req.params.model.as_deref())?;
     let messages = request::chat_messages(req.messages)?;
-    let prompt = st.format.encode(&messages).map_err(request::chat_error)?;
+    // Rendering (bounded, but a model's template may spend its whole fuel) and tokenizing a
+    // large body are CPU work: off the runtime's threads, which only move bytes.
+    let state = Arc::clone(&st);
+    let prompt = tokio::task::spawn_blocking(move || state.format.encode(&messages))
+        .await
+        .map_err(|_| ApiError::internal("rendering the chat template failed"))?
+        .map_err(request::chat_error)?;
     let reply = st.reply("chatcmpl", &req.params);
     let splitter = st.format.splitter(&prompt);
     let rx = st.submit(prompt, req.params, splitter)?;
