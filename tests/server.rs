@@ -548,8 +548,9 @@ async fn shutdown_lets_a_running_answer_finish() {
     tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
 }
 
-/// The bundled model with its chat template replaced by `template` (everything else copied).
-fn with_template(dir: &Path, template: &str) -> std::path::PathBuf {
+/// The bundled model with its chat template replaced by `template` (everything else copied), as
+/// `name` in `dir`.
+fn with_template(dir: &Path, name: &str, template: &str) -> std::path::PathBuf {
     use moerun::gguf::{GgufFile, GgufWriter, Value};
     let src = GgufFile::open(Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED)).expect("bundled");
     let mut w = GgufWriter::new();
@@ -562,7 +563,7 @@ fn with_template(dir: &Path, template: &str) -> std::path::PathBuf {
     for t in src.tensors() {
         w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, src.tensor_data(t).to_vec()).expect("tensor");
     }
-    let path = dir.join("rustdoc-moe-think.gguf");
+    let path = dir.join(name);
     w.write(&path).expect("write");
     path
 }
@@ -575,7 +576,7 @@ async fn reasoning_is_kept_apart_from_the_reply() {
     let dir = tempfile::tempdir().expect("tempdir");
     let template = "{% for m in messages %}<|user|>\n{{ m.content }}<|end|>\n{% endfor %}\
                     {% if add_generation_prompt %}<|assistant|>\n<think>\n{% endif %}";
-    let s = start_with(&with_template(dir.path(), template), config()).await;
+    let s = start_with(&with_template(dir.path(), "rustdoc-moe-think.gguf", template), config()).await;
     let body = json!({"messages": question(), "temperature": 0, "max_tokens": 12});
     let (status, v) = s.post_json("/v1/chat/completions", &body).await;
     assert_eq!(status, 200, "{v}");
@@ -597,5 +598,28 @@ async fn reasoning_is_kept_apart_from_the_reply() {
     let (status, v) = s.post_json("/v1/completions", &json!({"prompt": "<think>", "max_tokens": 4})).await;
     assert_eq!(status, 200, "{v}");
     assert!(v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    s.stop().await;
+}
+
+/// A model whose template loops without end (issue 13): the chat request fails fast with a 500
+/// in OpenAI's shape naming the file and the limit; the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_past_its_limits_fails_the_request_not_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}";
+    let s = start_with(&with_template(dir.path(), "rustdoc-moe-looping.gguf", template), config()).await;
+    let started = Instant::now();
+    let (status, v) = s.post_json("/v1/chat/completions", &json!({"messages": question(), "max_tokens": 4})).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(status, 500, "{v}");
+    assert_openai_error(&v, None);
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("rustdoc-moe-looping.gguf: tokenizer.chat_template: render stopped at the fuel limit"),
+        "{v}"
+    );
+    assert_eq!(v["error"]["type"], "server_error");
+    let (status, v) = s.post_json("/v1/completions", &json!({"prompt": "fn main", "max_tokens": 4})).await;
+    assert_eq!(status, 200, "{v}");
     s.stop().await;
 }

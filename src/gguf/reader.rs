@@ -77,6 +77,20 @@ impl GgufFile {
         Ok(GgufFile { path, mmap, header })
     }
 
+    /// As [`GgufFile::open`], for a file's bytes held in memory (`path` names it in errors): the
+    /// bytes are parsed and validated as `open` does, then copied into a private read-only
+    /// anonymous mapping, so every invariant of an opened file holds. For tests and fuzzing.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<GgufFile, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let header = parse(&path, bytes)?;
+        let io = |source| GgufError::Io { path: path.clone(), source };
+        // A valid file holds at least its magic and version: the length is never zero.
+        let mut map = memmap2::MmapOptions::new().len(bytes.len()).map_anon().map_err(io)?;
+        map.copy_from_slice(bytes);
+        let mmap = map.make_read_only().map_err(io)?;
+        Ok(GgufFile { path, mmap, header })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

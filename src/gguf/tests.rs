@@ -233,3 +233,21 @@ fn reads_version_2_and_files_without_tensors() {
     assert!(f.metadata().is_empty() && f.tensors().is_empty());
     assert_eq!(f.data_offset(), 24);
 }
+
+#[test]
+fn from_bytes_reads_as_open_does_and_names_the_path_in_errors() {
+    let bytes = writer_with_everything().to_bytes();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("all.gguf");
+    std::fs::write(&path, &bytes).expect("write");
+    let (a, b) = (GgufFile::open(&path).expect("open"), GgufFile::from_bytes("mem.gguf", &bytes).expect("from_bytes"));
+    assert_eq!(a.metadata(), b.metadata());
+    assert_eq!(a.tensors(), b.tensors());
+    assert_eq!(a.bytes(), b.bytes());
+    for t in b.tensors() {
+        assert_eq!(a.tensor_data(t), b.tensor_data(t));
+    }
+    let err = GgufFile::from_bytes("mem.gguf", &bytes[..bytes.len() / 2]).expect_err("truncated");
+    assert!(err.to_string().contains("mem.gguf"), "{err}");
+    assert!(GgufFile::from_bytes("empty.gguf", &[]).is_err());
+}

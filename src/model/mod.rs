@@ -338,7 +338,9 @@ impl Model {
         hp.n_ff_exp = n_ff_exp;
 
         let (q, kv) = (hp.q_dim(), hp.kv_dim());
-        let mut layers = Vec::with_capacity(hp.n_layer);
+        // `block_count` is the file's word: every layer has tensors, so no more than the file
+        // holds are reserved (a count of 10^9 asked for 70 GB before the first tensor was checked).
+        let mut layers = Vec::with_capacity(hp.n_layer.min(file.tensors().len()));
         for l in 0..hp.n_layer {
             let t = |k| tn(k, Some(l));
             let (q_norm, k_norm) = match spec.qk_norm {

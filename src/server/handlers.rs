@@ -1,5 +1,6 @@
-//! Route handlers: check the key, parse and validate the body, tokenize, queue a `Job`, and turn
-//! the worker's events into a JSON response or an SSE stream. Never touches the engine.
+//! Route handlers: check the key, parse and validate the body (`request`), tokenize, queue a
+//! `Job`, and turn the worker's events into a JSON response or an SSE stream. Never touches the
+//! engine.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -21,12 +22,12 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 
 use super::openai::*;
+use super::request::{self, JobSettings};
 use super::worker::{Event, Job};
 use super::AppState;
-use crate::engine::SamplerConfig;
 use crate::reasoning::{ReasoningFormat, ReasoningSplitter};
 use crate::stats::ExpertCacheStats;
-use crate::tokenizer::{ChatMessage, EncodeOptions};
+use crate::tokenizer::EncodeOptions;
 
 type St = State<Arc<AppState>>;
 
@@ -109,12 +110,14 @@ pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> 
 async fn chat_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(&st, body)?;
     st.check_model(req.params.model.as_deref())?;
-    if req.messages.is_empty() {
-        return Err(ApiError::invalid_param("messages", "`messages` must hold at least one message"));
-    }
-    let messages: Vec<ChatMessage> =
-        req.messages.into_iter().map(|m| ChatMessage::new(m.role, text_of(m.content))).collect();
-    let prompt = st.format.encode(&messages).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let messages = request::chat_messages(req.messages)?;
+    // Rendering (bounded, but a model's template may spend its whole fuel) and tokenizing a
+    // large body are CPU work: off the runtime's threads, which only move bytes.
+    let state = Arc::clone(&st);
+    let prompt = tokio::task::spawn_blocking(move || state.format.encode(&messages))
+        .await
+        .map_err(|_| ApiError::internal("rendering the chat template failed"))?
+        .map_err(request::chat_error)?;
     let reply = st.reply("chatcmpl", &req.params);
     let splitter = st.format.splitter(&prompt);
     let rx = st.submit(prompt, req.params, splitter)?;
@@ -149,18 +152,7 @@ async fn completion_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>
         tok.encode(text, EncodeOptions { add_bos: tok.add_bos_default(), parse_special: true })
             .map_err(|e| ApiError::bad_request(e.to_string()))
     };
-    let prompt = match req.prompt {
-        Prompt::Text(t) => encode(&t)?,
-        Prompt::Texts(v) if v.len() == 1 => encode(&v[0])?,
-        Prompt::Texts(_) => return Err(ApiError::invalid_param("prompt", "only one prompt per request is supported")),
-        Prompt::Ids(ids) => ids,
-    };
-    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= tok.n_vocab()) {
-        return Err(ApiError::invalid_param("prompt", format!("token id {bad} is outside the vocabulary")));
-    }
-    if prompt.is_empty() {
-        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
-    }
+    let prompt = request::completion_prompt(req.prompt, tok.n_vocab(), encode)?;
     let reply = st.reply("cmpl", &req.params);
     // A plain completion is raw text: nothing is taken out as reasoning.
     let rx = st.submit(prompt, req.params, ReasoningSplitter::new(ReasoningFormat::None, ""))?;
@@ -181,22 +173,12 @@ async fn completion_inner(st: Arc<AppState>, body: Result<Bytes, BytesRejection>
     }
 }
 
-/// The text of a message: the string, or its text parts joined.
-fn text_of(content: Option<Content>) -> String {
-    match content {
-        None => String::new(),
-        Some(Content::Text(s)) => s,
-        Some(Content::Parts(parts)) => parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect(),
-    }
-}
-
 fn parse_body<T: DeserializeOwned>(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(st.max_body),
         _ => ApiError::bad_request(r.body_text()),
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}")))
+    request::parse(&bytes)
 }
 
 /// The identity of one response, fixed before the job is queued.
@@ -235,47 +217,10 @@ impl AppState {
         p: Params,
         splitter: ReasoningSplitter,
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-        if p.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
-        }
-        if let Some(t) = p.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
-            return Err(ApiError::invalid_param(
-                "temperature",
-                format!("temperature must be between 0 and 2, not {t}"),
-            ));
-        }
-        if let Some(t) = p.top_p.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
-            return Err(ApiError::invalid_param("top_p", format!("top_p must be in (0, 1], not {t}")));
-        }
-        let stop = p.stop.map(Stop::into_vec).unwrap_or_default();
-        if stop.len() > 4 {
-            return Err(ApiError::invalid_param("stop", "at most 4 stop sequences are allowed"));
-        }
-        let asked = p.max_completion_tokens.or(p.max_tokens);
-        if asked == Some(0) {
-            return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
-        }
-        if prompt.len() >= self.n_ctx {
-            return Err(ApiError::context_exceeded(format!(
-                "This model's maximum context length is {} tokens, but the prompt is {} tokens",
-                self.n_ctx,
-                prompt.len()
-            )));
-        }
-        let room = self.n_ctx - prompt.len();
-        let max_tokens = asked.map_or(room, |n| n.min(room as u64) as usize);
-        let d = SamplerConfig::default();
-        let sampler = SamplerConfig {
-            temperature: p.temperature.unwrap_or(d.temperature),
-            top_p: p.top_p.unwrap_or(d.top_p),
-            top_k: p.top_k.unwrap_or(d.top_k),
-            min_p: p.min_p.unwrap_or(d.min_p),
-            repeat_penalty: p.repeat_penalty.unwrap_or(d.repeat_penalty),
-            seed: p.seed.map_or_else(|| self.random_seed(), |s| s as u64),
-            ..d
-        };
+        let JobSettings { max_tokens, sampler, stop, ignore_eos } =
+            request::job_settings(p, self.n_ctx, prompt.len(), || self.random_seed())?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let job = Job { prompt, max_tokens, sampler, stop, ignore_eos: p.ignore_eos, splitter, events: tx };
+        let job = Job { prompt, max_tokens, sampler, stop, ignore_eos, splitter, events: tx };
         self.queue.submit(job)?;
         Ok(rx)
     }

@@ -8,6 +8,7 @@
 
 mod handlers;
 pub mod openai;
+pub mod request;
 pub mod stop;
 mod worker;
 

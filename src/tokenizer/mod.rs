@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use stream::StreamDecoder;
-pub use template::{ChatMessage, ChatTemplate};
+pub use template::{ChatMessage, ChatTemplate, TemplateLimit};
 
 use vocab::{LlamaVocab, LoadFailure, TokenizeFailure};
 
@@ -51,6 +51,10 @@ pub enum TokenizerError {
     /// `raise_exception` text, where that is the cause).
     #[error("{origin}: {stage}: {detail}")]
     Template { origin: String, stage: TemplateStage, detail: String },
+    /// A render ran past one of the bounds every chat template runs under (the template comes
+    /// from the model file: untrusted code). `origin` as for `Template`.
+    #[error("{origin}: render stopped at the {limit}: the template loops, writes or recurses far more than a chat prompt needs")]
+    TemplateLimit { origin: String, limit: TemplateLimit },
 }
 
 /// How [`Tokenizer::encode`] treats BOS and special-token text.

@@ -15,15 +15,18 @@ use super::strftime::strftime_now;
 
 /// A minijinja environment configured like transformers' jinja2 environment.
 pub(super) fn hf_environment() -> Environment<'static> {
+    // No loader: `include`, `import` and `extends` find only the template itself, never a file.
     let mut env = Environment::new();
+    env.set_recursion_limit(super::limits::RECURSION);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     // jinja2's default, which transformers keeps: one trailing newline of the source is dropped.
     env.set_keep_trailing_newline(false);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
+    // pycompat's methods, and the size-bounded builtins.
+    super::bounded::install(&mut env);
     env
 }
 

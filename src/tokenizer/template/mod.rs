@@ -4,20 +4,26 @@
 //!
 //! This file: [`ChatMessage`], [`ChatTemplate`] (compiled once, rendered per conversation) and the
 //! errors of both steps. The environment they run in is `env.rs` (jinja2 as transformers sets it
-//! up), with Python's `json.dumps` as `tojson` in `pyjson.rs` and `strftime_now` in `strftime.rs`.
+//! up), with Python's `json.dumps` as `tojson` in `pyjson.rs` and `strftime_now` in `strftime.rs`;
+//! the bounds every render runs under (fuel, output, recursion) are in `limits.rs`.
 
+mod bounded;
 mod env;
+mod limits;
 mod pyjson;
 mod strftime;
 
 use std::fmt::{self, Write as _};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use minijinja::value::Value;
-use minijinja::{Environment, Error};
+use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use super::{TemplateStage, TokenizerError};
 use env::hf_environment;
+pub use limits::TemplateLimit;
+use limits::{CappedOutput, RenderLimits};
 
 /// One message of a conversation, as HF templates see it (`message['role']`, `message.content`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,18 +90,74 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` asks the template to open the assistant's turn.
     /// A failure (including the template's own `raise_exception`) is
-    /// `TokenizerError::Template { stage: Render, .. }` with the message in `detail`.
+    /// `TokenizerError::Template { stage: Render, .. }` with the message in `detail`; a render
+    /// that runs past its fuel, output or recursion bound (see `limits.rs`) is
+    /// `TokenizerError::TemplateLimit`, and stops as soon as it does.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         let fail = |err: Error| template_error(&self.origin, TemplateStage::Render, &err);
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(fail)?;
+        let limits = RenderLimits::for_messages(messages);
+        // A clone shares the compiled template and the function tables (they sit behind `Arc`s);
+        // only the fuel differs from render to render.
+        let mut env = self.env.clone();
+        env.set_fuel(Some(limits.fuel));
+        let template = env.get_template(TEMPLATE_NAME).map_err(fail)?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
-        template.render(ctx).map_err(fail)
+        let mut out = CappedOutput::new(limits.output_bytes);
+        // minijinja is not expected to panic, but the template is untrusted input: a panic on some
+        // corner of it fails this render, not the server thread that asked for it.
+        let rendered = catch_unwind(AssertUnwindSafe(|| template.render_captured_to(ctx, &mut out).map(drop)));
+        let limit = |limit| TokenizerError::TemplateLimit { origin: self.origin.clone(), limit };
+        match rendered {
+            Ok(Ok(())) => String::from_utf8(out.into_bytes()).map_err(|_| TokenizerError::Template {
+                origin: self.origin.clone(),
+                stage: TemplateStage::Render,
+                detail: "the output is not UTF-8".to_owned(),
+            }),
+            Ok(Err(_)) if out.overflowed() => Err(limit(TemplateLimit::Output(limits.output_bytes))),
+            Ok(Err(err)) if caused_by(&err, |e| e.kind() == ErrorKind::OutOfFuel) => {
+                Err(limit(TemplateLimit::Fuel(limits.fuel)))
+            }
+            Ok(Err(err)) if caused_by(&err, is_recursion_error) => {
+                Err(limit(TemplateLimit::Recursion(limits::RECURSION)))
+            }
+            Ok(Err(err)) => Err(fail(err)),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(TokenizerError::Template {
+                    origin: self.origin.clone(),
+                    stage: TemplateStage::Render,
+                    detail: format!("the template engine panicked: {what}"),
+                })
+            }
+        }
     }
+}
+
+/// Whether `err` or an error it wraps (an `include` wraps the included template's) is `what`.
+fn caused_by(err: &Error, what: impl Fn(&Error) -> bool) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if e.downcast_ref::<Error>().is_some_and(&what) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// minijinja reports a too-deep render as an `InvalidOperation` with this message (its parser's
+/// own depth limit is a syntax error, reported as such).
+fn is_recursion_error(err: &Error) -> bool {
+    err.kind() == ErrorKind::InvalidOperation && err.detail() == Some("recursion limit exceeded")
 }
 
 fn template_error(origin: &str, stage: TemplateStage, err: &Error) -> TokenizerError {

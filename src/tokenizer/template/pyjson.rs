@@ -28,7 +28,11 @@ pub(super) fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => match (v.as_i64(), v.as_str()) {
-            (Some(n), _) => Some(" ".repeat(usize::try_from(n).unwrap_or(0))),
+            (Some(n), _) => {
+                let n = usize::try_from(n).unwrap_or(0);
+                super::bounded::check_width("tojson indent", n)?;
+                Some(" ".repeat(n))
+            }
             (None, Some(s)) => Some(s.to_owned()),
             _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")),
         },

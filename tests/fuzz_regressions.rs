@@ -1,0 +1,71 @@
+//! What the fuzz targets in `fuzz/` found (issue 13), each pinned down: a model file's metadata
+//! that aborted the process (an allocation sized by a header field) or panicked must be an
+//! error naming the file. The inputs are rebuilt from a tiny synthetic model, not copied from
+//! the fuzzer's artifacts, so each says what it damages.
+
+use std::path::{Path, PathBuf};
+
+use moerun::gguf::{GgmlType, GgufFile, GgufWriter, Value};
+use moerun::model::Model;
+use moerun::synth::SynthConfig;
+
+/// A one-layer llama MoE of two experts (rows of 64): small enough to rewrite per case.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    let cfg = SynthConfig {
+        n_layer: 1,
+        n_embd: 64,
+        n_head: 2,
+        n_head_kv: 1,
+        head_dim: 32,
+        n_ff_exp: 64,
+        n_ff_shexp: 0,
+        n_expert: 2,
+        n_expert_used: 1,
+        n_vocab: 64,
+        n_ctx: 32,
+        ..SynthConfig::small("llama", GgmlType::Q8_0)
+    };
+    cfg.write(&path, &mut |_, _| {}).expect("synth");
+    path
+}
+
+/// `src` with the metadata key `key` set to `value` (added if absent), written as `name`.
+fn with_key(src: &Path, name: &str, key: &str, value: Value) -> PathBuf {
+    let f = GgufFile::open(src).expect("source");
+    let mut w = GgufWriter::new();
+    for (k, v) in f.metadata() {
+        if k != key && k != "general.alignment" {
+            w.add_metadata(k.clone(), v.clone());
+        }
+    }
+    w.add_metadata(key, value);
+    for t in f.tensors() {
+        w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, f.tensor_data(t).to_vec()).expect("tensor");
+    }
+    let path = src.with_file_name(name);
+    w.write(&path).expect("write");
+    path
+}
+
+/// Loads `path`, which must fail with an error naming it and containing `expect`.
+fn check(path: &Path, expect: &str) {
+    let err = match Model::load(path) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    };
+    let name = path.file_name().unwrap().to_string_lossy();
+    assert!(err.contains(&*name), "{err}");
+    assert!(err.contains(expect), "{err}");
+}
+
+/// fuzz/gguf: `block_count` of 2^40 reserved a `Vec` of that many layers (70 GB for 10^9) before
+/// the first layer's tensors were looked for: the allocator aborted the process.
+#[test]
+fn a_huge_block_count_is_a_missing_tensor_not_an_abort() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = tiny_model(dir.path());
+    Model::load(&src).expect("the undamaged model loads");
+    let path = with_key(&src, "many-layers.gguf", "llama.block_count", Value::U64(1 << 40));
+    check(&path, "blk.1.");
+}
