@@ -335,13 +335,17 @@ pub trait Backend: 'static {
     fn vector<'a>(weights: &'a Self::Weights, v: VecRef) -> Self::Vector<'a>;
     /// A view of `w`'s bytes in ggml's plain layout, held in host memory.
     fn host_mat<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a>;
-    /// Rearrange `w`'s plain bytes in host memory, in place, the way this backend holds the
-    /// resident copy of such a weight (the CPU backend repacks Q4_0 and MXFP4 for ggml's
-    /// interleaved kernels), so a cached copy computes exactly as the resident one. Returns
-    /// whether it did; the bytes are then viewed with `host_mat_prepared`.
-    fn prepare_host_mat(w: &WeightDesc, bytes: &mut [u8]) -> bool {
-        let _ = (w, bytes);
+    /// Whether this backend holds a resident copy of `w` rearranged (the CPU backend repacks
+    /// Q4_0 and MXFP4 for ggml's interleaved kernels): then a cached copy must be rearranged the
+    /// same way (`prepare_host_mat`) to compute exactly as the resident one.
+    fn prepares_host_mat(w: &WeightDesc) -> bool {
+        let _ = w;
         false
+    }
+    /// Rearrange `w`'s plain bytes in host memory, in place, as `prepares_host_mat` says; the
+    /// bytes are then viewed with `host_mat_prepared`. Called from any thread.
+    fn prepare_host_mat(w: &WeightDesc, bytes: &mut [u8]) {
+        let _ = (w, bytes);
     }
     /// A view of bytes `prepare_host_mat` rearranged.
     fn host_mat_prepared<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a> {

@@ -249,7 +249,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Serve routed experts from a budgeted cache instead of the model's memory.
-    pub fn set_offload(&mut self, off: offload::Offload) {
+    pub fn set_offload(&mut self, mut off: offload::Offload) {
+        off.attach::<B>();
         self.offload = Some(off);
     }
 

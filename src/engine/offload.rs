@@ -221,22 +221,6 @@ impl Arena {
         };
         Some((descs, [m(0), m(1), m(2)], s.prepared))
     }
-
-    /// Let `prepare` rearrange a landed slot's three matrices in place.
-    fn prepare(&mut self, slot: SlotId, prepare: fn(&WeightDesc, &mut [u8]) -> bool) {
-        let base = slot as usize * self.shape.bytes;
-        let (len, ptr) = (self.mem.len(), self.mem.as_mut_ptr());
-        let Some(s) = self.slots.get_mut(slot as usize) else { return };
-        let Some((descs, pads)) = s.content else { return };
-        for i in 0..3 {
-            let at = base + self.shape.region[i] + pads[i];
-            assert!(at + descs[i].bytes as usize <= len, "slot region out of bounds");
-            // SAFETY: in bounds (asserted); the slot's reads have completed (the caller ends
-            // its group first) and `&mut self` excludes any view of it.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(ptr.add(at), descs[i].bytes as usize) };
-            s.prepared[i] = prepare(&descs[i], bytes);
-        }
-    }
 }
 
 /// The reads of one `fetch` or one `prefetch`.
@@ -333,10 +317,31 @@ pub struct Offload {
     explain: Option<Explain>,
     /// The predictor's side of the next prefetch's explanation (bar, confidences).
     pending_explain: Option<serde_json::Value>,
-    /// The backend's rearrangement of landed slots (set by the first call as a provider);
-    /// while it is set, a slot is viewable only once its group has ended (and it is prepared).
-    prepare: Option<fn(&WeightDesc, &mut [u8]) -> bool>,
+    /// The backend's rearrangement of landed experts (`attach`), run on the I/O thread as each
+    /// read group completes, before it counts as landed.
+    prep: Option<Prep>,
+    /// Experts a routing profile asked to warm, loaded once the backend is known.
+    pending_warm: Option<Vec<(usize, Vec<u16>)>>,
 }
+
+/// A backend's way of holding experts in host memory (see `Backend::prepares_host_mat`).
+#[derive(Clone, Copy)]
+struct Prep {
+    will: fn(&WeightDesc) -> bool,
+    run: fn(&WeightDesc, &mut [u8]),
+}
+
+/// One matrix a read group rearranges when it lands: where its bytes start, and what it is.
+struct PrepJob {
+    at: *mut u8,
+    desc: WeightDesc,
+    run: fn(&WeightDesc, &mut [u8]),
+}
+
+// SAFETY: a PrepJob points into a slot being filled by its group's reads; it is used only by
+// that group's completion step on the I/O thread, after the reads and before anyone may view
+// or refill the slot (the slot stays `Loading` until the group is finished).
+unsafe impl Send for PrepJob {}
 
 /// `--explain-plan`: one JSON line per plan (and per wait), written as they happen.
 struct Explain {
@@ -456,7 +461,8 @@ impl Offload {
             profile: None,
             explain: None,
             pending_explain: None,
-            prepare: None,
+            prep: None,
+            pending_warm: None,
         };
         if let Some(p) = &cfg.explain {
             let f = std::fs::File::create(p).map_err(|source| IoError::Open { path: p.clone(), source })?;
@@ -474,7 +480,8 @@ impl Offload {
         let profile = match saved {
             Some(p) => {
                 let hot = p.hottest(self.cache.n_slots(Precision::High));
-                self.warm(&hot)?;
+                // Loaded once the backend is known (`attach`), so they land prepared for it.
+                self.pending_warm = Some(hot.clone());
                 tracing::info!(
                     "routing profile {}: {} tokens seen; warming {} experts",
                     path.display(),
@@ -492,6 +499,21 @@ impl Offload {
         };
         self.profile = Some((ProfileRecorder::new(profile), path.to_path_buf()));
         Ok(())
+    }
+
+    /// Learn how backend `B` holds experts (so landed slots are rearranged as its resident
+    /// copies are) and start the warm-up reads a routing profile asked for. Idempotent; the
+    /// engine calls it when the cache is put on it, and every provider call makes sure.
+    pub fn attach<B: Backend>(&mut self) {
+        if self.prep.is_some() {
+            return;
+        }
+        self.prep = Some(Prep { will: B::prepares_host_mat, run: B::prepare_host_mat });
+        if let Some(hot) = self.pending_warm.take() {
+            if let Err(e) = self.warm(&hot) {
+                tracing::warn!("warming the expert cache: {e}");
+            }
+        }
     }
 
     /// Start loading `experts` (per layer) into free slots, in the background: demand reads
@@ -735,13 +757,8 @@ impl Offload {
             if dropped && still_ours {
                 self.cache.invalidate(key);
             }
-            let prepare = self.prepare;
-            if let Some(a) = self.arena_mut(p) {
-                if a.slots.get(slot as usize).is_some_and(|s| s.state == SlotState::Loading(g)) {
-                    if let (true, Some(f)) = (ok, prepare) {
-                        a.prepare(slot, f);
-                    }
-                    let s = &mut a.slots[slot as usize];
+            if let Some(s) = self.arena_mut(p).and_then(|a| a.slots.get_mut(slot as usize)) {
+                if s.state == SlotState::Loading(g) {
                     s.state = if ok { SlotState::Ready } else { SlotState::Empty };
                     if !ok {
                         s.content = None;
@@ -774,8 +791,10 @@ impl Offload {
         slot: SlotId,
         g: u64,
         ops: &mut Vec<ReadOp>,
+        preps: &mut Vec<PrepJob>,
     ) -> Result<(), ProviderError> {
         let (l, e) = (key.layer as usize, key.expert as usize);
+        let prep = self.prep;
         let descs = match (p, &self.low) {
             (Precision::High, _) => {
                 let ex = &self.model.experts(l).expect("plans name MoE layers only")[e];
@@ -787,6 +806,7 @@ impl Offload {
         let arena = self.arena_mut(p).ok_or(ProviderError::NoSidecar { layer: l, expert: key.expert })?;
         let base = slot as usize * arena.shape.bytes;
         let mut pads = [0usize; 3];
+        let mut prepared = [false; 3];
         let mut bytes = 0u64;
         for i in 0..3 {
             let (off, len, pad) = align_extent(descs[i].offset, descs[i].bytes);
@@ -798,9 +818,13 @@ impl Offload {
             let dst = unsafe { arena.mem.as_mut_ptr().add(at) };
             ops.push(ReadOp { file_offset: off, len, dst });
             bytes += len as u64;
+            if let Some(pr) = prep.filter(|pr| (pr.will)(&descs[i])) {
+                // pad + the weight's bytes lie inside the aligned extent read just above.
+                preps.push(PrepJob { at: dst.wrapping_add(pad), desc: descs[i], run: pr.run });
+                prepared[i] = true;
+            }
         }
-        arena.slots[slot as usize] =
-            Slot { content: Some((descs, pads)), prepared: [false; 3], state: SlotState::Loading(g) };
+        arena.slots[slot as usize] = Slot { content: Some((descs, pads)), prepared, state: SlotState::Loading(g) };
         match p {
             Precision::High => self.bytes_high += bytes,
             Precision::Low => self.bytes_low += bytes,
@@ -846,9 +870,11 @@ impl Offload {
     ) -> Result<Option<u64>, ProviderError> {
         let g = self.next_group;
         let (mut ops_high, mut ops_low, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut prep_high, mut prep_low) = (Vec::new(), Vec::new());
         for (key, slot, p, _) in plan.loads() {
-            let ops = if p == Precision::High { &mut ops_high } else { &mut ops_low };
-            self.load_ops(key, p, slot, g, ops)?;
+            let (ops, preps) =
+                if p == Precision::High { (&mut ops_high, &mut prep_high) } else { (&mut ops_low, &mut prep_low) };
+            self.load_ops(key, p, slot, g, ops, preps)?;
             keys.push((key, p, slot));
         }
         if keys.is_empty() {
@@ -856,10 +882,21 @@ impl Offload {
         }
         self.next_group += 1;
         let mut tickets = Vec::new();
-        for (ops, low) in [(ops_high, false), (ops_low, true)] {
+        for (ops, preps, low) in [(ops_high, prep_high, false), (ops_low, prep_low, true)] {
             if ops.is_empty() {
                 continue;
             }
+            // The backend's rearrangement runs on the I/O thread as the reads complete.
+            let then: Option<Box<dyn FnOnce() + Send>> = (!preps.is_empty()).then(|| {
+                Box::new(move || {
+                    for j in preps {
+                        // SAFETY: see `PrepJob`: the reads into these bytes have completed, the
+                        // batch is not finished yet, so nobody else touches them.
+                        let bytes = unsafe { std::slice::from_raw_parts_mut(j.at, j.desc.bytes as usize) };
+                        (j.run)(&j.desc, bytes);
+                    }
+                }) as Box<dyn FnOnce() + Send>
+            });
             if prefetch.is_some() && plan.kind == PlanKind::Prefetch {
                 self.bytes_prefetched += ops.iter().map(|o| o.len as u64).sum::<u64>();
             }
@@ -868,7 +905,7 @@ impl Offload {
             // as `self` (and the IoService, whose Drop waits for in-flight reads, is dropped
             // with it); those slots are `Loading(g)`: nothing views them and nothing refills
             // them until the reads are done (`finish_group`).
-            tickets.push((unsafe { io.submit_with(ops, urgency) }, low));
+            tickets.push((unsafe { io.submit_then(ops, urgency, then) }, low));
         }
         self.groups.insert(g, Group { tickets, keys, prefetch, cancelled: false });
         Ok(Some(g))
@@ -900,7 +937,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn fetch(&mut self, l: usize, wave: &[u16], routes: &[Route]) -> Result<(), ProviderError> {
-        self.prepare.get_or_insert(B::prepare_host_mat);
+        self.attach::<B>();
         self.sweep();
         self.layer = l;
         // One token: its experts in rank order with their gate weights, so HOBBIT's thresholds
@@ -943,7 +980,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn wait(&mut self, l: usize) -> Result<(), ProviderError> {
-        self.prepare.get_or_insert(B::prepare_host_mat);
+        self.attach::<B>();
         let t0 = Instant::now();
         // The read groups still filling the slots of layer l's decisions (its own loads, and
         // prefetches of experts it hit); nothing else.
@@ -981,7 +1018,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn wait_for(&mut self, l: usize, e: u16) -> Result<(), ProviderError> {
-        self.prepare.get_or_insert(B::prepare_host_mat);
+        self.attach::<B>();
         let group = match self.decision(l, e) {
             Some(Decision::At(p, slot)) => match self.slot_state(p, slot) {
                 Some(SlotState::Loading(g)) => g,
@@ -1006,7 +1043,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
             Some(Decision::Host) => ExpertState::Ready,
             Some(Decision::At(p, slot)) => match self.slot_state(p, slot) {
                 Some(SlotState::Ready) => ExpertState::Ready,
-                Some(SlotState::Loading(g)) if self.prepare.is_none() && self.landed(g) => ExpertState::Ready,
+                Some(SlotState::Loading(g)) if self.landed(g) => ExpertState::Ready,
                 Some(SlotState::Loading(_)) => ExpertState::Loading,
                 _ => ExpertState::Absent,
             },
@@ -1022,8 +1059,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
                 (descs, descs.map(|w| self.model.bytes_of(&w)))
             }
             Decision::At(p, slot) => {
-                let landed = |g| self.prepare.is_none() && self.landed(g);
-                let (descs, bytes, prepared) = self.arena(p)?.bytes(slot, landed)?;
+                let (descs, bytes, prepared) = self.arena(p)?.bytes(slot, |g| self.landed(g))?;
                 let m = |i: usize| match prepared[i] {
                     true => B::host_mat_prepared(&descs[i], bytes[i]),
                     false => B::host_mat(&descs[i], bytes[i]),
@@ -1035,7 +1071,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     }
 
     fn prefetch(&mut self, l: usize, experts: &[(u16, f32)], priority: Priority) -> Result<PrefetchId, ProviderError> {
-        self.prepare.get_or_insert(B::prepare_host_mat);
+        self.attach::<B>();
         self.sweep();
         // Never evict what the current layer uses or what is still being read.
         let mut protect: Vec<ExpertKey> = self

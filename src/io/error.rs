@@ -60,6 +60,9 @@ pub enum IoError {
     #[error("{}: the I/O service's threads have stopped", .path.display())]
     ServiceGone { path: PathBuf },
 
+    #[error("{}: the step run after a batch of reads panicked", .path.display())]
+    Completion { path: PathBuf },
+
     #[error("{}: the read was cancelled before it started", .path.display())]
     Cancelled { path: PathBuf },
 

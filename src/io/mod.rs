@@ -265,6 +265,23 @@ impl IoService {
     /// # Safety
     /// As for [`IoService::submit`].
     pub unsafe fn submit_with(&self, ops: Vec<ReadOp>, urgency: Urgency) -> Ticket {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.submit_then(ops, urgency, None) }
+    }
+
+    /// `submit_with`, and `then` runs on the I/O thread once every op succeeded, before the batch
+    /// is `finished` (e.g. rearranging the bytes just read, off the caller's thread); not at all
+    /// if an op fails or the batch is cancelled. A panic in it fails the batch.
+    ///
+    /// # Safety
+    /// As for [`IoService::submit`]; `then` may touch the ops' buffers (nobody else does until
+    /// the batch finishes).
+    pub unsafe fn submit_then(
+        &self,
+        ops: Vec<ReadOp>,
+        urgency: Urgency,
+        then: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Ticket {
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let invalid = ops.iter().find_map(|op| self.shared.validate(op).err());
         if let Some(err) = invalid {
@@ -272,7 +289,7 @@ impl IoService {
             return Ticket(id);
         }
         let jobs: Vec<Job> = ops.into_iter().filter(|op| op.len > 0).map(|op| Job { op, batch: id }).collect();
-        self.shared.register(id, jobs.len());
+        self.shared.register(id, jobs.len(), then);
         if !jobs.is_empty() {
             let sent = match &self.engine {
                 Engine::Uring(t) => t.send(jobs, urgency),

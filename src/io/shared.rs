@@ -61,7 +61,12 @@ pub(super) enum Next {
 struct Batch {
     remaining: usize,
     error: Option<IoError>,
+    /// Runs on the I/O thread once every op succeeded, before the batch counts as finished.
+    then: Option<Then>,
 }
+
+/// A batch's completion step (see [`super::IoService::submit_then`]).
+pub(super) type Then = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct State {
@@ -170,12 +175,20 @@ impl Shared {
         IoError::Read { path: self.path.clone(), offset: op.file_offset, len: op.len, source }
     }
 
-    pub fn register(&self, id: u64, n_ops: usize) {
+    pub fn register(&self, id: u64, n_ops: usize, then: Option<Then>) {
+        let then = match (n_ops, then) {
+            // Nothing to read: the step runs now.
+            (0, Some(t)) => {
+                t();
+                None
+            }
+            (_, t) => t,
+        };
         let mut st = self.lock();
         if n_ops == 0 {
             st.stats.batches += 1;
         }
-        st.batches.insert(id, Batch { remaining: n_ops, error: None });
+        st.batches.insert(id, Batch { remaining: n_ops, error: None, then });
     }
 
     /// A batch rejected before any I/O.
@@ -184,7 +197,7 @@ impl Shared {
         st.stats.batches += 1;
         st.stats.ops += n_ops;
         st.stats.errors += n_ops;
-        st.batches.insert(id, Batch { remaining: 0, error: Some(err) });
+        st.batches.insert(id, Batch { remaining: 0, error: Some(err), then: None });
         drop(st);
         self.done.notify_all();
     }
@@ -211,11 +224,33 @@ impl Shared {
             Ok(()) => st.stats.bytes += len as u64,
             Err(_) => st.stats.errors += 1,
         }
+        // The last op of a batch that succeeded runs its completion step first, outside the lock.
+        let then = match st.batches.get_mut(&id) {
+            Some(b) => {
+                if let Err(e) = result {
+                    b.error.get_or_insert(e);
+                }
+                if b.remaining <= 1 && b.error.is_none() {
+                    b.then.take()
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        if let Some(t) = then {
+            drop(st);
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(t)).is_ok();
+            st = self.lock();
+            if !ok {
+                let err = IoError::Completion { path: self.path.clone() };
+                if let Some(b) = st.batches.get_mut(&id) {
+                    b.error.get_or_insert(err);
+                }
+            }
+        }
         let mut complete = false;
         if let Some(b) = st.batches.get_mut(&id) {
-            if let Err(e) = result {
-                b.error.get_or_insert(e);
-            }
             b.remaining = b.remaining.saturating_sub(1);
             complete = b.remaining == 0;
         }

@@ -115,20 +115,20 @@ impl Backend for CpuBackend {
         resident::plain(w, bytes)
     }
 
-    fn prepare_host_mat(w: &WeightDesc, bytes: &mut [u8]) -> bool {
-        match repack::repackable(w.ty, w.rows, w.cols) {
-            Some(layout) if bytes.len() as u64 == w.bytes => {
-                thread_local! {
-                    static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-                }
-                PLAIN.with_borrow_mut(|plain| {
-                    plain.clear();
-                    plain.extend_from_slice(bytes);
-                    repack::repack(layout, plain, w.rows, w.cols, bytes);
-                });
-                true
+    fn prepares_host_mat(w: &WeightDesc) -> bool {
+        repack::repackable(w.ty, w.rows, w.cols).is_some()
+    }
+
+    fn prepare_host_mat(w: &WeightDesc, bytes: &mut [u8]) {
+        if let (Some(layout), true) = (repack::repackable(w.ty, w.rows, w.cols), bytes.len() as u64 == w.bytes) {
+            thread_local! {
+                static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
             }
-            _ => false,
+            PLAIN.with_borrow_mut(|plain| {
+                plain.clear();
+                plain.extend_from_slice(bytes);
+                repack::repack(layout, plain, w.rows, w.cols, bytes);
+            });
         }
     }
 
