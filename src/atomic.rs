@@ -20,3 +20,59 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A file being written in place of `path`: a temporary file beside it until `commit` syncs it
+/// and renames it over `path`; dropped uncommitted, it is removed and `path` is untouched.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+}
+
+impl Staged {
+    /// Start writing the replacement of `path` (its directory is created).
+    pub fn new(path: &Path) -> std::io::Result<Staged> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        Ok(Staged { tmp: tempfile::NamedTempFile::new_in(dir)? })
+    }
+
+    /// Sync and rename over `path`.
+    pub fn commit(self, path: &Path) -> std::io::Result<()> {
+        self.tmp.as_file().sync_all()?;
+        self.tmp.persist(path).map_err(|e| e.error)?;
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()).and_then(|d| std::fs::File::open(d).ok()) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Write for Staged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tmp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_files_appear_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/out.txt");
+        write(&path, b"old").expect("write");
+        let mut s = Staged::new(&path).expect("stage");
+        s.write_all(b"half").expect("write");
+        drop(s);
+        assert_eq!(std::fs::read(&path).expect("read"), b"old", "an uncommitted stage leaves the old file");
+        let mut s = Staged::new(&path).expect("stage");
+        s.write_all(b"new").expect("write");
+        s.commit(&path).expect("commit");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_eq!(std::fs::read_dir(path.parent().expect("dir")).expect("ls").count(), 1, "no temp file left");
+    }
+}

@@ -108,7 +108,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "tokens": full.n, "ppl_full": ppl(&full), "ppl": ppl(&test), "top1_agreement": agree,
             "expert_cache": st, "bytes_high_per_token": per_tok.map(|p| p.0), "bytes_low_per_token": per_tok.map(|p| p.1),
         });
-        std::fs::write(&j, serde_json::to_string_pretty(&report)?)
+        moerun::atomic::write(&j, serde_json::to_string_pretty(&report)?.as_bytes())
             .with_context(|| format!("writing {}", j.display()))?;
     }
     Ok(())

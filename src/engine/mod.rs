@@ -303,7 +303,7 @@ impl<B: Backend> Engine<B> {
         match self.trace.take() {
             Some(t) => match t.error {
                 Some(e) => Err(e),
-                None => t.writer.finish().map(|_| ()),
+                None => t.writer.commit(),
             },
             None => Ok(()),
         }

@@ -51,19 +51,28 @@ pub enum TraceError {
 }
 
 /// Writes a trace line by line (buffered; call `finish` to flush and see the last error).
-pub struct TraceWriter<W: Write = BufWriter<File>> {
+pub struct TraceWriter<W: Write = BufWriter<crate::atomic::Staged>> {
     out: W,
     path: PathBuf,
     header: TraceHeader,
     line: usize,
 }
 
-impl TraceWriter<BufWriter<File>> {
-    /// Create (truncate) `path` and write the header line.
+impl TraceWriter<BufWriter<crate::atomic::Staged>> {
+    /// Start the trace that replaces `path` (a temporary file beside it until `commit`) and
+    /// write the header line.
     pub fn create(path: impl AsRef<Path>, header: &TraceHeader) -> Result<Self, TraceError> {
         let path = path.as_ref().to_path_buf();
-        let file = File::create(&path).map_err(|source| TraceError::Io { path: path.clone(), source })?;
+        let file = crate::atomic::Staged::new(&path).map_err(|source| TraceError::Io { path: path.clone(), source })?;
         TraceWriter::new(BufWriter::new(file), path, header)
+    }
+
+    /// Flush, sync and rename the trace into place.
+    pub fn commit(self) -> Result<(), TraceError> {
+        let path = self.path.clone();
+        let io = |source| TraceError::Io { path: path.clone(), source };
+        let staged = self.finish()?.into_inner().map_err(|e| io(e.into_error()))?;
+        staged.commit(&path).map_err(io)
     }
 }
 
@@ -201,7 +210,7 @@ mod tests {
         let mut w = TraceWriter::create(&path, &header()).unwrap();
         w.record(0, 0, &[3, 1], &[0.75, 0.25]).unwrap();
         w.record(0, 1, &[0, 2], &[0.5, 0.5]).unwrap();
-        w.finish().unwrap();
+        w.commit().unwrap();
         let (h, recs) = read_trace(&path).unwrap();
         assert_eq!(h, header());
         assert_eq!(recs.len(), 2);

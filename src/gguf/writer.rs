@@ -2,7 +2,6 @@
 //! table order, each padded to the alignment. Writers only produce files the reader accepts.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -105,13 +104,14 @@ impl GgufWriter {
         out
     }
 
-    /// Writes the file to `path`, replacing it.
+    /// Writes the file to `path`, replacing it atomically (a crash or a full disk leaves the
+    /// old file, never half a new one).
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
         let io = |source| GgufError::Io { path: path.into(), source };
-        let mut out = BufWriter::new(File::create(path).map_err(io)?);
+        let mut out = BufWriter::new(crate::atomic::Staged::new(path).map_err(io)?);
         self.write_into(&mut out).map_err(io)?;
-        out.flush().map_err(io)
+        out.into_inner().map_err(|e| io(e.into_error()))?.commit(path).map_err(io)
     }
 
     fn write_into(&self, out: &mut impl Write) -> io::Result<()> {
@@ -133,7 +133,8 @@ impl GgufWriter {
 #[derive(Debug)]
 pub struct GgufStreamWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    /// A temporary file beside `path`, renamed over it by `finish`.
+    out: BufWriter<crate::atomic::Staged>,
     tensors: Vec<Desc>,
     alignment: u64,
     /// Index of the tensor being filled (== tensors.len() once all are complete).
@@ -177,7 +178,7 @@ impl GgufStreamWriter {
         }
         let alignment = alignment_of(&owned_metadata);
         let io = |source| GgufError::Io { path: path.clone(), source };
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).map_err(io)?);
+        let mut out = BufWriter::with_capacity(1 << 20, crate::atomic::Staged::new(&path).map_err(io)?);
         let desc_refs: Vec<&Desc> = descs.iter().collect();
         write_header(&mut out, &owned_metadata, &desc_refs, alignment).map_err(io)?;
         Ok(GgufStreamWriter { path, out, tensors: descs, alignment, current: 0, filled: 0 })
@@ -219,14 +220,16 @@ impl GgufStreamWriter {
         Ok(())
     }
 
-    /// Checks every tensor was written in full and flushes the file.
-    pub fn finish(mut self) -> Result<(), GgufError> {
+    /// Checks every tensor was written in full, then syncs the file and renames it into place
+    /// (until then `path` is untouched; a writer dropped unfinished leaves nothing behind).
+    pub fn finish(self) -> Result<(), GgufError> {
         if let Some(desc) = self.tensors.get(self.current) {
             let reason = format!("finished with tensor '{}' at {} of {} bytes", desc.name, self.filled, desc.size);
             return Err(self.misuse(reason));
         }
-        let path = self.path.clone();
-        self.out.flush().map_err(|source| GgufError::Io { path, source })
+        let path = self.path;
+        let io = |source| GgufError::Io { path: path.clone(), source };
+        self.out.into_inner().map_err(|e| io(e.into_error()))?.commit(&path).map_err(io)
     }
 
     fn misuse(&self, reason: String) -> GgufError {

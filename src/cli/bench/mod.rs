@@ -272,7 +272,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             PathBuf::from(format!("bench-results/bench-{t}.json"))
         }
     };
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+    moerun::atomic::write(&out, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())

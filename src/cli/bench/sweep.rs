@@ -106,7 +106,7 @@ pub(super) fn run(sweep: SweepRun<'_>) -> anyhow::Result<()> {
     std::fs::create_dir_all("bench-results").context("creating bench-results/")?;
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let json = PathBuf::from(format!("bench-results/sweep-{t}.json"));
-    std::fs::write(&json, serde_json::to_string_pretty(&points)?)
+    moerun::atomic::write(&json, serde_json::to_string_pretty(&points)?.as_bytes())
         .with_context(|| format!("writing {}", json.display()))?;
     let png = json.with_extension("png");
     plot(&points, &png, &path.display().to_string())?;
