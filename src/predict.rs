@@ -204,19 +204,19 @@ impl Predictor {
     /// Scores of the routers of `targets` (side by side, `n_expert` each) for the one token of
     /// layer `from`: route each as its layer would, remember the prediction, prefetch its
     /// candidates nearest layer first, each in score order.
-    pub fn predict<B: crate::backend::Backend>(
+    pub fn predict<'m, B: crate::backend::Backend>(
         &mut self,
         targets: &[(usize, usize)],
         scores: &mut [f32],
         hp: &HParams,
-        selection_bias: impl Fn(usize) -> Option<Vec<f32>>,
+        selection_bias: impl Fn(usize) -> Option<&'m [f32]>,
         provider: &mut dyn ExpertProvider<B>,
     ) {
         let (n_expert, router) = (hp.n_expert, &hp.router);
         let width = if self.cfg.width == 0 { hp.n_expert_used } else { self.cfg.width.min(n_expert) };
         for (&(target, dist), logits) in targets.iter().zip(scores.chunks_exact_mut(n_expert)) {
             let bias = selection_bias(target);
-            let r = route(logits, width, router, bias.as_deref());
+            let r = route(logits, width, router, bias);
             // Candidates in score order with their predicted weights (so HOBBIT's thresholds
             // apply) and confidences; the planner decides which to load.
             let cands: Vec<Candidate> = r

@@ -3,13 +3,15 @@
 //! a bound fails fast with an error naming the bound and the file — in the library and in
 //! `moerun chat`. Real templates (tests/data/chat_templates) still render long conversations.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moerun::chat::ChatFormat;
-use moerun::gguf::{GgufFile, GgufWriter, Value};
+use moerun::gguf::Value;
 use moerun::tokenizer::{ChatMessage, ChatTemplate, TemplateLimit, TokenizerError};
 
 const BUNDLED: &str = "models/rustdoc-moe-Q8_0.gguf";
@@ -164,20 +166,8 @@ fn real_templates_render_long_conversations() {
 
 /// The bundled model with its chat template replaced by `template`, as `name` in `dir`.
 fn model_with_template(dir: &Path, name: &str, template: &str) -> PathBuf {
-    let src = GgufFile::open(Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED)).expect("bundled");
-    let mut w = GgufWriter::new();
-    for (k, v) in src.metadata() {
-        if k != "tokenizer.chat_template" && k != "general.alignment" {
-            w.add_metadata(k.clone(), v.clone());
-        }
-    }
-    w.add_metadata("tokenizer.chat_template", Value::String(template.into()));
-    for t in src.tensors() {
-        w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, src.tensor_data(t).to_vec()).expect("tensor");
-    }
-    let path = dir.join(name);
-    w.write(&path).expect("write");
-    path
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED);
+    common::with_metadata(&src, &dir.join(name), "tokenizer.chat_template", Value::String(template.into()))
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! error naming the file. The inputs are rebuilt from a tiny synthetic model, not copied from
 //! the fuzzer's artifacts, so each says what it damages.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use moerun::gguf::{GgmlType, GgufFile, GgufWriter, Value};
+use moerun::gguf::{GgmlType, Value};
 use moerun::model::Model;
 use moerun::synth::SynthConfig;
 
@@ -32,20 +34,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
 
 /// `src` with the metadata key `key` set to `value` (added if absent), written as `name`.
 fn with_key(src: &Path, name: &str, key: &str, value: Value) -> PathBuf {
-    let f = GgufFile::open(src).expect("source");
-    let mut w = GgufWriter::new();
-    for (k, v) in f.metadata() {
-        if k != key && k != "general.alignment" {
-            w.add_metadata(k.clone(), v.clone());
-        }
-    }
-    w.add_metadata(key, value);
-    for t in f.tensors() {
-        w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, f.tensor_data(t).to_vec()).expect("tensor");
-    }
-    let path = src.with_file_name(name);
-    w.write(&path).expect("write");
-    path
+    common::with_metadata(src, &src.with_file_name(name), key, value)
 }
 
 /// Loads `path`, which must fail with an error naming it and containing `expect`.

@@ -2,6 +2,8 @@
 //! over HTTP. Each test starts its own server, so counters and the KV cache start fresh. Every
 //! request and wait is bounded in count and time.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -551,21 +553,9 @@ async fn shutdown_lets_a_running_answer_finish() {
 /// The bundled model with its chat template replaced by `template` (everything else copied), as
 /// `name` in `dir`.
 fn with_template(dir: &Path, name: &str, template: &str) -> std::path::PathBuf {
-    use moerun::gguf::{GgufFile, GgufWriter, Value};
-    let src = GgufFile::open(Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED)).expect("bundled");
-    let mut w = GgufWriter::new();
-    for (k, v) in src.metadata() {
-        if k != "tokenizer.chat_template" && k != "general.alignment" {
-            w.add_metadata(k.clone(), v.clone());
-        }
-    }
-    w.add_metadata("tokenizer.chat_template", Value::String(template.into()));
-    for t in src.tensors() {
-        w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, src.tensor_data(t).to_vec()).expect("tensor");
-    }
-    let path = dir.join(name);
-    w.write(&path).expect("write");
-    path
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED);
+    let value = moerun::gguf::Value::String(template.into());
+    common::with_metadata(&src, &dir.join(name), "tokenizer.chat_template", value)
 }
 
 /// A template that opens `<think>` for the answer (as DeepSeek-R1's does): what the model writes

@@ -526,8 +526,7 @@ impl Offload {
             let plan = self.cache.plan_warm(*l, self.step, ex);
             self.check_plan(&plan)?;
             self.cache.apply(&plan);
-            let id = PrefetchId(self.next_prefetch);
-            self.next_prefetch += 1;
+            let id = self.new_prefetch_id();
             let before = self.bytes_high + self.bytes_low;
             self.issue(&plan, Some(id), Urgency::Background)?;
             self.bytes_warmed += self.bytes_high + self.bytes_low - before;
@@ -861,6 +860,28 @@ impl Offload {
         }
     }
 
+    /// Issue each of `plan`'s loads as its own read group (so each lands, and can be dropped,
+    /// alone); on failure, the position among the loads of the one that failed.
+    fn issue_each(
+        &mut self,
+        plan: &crate::experts::Plan,
+        prefetch: Option<PrefetchId>,
+        urgency: Urgency,
+    ) -> Result<(), (usize, ProviderError)> {
+        let loads = plan.actions.iter().filter(|a| matches!(a.1, Action::Load { .. } | Action::Prefetch { .. }));
+        for (i, &action) in loads.enumerate() {
+            let one =
+                crate::experts::Plan { kind: plan.kind, layer: plan.layer, token: plan.token, actions: vec![action] };
+            self.issue(&one, prefetch, urgency).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    fn new_prefetch_id(&mut self) -> PrefetchId {
+        self.next_prefetch += 1;
+        PrefetchId(self.next_prefetch - 1)
+    }
+
     /// Issue the reads of `plan`'s loads as one group; returns its id (None if nothing to read).
     fn issue(
         &mut self,
@@ -929,7 +950,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         if routes.len() > 1 {
             // A batch: the experts most tokens share load (and compute) first.
             let count = |e: u16| routes.iter().filter(|r| r.experts.contains(&(e as u32))).count();
-            used.sort_by_key(|&e| std::cmp::Reverse(count(e)));
+            used.sort_by_cached_key(|&e| std::cmp::Reverse(count(e)));
         }
         // A wave must fit the slots this layer may use (never fewer than top-k: checked at start).
         let cap = self.cache.layer_slots(l, Precision::High).len().max(1);
@@ -968,10 +989,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         self.explain_plan(&plan, serde_json::json!({"tokens": routes.len()}));
         if routes.len() > 1 {
             // A batch: one read group per expert, so each computes as soon as it lands.
-            for action in plan.actions.iter().filter(|a| matches!(a.1, Action::Load { .. })) {
-                let one = crate::experts::Plan { actions: vec![*action], ..plan.clone() };
-                self.issue(&one, None, Urgency::Urgent)?;
-            }
+            self.issue_each(&plan, None, Urgency::Urgent).map_err(|(_, e)| e)?;
         } else {
             self.issue(&plan, None, Urgency::Urgent)?;
         }
@@ -1095,25 +1113,17 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         let extra = self.pending_explain.take().unwrap_or(serde_json::Value::Null);
         self.explain_plan(&plan, extra);
         self.cache.apply(&plan);
-        let id = PrefetchId(self.next_prefetch);
-        self.next_prefetch += 1;
+        let id = self.new_prefetch_id();
         let urgency = if priority == Priority::Demand { Urgency::Urgent } else { Urgency::Background };
         // One read group per expert, so a prediction that dies is dropped alone.
-        for (i, action) in plan.actions.iter().enumerate() {
-            if matches!(action.1, Action::Prefetch { .. }) {
-                let one = crate::experts::Plan { actions: vec![*action], ..plan.clone() };
-                if let Err(e) = self.issue(&one, Some(id), urgency) {
-                    // The rest of this plan was applied: forget it, nothing reads into it.
-                    for &(key, a, _) in &plan.actions[i..] {
-                        if let Action::Prefetch { slot, precision, .. } = a {
-                            if self.cache.lookup(key) == Some((slot, precision)) {
-                                self.cache.invalidate(key);
-                            }
-                        }
-                    }
-                    return Err(e);
+        if let Err((i, e)) = self.issue_each(&plan, Some(id), urgency) {
+            // The rest of this plan was applied: forget it, nothing reads into it.
+            for (key, slot, precision, _) in plan.loads().skip(i) {
+                if self.cache.lookup(key) == Some((slot, precision)) {
+                    self.cache.invalidate(key);
                 }
             }
+            return Err(e);
         }
         Ok(id)
     }
@@ -1128,8 +1138,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         candidates: &[crate::layers::Candidate],
     ) -> Result<Option<(PrefetchId, Vec<u16>)>, ProviderError> {
         let bar = <Offload as ExpertProvider<B>>::prefetch_bar(self);
-        let take: Vec<(u16, f32)> =
-            candidates.iter().filter(|c| c.confidence >= bar).map(|c| (c.expert, c.weight)).collect();
+        let take = crate::layers::confident(candidates, bar);
         if self.explain.is_some() {
             let below: Vec<serde_json::Value> = candidates
                 .iter()

@@ -175,26 +175,19 @@ pub struct ProfileRecorder {
 
 impl ProfileRecorder {
     /// Start counting into `profile` (a fresh one, or what earlier runs saved).
-    pub fn new(profile: RoutingProfile) -> ProfileRecorder {
+    pub fn new(mut profile: RoutingProfile) -> ProfileRecorder {
         let (nl, ne) = (profile.n_layers, profile.n_experts);
-        ProfileRecorder { profile, trans: vec![Vec::new(); nl], last: None, first_moe: None, dirty: false }
-            .with_dense(ne)
-    }
-
-    fn with_dense(mut self, ne: usize) -> Self {
-        for (l, t) in self.profile.transitions.iter_mut().enumerate() {
-            let dense = &mut self.trans[l];
-            for &(i, j, n) in t.iter() {
+        // Saved transitions are sparse; while running they are dense counts.
+        let mut trans = vec![Vec::new(); nl];
+        for (dense, saved) in trans.iter_mut().zip(&mut profile.transitions) {
+            for (i, j, n) in saved.drain(..) {
                 if (i as usize) < ne && (j as usize) < ne {
-                    if dense.is_empty() {
-                        dense.resize(ne * ne, 0);
-                    }
+                    dense.resize(ne * ne, 0);
                     dense[i as usize * ne + j as usize] += n;
                 }
             }
-            t.clear();
         }
-        self
+        ProfileRecorder { profile, trans, last: None, first_moe: None, dirty: false }
     }
 
     /// Layer `l` routed these tokens (one route per token, in batch order).

@@ -154,6 +154,11 @@ pub fn estimate_decode(
     let mut cache = ExpertCache::new(cfg)?;
     // Per token (in file order): its layers' work; a token whose records are not contiguous
     // (a prompt batch) is dropped when the next token interrupts it.
+    let keep_decoded = |tokens: &mut Vec<Vec<LayerWork>>, done: Option<(u64, Vec<LayerWork>)>| {
+        if let Some((_, layers)) = done.filter(|(_, l)| l.len() > 1 || header.n_layers == 1) {
+            tokens.push(layers);
+        }
+    };
     let mut tokens: Vec<Vec<LayerWork>> = Vec::new();
     let mut current: Option<(u64, Vec<LayerWork>)> = None;
     let cache_result = replay(&mut cache, records, |rec, plan, _| {
@@ -172,20 +177,12 @@ pub fn estimate_decode(
         match &mut current {
             Some((t, layers)) if *t == rec.token => layers.push(w),
             _ => {
-                if let Some((_, layers)) = current.take() {
-                    if layers.len() > 1 || header.n_layers == 1 {
-                        tokens.push(layers);
-                    }
-                }
+                keep_decoded(&mut tokens, current.take());
                 current = Some((rec.token, vec![w]));
             }
         }
     });
-    if let Some((_, layers)) = current.take() {
-        if layers.len() > 1 || header.n_layers == 1 {
-            tokens.push(layers);
-        }
-    }
+    keep_decoded(&mut tokens, current.take());
     let n = tokens.len().max(1) as f64;
     let (mut compute, mut stall, mut hits, mut lookups) = (0.0, 0.0, 0u64, 0u64);
     for layers in &tokens {

@@ -6,7 +6,7 @@
 mod provider;
 
 pub use provider::{
-    used_experts, Candidate, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError,
+    confident, used_experts, Candidate, ExpertProvider, ExpertState, ModelExperts, PrefetchId, Priority, ProviderError,
 };
 
 use crate::arch::{Gating, GroupLimit, QkNorm, RouterConfig};
@@ -433,7 +433,7 @@ impl<B: Backend> Forward<'_, B> {
             scores.extend_from_slice(&self.backend.read(&s.pred));
         }
         let sel = |t: usize| match &m.layers[t].ffn {
-            Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v).to_vec()),
+            Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v)),
             _ => None,
         };
         p.predict(&targets, &mut scores, &m.hp, sel, self.experts);

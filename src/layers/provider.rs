@@ -48,6 +48,11 @@ pub struct Candidate {
     pub confidence: f32,
 }
 
+/// The candidates whose confidence clears `bar`, as (expert, predicted weight) for `prefetch`.
+pub fn confident(candidates: &[Candidate], bar: f32) -> Vec<(u16, f32)> {
+    candidates.iter().filter(|c| c.confidence >= bar).map(|c| (c.expert, c.weight)).collect()
+}
+
 /// Identifies one `prefetch` call until it is used or cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PrefetchId(pub u64);
@@ -96,9 +101,7 @@ pub trait ExpertProvider<B: Backend> {
         l: usize,
         candidates: &[Candidate],
     ) -> Result<Option<(PrefetchId, Vec<u16>)>, ProviderError> {
-        let bar = self.prefetch_bar();
-        let take: Vec<(u16, f32)> =
-            candidates.iter().filter(|c| c.confidence >= bar).map(|c| (c.expert, c.weight)).collect();
+        let take = confident(candidates, self.prefetch_bar());
         match take.is_empty() {
             true => Ok(None),
             false => Ok(Some((self.prefetch(l, &take, Priority::Prefetch)?, take.iter().map(|t| t.0).collect()))),

@@ -60,3 +60,21 @@ pub fn ref_pairs_in(dir: &Path) -> Vec<(PathBuf, RefFile)> {
     }
     out
 }
+
+/// A copy of the GGUF at `src`, written to `dest`, with metadata `key` set to `value` (added if
+/// absent; everything else, tensors included, as in `src`).
+pub fn with_metadata(src: &Path, dest: &Path, key: &str, value: moerun::gguf::Value) -> PathBuf {
+    let f = moerun::gguf::GgufFile::open(src).expect("source GGUF");
+    let mut w = moerun::gguf::GgufWriter::new();
+    for (k, v) in f.metadata() {
+        if k != key && k != "general.alignment" {
+            w.add_metadata(k.clone(), v.clone());
+        }
+    }
+    w.add_metadata(key, value);
+    for t in f.tensors() {
+        w.add_tensor(t.name.clone(), t.ggml_type, &t.shape, f.tensor_data(t).to_vec()).expect("tensor");
+    }
+    w.write(dest).expect("write");
+    dest.to_path_buf()
+}
