@@ -208,3 +208,38 @@ fn generate_with_an_expert_cache_gives_the_same_tokens_and_reports_the_cache() {
     let (ok, _, err) = moerun(&["generate", "-p", "x", "--expert-budget", "25%", "--predict", "7"]);
     assert!(!ok && err.contains("--predict '7'"), "{err}");
 }
+
+/// Issue 13, item 5: a run with `--memory-budget` stays inside what the budget allows (resident
+/// memory sampled by the kernel: `VmHWM`), where the same run without it does not; a budget too
+/// small for one layer's experts fails before any weight is copied; a budget past the memory
+/// this process may take is refused.
+#[test]
+fn a_memory_budget_bounds_resident_memory_and_an_impossible_one_fails_before_loading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("olmoe-1L.gguf");
+    let m = model.to_str().expect("utf-8 path");
+    // One OLMoE layer at real shapes: 226 MiB of experts, 120 MiB of dense weights.
+    let (ok, _, err) = moerun(&["synth", "--preset", "olmoe", "--layers", "1", "-o", m]);
+    assert!(ok, "{err}");
+    let run = ["generate", "-m", m, "--prompt-tokens", "8", "-n", "8", "--temp", "0", "--json", "-t", "2", "--profile", "off"];
+    let mut budgeted = run.to_vec();
+    budgeted.extend(["--memory-budget", "300MiB"]);
+    let b = json(&budgeted);
+    let mem = &b["memory"];
+    let peak = mem["peak_rss_bytes"].as_u64().expect("peak RSS");
+    let bound = mem["bound_bytes"].as_u64().expect("bound");
+    assert!(peak <= bound, "peak RSS {peak} past the bound {bound}: {mem}");
+    assert!(peak as f64 <= 1.1 * (300u64 << 20) as f64, "peak RSS {peak} past the budget + 10%: {mem}");
+    // Without the budget every expert is copied: the bound is what the budget bought.
+    let free = json(&run);
+    assert!(free["memory"]["peak_rss_bytes"].as_u64().expect("peak RSS") > bound, "{}", free["memory"]);
+    assert_eq!(free["ids"], b["ids"], "the budget never changes the answer");
+
+    let mut small = run.to_vec();
+    small.extend(["--memory-budget", "240MiB", "-v"]);
+    let (ok, _, err) = moerun(&small);
+    assert!(!ok && err.contains("--memory-budget 240MiB") && err.contains("top_k"), "{err}");
+    assert!(!err.contains("MiB) resident"), "no weight may be copied before the budget is refused: {err}");
+    let (ok, _, err) = moerun(&["generate", "-p", "x", "--memory-budget", "100TiB"]);
+    assert!(!ok && err.contains("more than this process may take"), "{err}");
+}

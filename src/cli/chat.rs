@@ -47,8 +47,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let name = model.file.get_str("general.name").ok().flatten().unwrap_or("model").to_string();
     let facts = MoeFacts::of(&model);
     let cfg = EngineConfig { residency: a.offload.residency(Resident::Auto), ..a.engine.config() };
-    let mut engine = Engine::new(Arc::clone(&model), cfg)?;
-    a.offload.apply(&mut engine, &model, &path)?;
+    let engine = a.offload.engine(&model, &path, cfg)?;
     let sess = engine.new_session()?;
     let sampler = a.sampling.config();
     let format = ChatFormat::new(Arc::clone(&tok))?;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions};
+use moerun::engine::{EngineConfig, Flow, GenerateOptions};
 use moerun::model::{Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
@@ -49,8 +49,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = Tokenizer::from_gguf(&path)?;
     let model = Arc::new(Model::load(&path)?);
     let cfg = EngineConfig { residency: a.offload.residency(a.resident), ..a.engine.config() };
-    let mut engine = Engine::new(Arc::clone(&model), cfg)?;
-    a.offload.apply(&mut engine, &model, &path)?;
+    let mut engine = a.offload.engine(&model, &path, cfg)?;
     let prompt = match (&a.prompt, a.prompt_tokens) {
         (_, Some(n)) => moerun::rng::SplitMix64::new(42).tokens(n.max(1), model.hp.n_vocab),
         (Some(p), None) => {
@@ -92,6 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "prefill_tok_s": g.timings.prefill_tok_s(),
             "decode_tok_s": g.timings.decode_tok_s(),
             "expert_cache": engine.offload_stats(),
+            "memory": memory(&engine),
         });
         writeln!(stdout, "{out}")?;
     } else {
@@ -130,4 +130,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     engine.finish_trace()?;
     Ok(())
+}
+
+/// The process's peak resident memory (`VmHWM`: nothing else shares this process) and what the
+/// run may hold: with an expert budget, `offload_args::memory_bound`.
+fn memory(engine: &moerun::engine::Engine) -> serde_json::Value {
+    let (_, resident) = engine.resident();
+    let kv = engine.session_kv_bytes();
+    let budget = engine.offload_stats().map(|s| s.budget_bytes);
+    serde_json::json!({
+        "peak_rss_bytes": moerun::sysmem::peak_rss(),
+        "resident_weights_bytes": resident,
+        "kv_cache_bytes": kv,
+        "expert_budget_bytes": budget,
+        "bound_bytes": budget.map(|b| super::offload_args::memory_bound(b, resident, kv)),
+    })
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use moerun::engine::offload::{default_sidecar, parse_budget, parse_size, Budget, Offload, OffloadConfig};
-use moerun::engine::Engine;
+use moerun::engine::{Engine, EngineConfig};
 use moerun::experts::PolicyKind;
 use moerun::io::{IoBackend, IoConfig};
 use moerun::model::{resident_bytes, Model, Residency, Resident};
@@ -22,8 +22,10 @@ pub struct OffloadArgs {
     #[arg(long, visible_alias = "budget", value_name = "SIZE|PCT")]
     pub expert_budget: Option<String>,
     /// Total memory budget: the expert cache gets what is left after the resident dense
-    /// weights, the KV cache and a small overhead.
-    #[arg(long, value_name = "SIZE", conflicts_with = "expert_budget")]
+    /// weights, the KV cache and a small overhead. `auto`: 90% of the memory this process may
+    /// take (the smaller of MemAvailable and the memory cgroup's room). A budget past that room
+    /// is refused, so a run never meets its cgroup's limit.
+    #[arg(long, value_name = "SIZE|auto", conflicts_with = "expert_budget")]
     pub memory_budget: Option<String>,
     /// Eviction policy of the expert cache.
     #[arg(long, value_enum, default_value_t = PolicyKind::Lru)]
@@ -70,6 +72,12 @@ pub struct OffloadArgs {
     pub explain_plan: Option<PathBuf>,
 }
 
+/// What a run with an expert budget of `expert_budget` bytes may hold resident: the budget,
+/// the resident weights, one KV cache and the process's own overhead, plus 10%.
+pub fn memory_bound(expert_budget: u64, resident: u64, kv: u64) -> u64 {
+    ((expert_budget + resident + kv + OVERHEAD) as f64 * 1.1) as u64
+}
+
 impl OffloadArgs {
     pub fn enabled(&self) -> bool {
         self.expert_budget.is_some() || self.memory_budget.is_some()
@@ -82,13 +90,22 @@ impl OffloadArgs {
         Residency { which, room: moerun::sysmem::available() }
     }
 
+    /// The budget flag as given, for errors.
+    fn budget_flag(&self) -> String {
+        match (&self.expert_budget, &self.memory_budget) {
+            (Some(b), _) => format!("--expert-budget {b}"),
+            (None, Some(m)) => format!("--memory-budget {m} (less the dense weights, the KV cache and {} MiB)", OVERHEAD >> 20),
+            (None, None) => "the expert cache".into(),
+        }
+    }
+
     /// The cache config for `model` (None when no budget was given); `kv_bytes` is the KV cache
     /// one session will hold.
     pub fn config(&self, model: &Model, model_path: &Path, kv_bytes: u64) -> anyhow::Result<Option<OffloadConfig>> {
         let budget = match (&self.expert_budget, &self.memory_budget) {
             (Some(b), _) => parse_budget(b).map_err(anyhow::Error::msg).context("--expert-budget")?,
             (None, Some(m)) => {
-                let total = parse_size(m).map_err(anyhow::Error::msg).context("--memory-budget")?;
+                let total = memory_budget(m, moerun::sysmem::room())?;
                 // With the cache on, the backend copies the dense weights (`residency`).
                 let dense = resident_bytes(model, Resident::Dense);
                 let fixed = dense + kv_bytes + OVERHEAD;
@@ -151,16 +168,57 @@ impl OffloadArgs {
         }
     }
 
-    /// Put the expert cache (and the routing trace) on `engine`, if asked for.
-    pub fn apply(&self, engine: &mut Engine, model: &Arc<Model>, model_path: &Path) -> anyhow::Result<()> {
-        let kv = engine.session_kv_bytes();
-        if let Some(cfg) = self.config(model, model_path, kv)? {
-            engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
+    /// The engine for `model` with what the flags ask for: the expert cache is built first, so
+    /// a budget that cannot work fails before any weight is copied; then the engine, then the
+    /// cache, the predictor and the routing trace go on it.
+    pub fn engine(&self, model: &Arc<Model>, model_path: &Path, cfg: EngineConfig) -> anyhow::Result<Engine> {
+        let kv = moerun::engine::session_kv_bytes(model, &cfg);
+        let offload = match self.config(model, model_path, kv)? {
+            Some(c) => Some(Offload::new(Arc::clone(model), &c).with_context(|| self.budget_flag())?),
+            None => None,
+        };
+        let mut engine = Engine::new(Arc::clone(model), cfg)?;
+        if let Some(off) = offload {
+            engine.set_offload(off);
         }
         engine.set_predictor(self.predict_config()?);
         if let Some(t) = &self.trace {
             engine.trace_to(t).with_context(|| format!("cannot write the trace {}", t.display()))?;
         }
-        Ok(())
+        Ok(engine)
+    }
+}
+
+/// `--memory-budget`'s bytes: a size, or `auto` (90% of the room); never more than `room`.
+fn memory_budget(arg: &str, room: Option<moerun::sysmem::Room>) -> anyhow::Result<u64> {
+    if arg.trim().eq_ignore_ascii_case("auto") {
+        let room = room.context("--memory-budget auto: this system does not say how much memory is free")?;
+        return Ok(room.bytes / 10 * 9);
+    }
+    let total = parse_size(arg).map_err(anyhow::Error::msg).context("--memory-budget")?;
+    match room {
+        Some(room) if total > room.bytes => bail!(
+            "--memory-budget {arg} is more than this process may take: {room}; give at most that, \
+             or --memory-budget auto"
+        ),
+        _ => Ok(total),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moerun::sysmem::{Limit, Room};
+
+    #[test]
+    fn a_memory_budget_past_the_cgroup_room_is_refused_and_auto_stays_inside() {
+        let room = Room { bytes: 4 << 30, by: Limit::Cgroup { limit: 5 << 30, used: 1 << 30 } };
+        let err = memory_budget("6GiB", Some(room.clone())).expect_err("past the room").to_string();
+        assert!(err.contains("cgroup") && err.contains("6GiB"), "{err}");
+        assert_eq!(memory_budget("3GiB", Some(room.clone())).expect("inside"), 3 << 30);
+        let auto = memory_budget("auto", Some(room)).expect("auto");
+        assert!(auto < 4 << 30 && auto > 3 << 30, "{auto}");
+        assert!(memory_budget("auto", None).is_err());
+        assert_eq!(memory_budget("1GiB", None).expect("no room known"), 1 << 30);
     }
 }

@@ -72,8 +72,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut base = Engine::new(Arc::clone(&model), cfg.clone())?;
     let full = pass(&mut base, &seqs)?;
     drop(base);
-    let mut eng = Engine::new(Arc::clone(&model), cfg)?;
-    a.offload.apply(&mut eng, &model, &path)?;
+    let mut eng = a.offload.engine(&model, &path, cfg)?;
     let test = pass(&mut eng, &seqs)?;
     let ppl = |p: &Pass| (p.nll / p.n.max(1) as f64).exp();
     let agree = full.top1.iter().zip(&test.top1).filter(|(a, b)| a == b).count() as f64 / full.top1.len().max(1) as f64;

@@ -366,6 +366,21 @@ impl Explain {
 }
 
 impl Offload {
+    /// Forgets the last plan's decisions, first dropping the pages of the experts it computed
+    /// from the file mapping out of this process (they stay in the page cache): computing on
+    /// the host must not grow the resident memory past the budget. No view is alive here (the
+    /// callers hold `&mut self`).
+    fn release_host(&mut self) {
+        for &(e, d) in &self.decisions {
+            if let (Decision::Host, Some(ex)) = (d, self.model.experts(self.layer).and_then(|x| x.get(e as usize))) {
+                for w in [ex.gate, ex.up, ex.down] {
+                    self.model.file.release(w.offset, w.bytes);
+                }
+            }
+        }
+        self.decisions.clear();
+    }
+
     pub fn new(model: Arc<Model>, cfg: &OffloadConfig) -> Result<Offload, OffloadError> {
         let hp = &model.hp;
         let path = model.file.path().to_path_buf();
@@ -977,7 +992,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         self.check_plan(&plan)?;
         self.drain_targets(&plan);
         self.cache.apply(&plan);
-        self.decisions.clear();
+        self.release_host();
         for &(key, action, _) in &plan.actions {
             let d = match action {
                 Action::Hit { slot, precision } | Action::Load { slot, precision, .. } => Decision::At(precision, slot),
@@ -1028,7 +1043,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         match first_err {
             Some(e) => {
                 // The failed loads' slots are empty; nothing of this plan is viewed any more.
-                self.decisions.clear();
+                self.release_host();
                 Err(e)
             }
             None => Ok(()),
@@ -1049,7 +1064,7 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         self.stalled(t0);
         if r.is_err() {
             // The failed loads' slots are empty; nothing of this plan is viewed any more.
-            self.decisions.clear();
+            self.release_host();
         }
         r
     }

@@ -115,9 +115,14 @@ impl Server {
         let aliases = stem.into_iter().filter(|s| *s != model_id).collect();
         let facts = MoeFacts::of(&model);
         let format = ChatFormat::new(Arc::clone(&tok))?;
+        // The cache first: a budget that cannot work fails before any weight is copied.
+        let offload = match &cfg.offload {
+            Some(oc) => Some(crate::engine::offload::Offload::new(Arc::clone(&model), oc)?),
+            None => None,
+        };
         let mut engine = Engine::new(Arc::clone(&model), cfg.engine.clone())?;
-        if let Some(oc) = &cfg.offload {
-            engine.set_offload(crate::engine::offload::Offload::new(model, oc)?);
+        if let Some(off) = offload {
+            engine.set_offload(off);
         }
         engine.set_predictor(cfg.predict);
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());

@@ -124,11 +124,11 @@ pub fn plain<'a>(w: &WeightDesc, data: &'a [u8]) -> MatRef<'a> {
 
 /// Copy (or repack) weights out of the mapping into their resident places, in order. Reads one
 /// weight ahead (MADV_WILLNEED) while copying the one before, and drops copied ranges from the
-/// mapping in batches (MADV_DONTNEED; each flushes TLBs): cold loads read at the disk's pace
+/// mapping in batches of 32 MiB (MADV_DONTNEED; each flushes TLBs): cold loads read at the disk's pace
 /// instead of one page fault at a time, and RSS does not count the model twice.
 fn copy_weights(model: &Model, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
     let file = &model.file;
-    const RELEASE_BATCH: u64 = 256 << 20;
+    const RELEASE_BATCH: u64 = 32 << 20;
     let (mut pending, mut pending_bytes) = (Vec::new(), 0u64);
     if let Some(j) = jobs.first() {
         file.will_need(j.0.offset, j.0.bytes);

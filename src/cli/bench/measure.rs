@@ -1,11 +1,12 @@
 //! Timing and statistics for `bench` and its `--sweep`: one timed greedy run of either engine,
-//! median and spread over runs, the process's anonymous RSS. Measures only; prints nothing.
+//! median and spread over runs, the process's RSS sampled through our runs. Measures only; prints nothing.
 
 use std::time::Instant;
 
 use moerun::engine::{argmax, Engine};
 use moerun::layers::Logits;
 use moerun::reference::LlamaReference;
+use moerun::sysmem::{RssPeak, RssSampler};
 use serde::Serialize;
 
 /// Median and spread of one measure.
@@ -29,43 +30,40 @@ impl Stat {
     }
 }
 
-/// Anonymous (not file-backed) resident memory of this process, in MiB.
-fn rss_anon_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// (prefill tok/s, decode tok/s) of each measured run.
 pub(super) type Runs = (Vec<f64>, Vec<f64>);
 
 /// Warm up once, then time `repeats` runs of our engine: ((prefill tok/s, decode tok/s) per
-/// run, peak anonymous RSS in MiB while a session was alive).
+/// run, the resident memory sampled through all of them).
 pub(super) fn measure_ours(
     engine: &mut Engine,
     prompt: &[u32],
     n_gen: usize,
     repeats: usize,
-) -> anyhow::Result<(Runs, Option<f64>)> {
-    let mut rss: Option<f64> = None;
+) -> anyhow::Result<(Runs, RssPeak)> {
+    let mut peak = RssPeak::default();
     let mut ours = (Vec::new(), Vec::new());
     for i in 0..=repeats {
-        let (pf, dec) = time_ours(engine, prompt, n_gen)?;
-        rss = max_rss(rss);
+        let (pf, dec) = time_ours_sampled(engine, prompt, n_gen, &mut peak)?;
         if i > 0 {
             ours.0.push(pf);
             ours.1.push(dec);
         }
     }
-    Ok((ours, rss))
+    Ok((ours, peak))
 }
 
-pub(super) fn max_rss(rss: Option<f64>) -> Option<f64> {
-    match (rss, rss_anon_mib()) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    }
+/// [`time_ours`] with this process's RSS sampled every 5 ms through the run, into `peak`.
+pub(super) fn time_ours_sampled(
+    engine: &mut Engine,
+    prompt: &[u32],
+    n_gen: usize,
+    peak: &mut RssPeak,
+) -> anyhow::Result<(f64, f64)> {
+    let sampler = RssSampler::start(std::time::Duration::from_millis(5));
+    let r = time_ours(engine, prompt, n_gen);
+    *peak = peak.max(sampler.finish());
+    r
 }
 
 /// One timed greedy run of our engine in a fresh session.

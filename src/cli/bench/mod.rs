@@ -17,7 +17,8 @@ use moerun::reference::{LlamaReference, ReferenceConfig};
 use moerun::rng::SplitMix64;
 use serde::Serialize;
 
-use measure::{max_rss, time_llama, time_ours, Stat};
+use measure::{time_llama, time_ours_sampled, Stat};
+use moerun::sysmem::RssPeak;
 use sweep::SweepRun;
 
 #[derive(clap::Args, Debug)]
@@ -82,7 +83,9 @@ struct Report {
     gen_tokens: usize,
     repeats: usize,
     resident: Resident,
-    rss_anon_mib_peak: Option<f64>,
+    /// This process's resident memory sampled through our runs, against what a budgeted run
+    /// may hold.
+    memory: Memory,
     resident_weights_mib: f64,
     kv_cache_mib: f64,
     moerun: Option<Side>,
@@ -99,6 +102,51 @@ struct Report {
     prefill_ratio: Option<f64>,
 }
 
+/// Resident memory through our runs, in MiB.
+#[derive(Debug, Serialize)]
+struct Memory {
+    rss_peak_mib: f64,
+    rss_anon_peak_mib: f64,
+    rss_samples: u64,
+    resident_weights_mib: f64,
+    kv_cache_mib: f64,
+    /// With an expert cache: its budget, and what the run may hold (`offload_args::memory_bound`).
+    expert_budget_mib: Option<f64>,
+    bound_mib: Option<f64>,
+    within_bound: Option<bool>,
+}
+
+impl Memory {
+    fn of(rss: RssPeak, budget: Option<u64>, resident: u64, kv: u64) -> Memory {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let bound = budget.map(|b| super::offload_args::memory_bound(b, resident, kv));
+        Memory {
+            rss_peak_mib: mib(rss.rss),
+            rss_anon_peak_mib: mib(rss.anon),
+            rss_samples: rss.samples,
+            resident_weights_mib: mib(resident),
+            kv_cache_mib: mib(kv),
+            expert_budget_mib: budget.map(mib),
+            bound_mib: bound.map(mib),
+            within_bound: bound.map(|b| rss.rss <= b),
+        }
+    }
+
+    fn line(&self, resident: Resident) -> String {
+        let mut s = format!(
+            "moerun peak RSS {:.1} MiB ({:.1} MiB anonymous, {} samples): resident weights ({resident:?}) {:.1} MiB, KV cache {:.1} MiB",
+            self.rss_peak_mib, self.rss_anon_peak_mib, self.rss_samples, self.resident_weights_mib, self.kv_cache_mib
+        );
+        if let (Some(b), Some(bound), Some(ok)) = (self.expert_budget_mib, self.bound_mib, self.within_bound) {
+            s += &format!(
+                ", expert budget {b:.1} MiB; bound (budget + resident + KV + overhead) + 10% = {bound:.1} MiB: {}",
+                if ok { "within" } else { "EXCEEDED" }
+            );
+        }
+        s
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let run_ours = a.only != Some(Only::Llama);
@@ -107,19 +155,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let residency = a.offload.residency(if run_ours { a.resident } else { Resident::None });
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
-    let mut engine = Engine::new(
-        Arc::clone(&model),
-        EngineConfig {
-            threads: if run_ours { threads } else { 1 },
-            n_ctx,
-            kv_type: KvType::F16,
-            residency,
-            ..Default::default()
-        },
-    )?;
-    if run_ours {
-        a.offload.apply(&mut engine, &model, &path)?;
-    }
+    let cfg = EngineConfig {
+        threads: if run_ours { threads } else { 1 },
+        n_ctx,
+        kv_type: KvType::F16,
+        residency,
+        ..Default::default()
+    };
+    let mut engine =
+        if run_ours { a.offload.engine(&model, &path, cfg)? } else { Engine::new(Arc::clone(&model), cfg)? };
     // A fixed pseudo-random prompt over the vocabulary (the same for both engines).
     let mut rng = SplitMix64::new(42);
     let prompt = rng.tokens(a.prompt.max(1), model.hp.n_vocab);
@@ -150,11 +194,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // is the median of the paired runs' ratios.
     let mut ours = (Vec::new(), Vec::new());
     let mut theirs = (Vec::new(), Vec::new());
-    let mut rss = None;
+    // Sampled through our runs only (llama.cpp's buffers share the process).
+    let mut rss = RssPeak::default();
     if run_ours {
-        // Warm-up, and our peak RSS before llama.cpp's buffers share the process.
-        time_ours(&mut engine, &prompt, a.n_gen)?;
-        rss = max_rss(rss);
+        // Warm-up.
+        time_ours_sampled(&mut engine, &prompt, a.n_gen, &mut rss)?;
     }
     let mut llama = if run_llama {
         let mut r = LlamaReference::load(
@@ -175,13 +219,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     theirs.0.push(pf);
                     theirs.1.push(dec);
                 }
-                (false, r) if run_ours => {
-                    let (pf, dec) = time_ours(&mut engine, &prompt, a.n_gen)?;
+                (false, _) if run_ours => {
+                    let (pf, dec) = time_ours_sampled(&mut engine, &prompt, a.n_gen, &mut rss)?;
                     ours.0.push(pf);
                     ours.1.push(dec);
-                    if r.is_none() {
-                        rss = max_rss(rss);
-                    }
                 }
                 _ => {}
             }
@@ -199,6 +240,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let moerun_side =
         run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
     let cache = engine.offload_stats();
+    let memory = Memory::of(rss, cache.as_ref().map(|c| c.budget_bytes), resident_bytes, engine.session_kv_bytes());
     let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
     drop(engine);
     let llama_side = run_llama.then(|| Side {
@@ -235,12 +277,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             io_gb_s.unwrap_or(0.0)
         );
     }
-    if let Some(r) = rss {
-        println!(
-            "moerun peak anonymous RSS: {r:.1} MiB = resident weights ({:?}) {:.1} MiB + KV cache {kv_mib:.1} MiB + expert slots + the rest (other weights stay in the file mapping)",
-            resident_mode,
-            resident_bytes as f64 / 1048576.0
-        );
+    if run_ours {
+        println!("{}", memory.line(resident_mode));
+    }
+    if memory.within_bound == Some(false) {
+        tracing::warn!("resident memory went past what the budget allows (see above)");
     }
 
     let report = Report {
@@ -250,7 +291,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         gen_tokens: a.n_gen,
         repeats: a.repeats,
         resident: resident_mode,
-        rss_anon_mib_peak: rss,
+        memory,
         resident_weights_mib: resident_bytes as f64 / 1048576.0,
         kv_cache_mib: kv_mib,
         moerun: moerun_side,
