@@ -7,6 +7,8 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
+    // A model file cut under a read through its mapping is named before the process dies.
+    moerun::gguf::sigbus::install();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

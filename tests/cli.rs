@@ -243,3 +243,57 @@ fn a_memory_budget_bounds_resident_memory_and_an_impossible_one_fails_before_loa
     let (ok, _, err) = moerun(&["generate", "-p", "x", "--memory-budget", "100TiB"]);
     assert!(!ok && err.contains("more than this process may take"), "{err}");
 }
+
+/// Issue 13, item 4: SIGTERM to `moerun serve` in the middle of a streamed answer: the answer
+/// still ends properly (within the grace period), then the process exits 0.
+#[test]
+fn sigterm_mid_answer_lets_it_finish_and_exits_cleanly() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moerun"))
+        .args(["serve", "--port", "0", "-t", "1", "--ctx-size", "1024", "--shutdown-grace", "60", "--profile", "off"])
+        .env("XDG_CACHE_HOME", cache_home())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start moerun serve");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("the serving line");
+    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).expect("an address").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).expect("connect");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60))).expect("timeout");
+    let body = r#"{"prompt": "The borrow checker", "max_tokens": 600, "ignore_eos": true, "stream": true}"#;
+    write!(
+        sock,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+        let n = sock.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    sock.read_to_end(&mut seen).expect("the rest of the stream");
+    let text = String::from_utf8_lossy(&seen);
+    // The answer ran to its length (the body is chunked: `[DONE]` comes before the last chunk).
+    assert!(
+        text.contains("\"finish_reason\":\"length\"") && text.contains("data: [DONE]") && !text.contains("\"error\""),
+        "{text}"
+    );
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "moerun serve did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    assert!(status.success() && err.contains("moerun: stopped"), "{status:?}: {err}");
+}

@@ -613,3 +613,107 @@ async fn a_template_past_its_limits_fails_the_request_not_the_server() {
     assert_eq!(status, 200, "{v}");
     s.stop().await;
 }
+
+/// Issue 13, item 4: the model file cut, rewritten or replaced under a running server (experts
+/// through the cache, so every read of the file is a checked one). Each fault fails the requests
+/// that meet it with an error naming the file; the server stays up and serves again, with the
+/// same answer, once the file is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_file_changed_while_serving_fails_those_requests_naming_it_and_serving_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("victim.gguf");
+    let original = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED)).expect("bundled model");
+    std::fs::write(&path, &original).expect("copy");
+    let mut cfg = config();
+    cfg.engine.residency = moerun::model::Residency::fixed(moerun::model::Resident::Dense);
+    cfg.engine.n_ctx = 2048;
+    cfg.offload = Some(moerun::engine::offload::OffloadConfig {
+        budget: moerun::engine::offload::Budget::Share(0.1),
+        ..Default::default()
+    });
+    let s = start_with(&path, cfg).await;
+    let ask = json!({"prompt": "The borrow checker", "max_tokens": 16, "ignore_eos": true, "temperature": 0});
+    let (status, first) = s.post_json("/v1/completions", &ask).await;
+    assert_eq!(status, 200, "{first}");
+    let answer = first["choices"][0]["text"].clone();
+    let refused = |v: &Value, what: &str| {
+        assert_openai_error(v, None);
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("victim.gguf") && msg.contains(what), "{v}");
+    };
+
+    // Cut while an answer streams: the stream ends with an error naming the file.
+    let running = start_long_stream(&s, 1500).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(original.len() as u64 / 3))
+        .expect("cut");
+    let body = tokio::time::timeout(Duration::from_secs(60), running.text()).await.expect("in time").expect("body");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let last: Value = serde_json::from_str(&sse_data(&body).iter().rev().nth(1).cloned().unwrap_or_default())
+        .expect("an error chunk before [DONE]");
+    refused(&last, "victim.gguf");
+    // With the file still cut, the next request is refused before anything is read.
+    let (status, v) = s.post_json("/v1/completions", &ask).await;
+    assert_eq!(status, 500, "{v}");
+    refused(&v, "changed on disk");
+    // The same bytes written back in place (a new modification time): served again, same answer.
+    std::fs::write(&path, &original).expect("restore");
+    let (status, v) = s.post_json("/v1/completions", &ask).await;
+    assert_eq!((status, &v["choices"][0]["text"]), (200, &answer), "{v}");
+
+    // Rewritten in place with other contents of the same size: refused, until it is put back.
+    let mut other = original.clone();
+    let half = other.len() / 2;
+    other[half..].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&path, &other).expect("rewrite");
+    let (status, v) = s.post_json("/v1/completions", &ask).await;
+    assert_eq!(status, 500, "{v}");
+    refused(&v, "other contents");
+    std::fs::write(&path, &original).expect("restore");
+    let (status, v) = s.post_json("/v1/completions", &ask).await;
+    assert_eq!((status, &v["choices"][0]["text"]), (200, &answer), "{v}");
+
+    // Replaced by a rename (how downloads land): the server keeps serving the file it loaded.
+    let newer = dir.path().join("newer.gguf");
+    std::fs::write(&newer, &other).expect("write");
+    std::fs::rename(&newer, &path).expect("rename");
+    let (status, v) = s.post_json("/v1/completions", &ask).await;
+    assert_eq!((status, &v["choices"][0]["text"]), (200, &answer), "{v}");
+    let health = s.client.get(s.url("/health")).send().await.expect("health");
+    assert_eq!(health.status(), 200);
+    s.stop().await;
+}
+
+/// Shutdown with answers running past the grace period: the running one is cut (503
+/// `shutting_down` in its stream), the queued one refused, and the server stops in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_answers_still_running_when_the_grace_period_ends() {
+    let engine = EngineConfig { threads: 1, n_ctx: 4096, ..Default::default() };
+    let cfg = ServerConfig { engine, shutdown_grace: Duration::from_millis(300), ..config() };
+    let s = start(cfg).await;
+    let running = start_long_stream(&s, 4000).await;
+    let queued = {
+        let (client, url) = (s.client.clone(), s.url("/v1/completions"));
+        tokio::spawn(async move {
+            let body = json!({"prompt": "Hello", "max_tokens": 4000, "ignore_eos": true});
+            let resp = client.post(url).json(&body).send().await.expect("request");
+            (resp.status().as_u16(), resp.json::<Value>().await.expect("JSON"))
+        })
+    };
+    s.wait_for_stats("a queued request", |v| v["engine"]["queued"] == 1).await;
+    let TestServer { shutdown, task, .. } = s;
+    let t0 = Instant::now();
+    let _ = shutdown.map(|tx| tx.send(()));
+    let body = tokio::time::timeout(Duration::from_secs(30), running.text()).await.expect("in time").expect("body");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let data = sse_data(&body);
+    let last: Value = serde_json::from_str(&data[data.len() - 2]).expect("JSON");
+    assert_openai_error(&last, Some("shutting_down"));
+    let (status, v) = queued.await.expect("queued");
+    assert_eq!(status, 503, "{v}");
+    assert_openai_error(&v, Some("shutting_down"));
+    tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task").expect("serve");
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+}

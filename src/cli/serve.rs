@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use moerun::model::Model;
-use moerun::server::{Server, ServerConfig, DEFAULT_MAX_BODY, DEFAULT_QUEUE};
+use moerun::server::{Server, ServerConfig, DEFAULT_MAX_BODY, DEFAULT_QUEUE, DEFAULT_SHUTDOWN_GRACE};
 use moerun::tokenizer::Tokenizer;
 
 #[derive(clap::Args, Debug)]
@@ -32,6 +32,10 @@ pub struct Args {
     /// Largest request body in bytes; larger is answered 413.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY)]
     max_body: usize,
+    /// On SIGTERM/SIGINT, seconds that answers already accepted may still run; then a running
+    /// answer is cut and queued ones are refused (503).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs_f64())]
+    shutdown_grace: f64,
     #[command(flatten)]
     engine: super::common_args::EngineArgs,
     #[command(flatten)]
@@ -56,6 +60,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         engine,
         offload,
         predict: a.offload.predict_config()?,
+        shutdown_grace: std::time::Duration::try_from_secs_f64(a.shutdown_grace)
+            .map_err(|e| anyhow::anyhow!("--shutdown-grace {}: {e}", a.shutdown_grace))?,
     };
     let server = Server::new(model, tok, cfg)?;
     // The engine has its own compute threads; the runtime only moves bytes.
@@ -96,5 +102,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("moerun: shutting down (requests in flight finish first)");
+    eprintln!("moerun: shutting down (answers in flight may finish within the grace period)");
 }

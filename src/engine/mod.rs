@@ -64,6 +64,8 @@ pub enum EngineError {
     Experts(#[from] ProviderError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    ModelFile(#[from] crate::gguf::GgufError),
 }
 
 /// One conversation's state: its KV cache (the backend's) and the tokens in it.
@@ -244,6 +246,12 @@ impl<B: Backend> Engine<B> {
         B::resident(&self.weights)
     }
 
+    /// Whether passes read the model file (through its mapping or the expert cache), not only
+    /// copies made at load.
+    pub fn reads_file(&self) -> bool {
+        self.offload.is_some() || self.resident().0 != Resident::All
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -418,6 +426,10 @@ impl<B: Backend> Engine<B> {
         opts: &GenerateOptions<'_>,
         on_token: &mut dyn FnMut(u32) -> Flow,
     ) -> Result<Generation, EngineError> {
+        // A file changed since it was loaded fails this generation before any of it is read.
+        if self.reads_file() {
+            self.model.file.check_unchanged()?;
+        }
         // Sampling and the caller's streaming sit between the forward passes: keep the
         // backend's threads spinning through them.
         let _hot = self.backend.hot();

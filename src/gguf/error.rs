@@ -29,6 +29,13 @@ pub enum GgufError {
     )]
     UnsupportedVersion { path: PathBuf, version: u32 },
 
+    #[error(
+        "{}: the file changed on disk since it was loaded ({what}); put the loaded file back, or \
+         restart moerun to load the new one",
+        .path.display()
+    )]
+    Changed { path: PathBuf, what: String },
+
     #[error("{}: file ends inside {what} (at byte {offset})", .path.display())]
     Truncated { path: PathBuf, what: String, offset: u64 },
 

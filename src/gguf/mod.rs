@@ -18,6 +18,7 @@
 
 mod error;
 mod reader;
+pub mod sigbus;
 mod types;
 mod value;
 mod writer;

@@ -43,6 +43,56 @@ pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
     header: Header,
+    /// The open file and what it was when mapped (`None` for [`GgufFile::from_bytes`]).
+    origin: Option<Origin>,
+}
+
+/// What [`GgufFile::check_unchanged`] compares the file with.
+struct Origin {
+    file: File,
+    len: u64,
+    /// The modification time last seen with the loaded contents.
+    mtime: std::sync::Mutex<Option<std::time::SystemTime>>,
+    digest: u64,
+    /// This mapping's entry in the SIGBUS reporter.
+    sigbus: Option<usize>,
+}
+
+impl Drop for GgufFile {
+    fn drop(&mut self) {
+        if let Some(i) = self.origin.as_ref().and_then(|o| o.sigbus) {
+            super::sigbus::unregister(i);
+        }
+    }
+}
+
+/// Bytes of the header hashed by [`digest`] (at most), and the samples of tensor data.
+const DIGEST_HEADER: u64 = 16 << 20;
+const DIGEST_SAMPLES: u64 = 64;
+const DIGEST_SAMPLE: u64 = 4096;
+
+/// A hash of a GGUF file's header and of 64 pages spread evenly over its tensor data, read
+/// through `read(offset, buf)`: changes when the file is rewritten with other contents.
+fn digest(len: u64, data_offset: u64, mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>) -> std::io::Result<u64> {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; data_offset.min(DIGEST_HEADER).min(len) as usize];
+    read(0, &mut buf)?;
+    h.write(&buf);
+    let data = len.saturating_sub(data_offset);
+    if data > 0 {
+        let step = (data / DIGEST_SAMPLES).max(1);
+        let mut at = data_offset;
+        let mut page = [0u8; DIGEST_SAMPLE as usize];
+        while at < len {
+            let n = DIGEST_SAMPLE.min(len - at) as usize;
+            read(at, &mut page[..n])?;
+            h.write(&page[..n]);
+            at += step;
+        }
+    }
+    h.write_u64(len);
+    Ok(h.finish())
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -71,10 +121,48 @@ impl GgufFile {
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this value. Its soundness rests on the
         // file not being changed by anyone while mapped, which `open` documents as the caller's
-        // promise (the same contract as every mmap-based model loader).
+        // promise (the same contract as every mmap-based model loader); a change is caught
+        // between requests (`check_unchanged`) and a cut under a read is reported (`sigbus`).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         let header = parse(&path, &mmap)?;
-        Ok(GgufFile { path, mmap, header })
+        let len = mmap.len() as u64;
+        let mtime = file.metadata().and_then(|m| m.modified()).ok();
+        let digest = digest(len, header.data_offset, |at, buf| {
+            buf.copy_from_slice(&mmap[at as usize..at as usize + buf.len()]);
+            Ok(())
+        })
+        .map_err(io)?;
+        let sigbus = super::sigbus::register(mmap.as_ptr() as usize, mmap.len(), &path);
+        let origin = Origin { file, len, mtime: std::sync::Mutex::new(mtime), digest, sigbus };
+        Ok(GgufFile { path, mmap, header, origin: Some(origin) })
+    }
+
+    /// Checks that the file on disk still holds what was loaded: an error naming the file when
+    /// it was truncated, grown or rewritten in place since (it is compared through the open
+    /// file, so a file replaced by a rename, whose old contents the mapping keeps, is unchanged).
+    /// A file rewritten with the same contents (a new modification time, the same size and
+    /// digest) passes. One `fstat` when nothing changed.
+    pub fn check_unchanged(&self) -> Result<(), GgufError> {
+        use std::os::unix::fs::FileExt;
+        let Some(o) = &self.origin else { return Ok(()) };
+        let io = |source| GgufError::Io { path: self.path.clone(), source };
+        let meta = o.file.metadata().map_err(io)?;
+        let changed = |what: String| GgufError::Changed { path: self.path.clone(), what };
+        if meta.len() != o.len {
+            return Err(changed(format!("it is {} bytes now, {} when loaded", meta.len(), o.len)));
+        }
+        let mtime = meta.modified().ok();
+        let mut seen = o.mtime.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == mtime {
+            return Ok(());
+        }
+        // Read through the file, not the mapping: a file cut meanwhile must not fault.
+        let now = digest(o.len, self.header.data_offset, |at, buf| o.file.read_exact_at(buf, at)).map_err(io)?;
+        if now != o.digest {
+            return Err(changed("it was rewritten with other contents".into()));
+        }
+        *seen = mtime;
+        Ok(())
     }
 
     /// As [`GgufFile::open`], for a file's bytes held in memory (`path` names it in errors): the
@@ -88,7 +176,7 @@ impl GgufFile {
         let mut map = memmap2::MmapOptions::new().len(bytes.len()).map_anon().map_err(io)?;
         map.copy_from_slice(bytes);
         let mmap = map.make_read_only().map_err(io)?;
-        Ok(GgufFile { path, mmap, header })
+        Ok(GgufFile { path, mmap, header, origin: None })
     }
 
     pub fn path(&self) -> &Path {

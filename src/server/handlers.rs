@@ -244,7 +244,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, Stri
             Event::Done { finish, prompt_tokens, completion_tokens } => {
                 return Ok((text, reasoning, finish, Usage::new(prompt_tokens, completion_tokens)))
             }
-            Event::Failed(msg) => return Err(ApiError::internal(msg)),
+            Event::Failed(e) => return Err(e),
         }
     }
     Err(ApiError::internal("the engine stopped before the answer was complete"))
@@ -352,12 +352,12 @@ impl EventStream {
                 }
                 self.finish();
             }
-            (Event::Failed(msg), _) => self.fail(msg),
+            (Event::Failed(e), _) => self.fail(e),
         }
     }
 
-    fn fail(&mut self, msg: String) {
-        self.pending.push_back(Self::data(&ApiError::internal(msg).body()));
+    fn fail(&mut self, e: ApiError) {
+        self.pending.push_back(Self::data(&e.body()));
         self.finish();
     }
 
@@ -380,7 +380,7 @@ impl Stream for EventStream {
             }
             match ready!(self.rx.poll_recv(cx)) {
                 Some(ev) => self.on_event(ev),
-                None => self.fail("the engine stopped before the answer was complete".into()),
+                None => self.fail(ApiError::internal("the engine stopped before the answer was complete")),
             }
         }
     }

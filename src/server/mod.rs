@@ -47,10 +47,15 @@ pub struct ServerConfig {
     pub offload: Option<crate::engine::offload::OffloadConfig>,
     /// Predict and prefetch the next layers' experts (`None`: off).
     pub predict: Option<crate::predict::PredictConfig>,
+    /// After shutdown begins, how long answers already accepted may still run; then a running
+    /// one is cut and the queued ones are refused (503 `shutting_down`).
+    pub shutdown_grace: std::time::Duration,
 }
 
 pub const DEFAULT_QUEUE: usize = 64;
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// Docker's and Kubernetes' stop timeouts are 10 and 30 s: answer within the shorter.
+pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -62,6 +67,7 @@ impl Default for ServerConfig {
             engine: EngineConfig::default(),
             offload: None,
             predict: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -105,6 +111,8 @@ pub struct Server {
     app: Router,
     model_id: String,
     worker: JoinHandle<()>,
+    deadline: worker::Deadline,
+    grace: std::time::Duration,
 }
 
 impl Server {
@@ -128,8 +136,9 @@ impl Server {
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
         let sess = engine.new_session()?;
         let stats = SharedStats::default();
-        let (queue, worker) =
-            worker::spawn(engine, sess, tok, cfg.queue_capacity, stats.clone()).map_err(ServerError::Spawn)?;
+        let deadline = worker::Deadline::default();
+        let (queue, worker) = worker::spawn(engine, sess, tok, cfg.queue_capacity, stats.clone(), deadline.clone())
+            .map_err(ServerError::Spawn)?;
         let state = Arc::new(AppState {
             model_id: model_id.clone(),
             aliases,
@@ -146,7 +155,7 @@ impl Server {
             next_id: AtomicU64::new(0),
         });
         let app = router(state, cfg.max_body_bytes);
-        Ok(Server { app, model_id, worker })
+        Ok(Server { app, model_id, worker, deadline, grace: cfg.shutdown_grace })
     }
 
     /// The id `/v1/models` lists and requests must name.
@@ -154,13 +163,17 @@ impl Server {
         &self.model_id
     }
 
-    /// Serves `listener` until `shutdown` completes, then lets requests in flight finish and stops
-    /// the engine thread.
+    /// Serves `listener` until `shutdown` completes, then lets requests in flight finish (within
+    /// the grace period: `ServerConfig::shutdown_grace`) and stops the engine thread.
     pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), ServerError>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let Server { app, worker, .. } = self;
+        let Server { app, worker, deadline, grace, .. } = self;
+        let shutdown = async move {
+            shutdown.await;
+            deadline.set(Instant::now() + grace);
+        };
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(ServerError::Io)?;
         // Every queue sender lived in the router's state, now dropped: the worker drains and ends.
         tokio::task::spawn_blocking(move || worker.join())

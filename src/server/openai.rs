@@ -305,6 +305,16 @@ impl ApiError {
         )
     }
 
+    /// A running answer cut when the shutdown's grace period ended.
+    pub fn shutting_down_cut(tokens: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("shutting_down"),
+            format!("The server is shutting down: the answer was cut after {tokens} tokens, when its grace period ended"),
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, message)
     }

@@ -43,7 +43,23 @@ pub enum Event {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    Failed(String),
+    Failed(ApiError),
+}
+
+/// When the server stops: set once, when shutdown begins, to the end of the grace period. Jobs
+/// run (and queued ones start) until then; past it a running answer is cut and the rest are
+/// refused, all with 503 `shutting_down`.
+#[derive(Debug, Clone, Default)]
+pub struct Deadline(Arc<std::sync::OnceLock<std::time::Instant>>);
+
+impl Deadline {
+    pub fn set(&self, at: std::time::Instant) {
+        let _ = self.0.set(at);
+    }
+
+    pub fn passed(&self) -> bool {
+        self.0.get().is_some_and(|&at| std::time::Instant::now() >= at)
+    }
 }
 
 /// What the worker shares with the handlers.
@@ -106,23 +122,36 @@ pub fn spawn(
     tok: Arc<Tokenizer>,
     capacity: usize,
     stats: SharedStats,
+    deadline: Deadline,
 ) -> std::io::Result<(Queue, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let worker_stats = stats.clone();
     let handle = std::thread::Builder::new()
         .name("moerun-engine".into())
-        .spawn(move || run(engine, sess, &tok, rx, &worker_stats))?;
+        .spawn(move || run(engine, sess, &tok, rx, &worker_stats, &deadline))?;
     Ok((Queue { tx, stats }, handle))
 }
 
-fn run(mut engine: Engine, mut sess: Session, tok: &Tokenizer, mut rx: mpsc::Receiver<Job>, stats: &SharedStats) {
+fn run(
+    mut engine: Engine,
+    mut sess: Session,
+    tok: &Tokenizer,
+    mut rx: mpsc::Receiver<Job>,
+    stats: &SharedStats,
+    deadline: &Deadline,
+) {
     while let Some(job) = rx.blocking_recv() {
         if job.events.is_closed() {
             stats.lock().counters.record_unstarted(Outcome::Cancelled);
             continue;
         }
+        if deadline.passed() {
+            stats.lock().counters.record_unstarted(Outcome::Failed);
+            let _ = job.events.send(Event::Failed(ApiError::shutting_down()));
+            continue;
+        }
         stats.lock().busy = true;
-        let end = run_job(&mut engine, &mut sess, tok, &job);
+        let end = run_job(&mut engine, &mut sess, tok, &job, deadline);
         {
             let mut s = stats.lock();
             s.busy = false;
@@ -144,7 +173,7 @@ struct JobEnd {
     last: Option<Event>,
 }
 
-fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) -> JobEnd {
+fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job, deadline: &Deadline) -> JobEnd {
     let reused = reuse_prefix(sess, &job.prompt);
     let is_eog = |id: u32| !job.ignore_eos && tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: job.max_tokens, sampler: job.sampler.clone(), is_eog: &is_eog };
@@ -176,7 +205,7 @@ fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) 
                 }
             }
         }
-        if job.events.is_closed() {
+        if job.events.is_closed() || deadline.passed() {
             Flow::Stop
         } else {
             Flow::Continue
@@ -185,12 +214,16 @@ fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job) 
     let g = match result {
         Ok(g) => g,
         Err(e) => {
-            let last = Some(Event::Failed(e.to_string()));
+            let last = Some(Event::Failed(ApiError::internal(e.to_string())));
             return JobEnd { outcome: Outcome::Failed, reused, timings: Timings::default(), last };
         }
     };
     if job.events.is_closed() {
         return JobEnd { outcome: Outcome::Cancelled, reused, timings: g.timings, last: None };
+    }
+    if g.stop == StopReason::Stopped && !hit_stop && deadline.passed() {
+        let last = Some(Event::Failed(ApiError::shutting_down_cut(g.ids.len())));
+        return JobEnd { outcome: Outcome::Failed, reused, timings: g.timings, last };
     }
     if !hit_stop {
         // A character, a partial marker or a partial stop string may still be held back.
