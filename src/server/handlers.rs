@@ -44,6 +44,29 @@ pub async fn require_key(State(st): St, req: Request, next: Next) -> Response {
     }
 }
 
+/// Oversize bodies announced by `Content-Length` (up to this many bytes) are read to their end
+/// before the 413 goes out, within [`DRAIN_TIME`].
+const DRAIN_MAX: u64 = 16 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A body announced past the limit is answered 413 — after reading it (bounded): a client still
+/// sending when the server closes meets a reset connection and never reads its answer (what
+/// nginx's lingering close avoids).
+pub async fn drain_oversize(State(st): St, req: Request, next: Next) -> Response {
+    let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    match announced {
+        Some(n) if n > st.max_body as u64 => {
+            if n <= DRAIN_MAX {
+                use tokio_stream::StreamExt;
+                let mut data = req.into_body().into_data_stream();
+                let _ = tokio::time::timeout(DRAIN_TIME, async { while let Some(Ok(_)) = data.next().await {} }).await;
+            }
+            ApiError::too_large(st.max_body).into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -196,6 +196,7 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .fallback(handlers::no_route)
         .method_not_allowed_fallback(handlers::wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), handlers::drain_oversize))
         .with_state(state)
 }
 
