@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use moerun::chat::{reuse_prefix, ChatError, ChatFormat, Conversation, Turn};
-use moerun::engine::{Engine, EngineConfig, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
+use moerun::engine::{Engine, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
 use moerun::model::{Model, Resident};
 use moerun::reasoning::Part;
 use moerun::stats::{Counters, ExpertCacheStats, MoeFacts, Outcome};
@@ -40,13 +40,13 @@ pub struct Args {
 
 const HELP: &str = "/reset forgets the conversation, /stats shows what the engine did, /quit leaves (or Ctrl-D); Ctrl-C stops an answer";
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
     let model = Arc::new(Model::load(&path)?);
     let name = model.file.get_str("general.name").ok().flatten().unwrap_or("model").to_string();
     let facts = MoeFacts::of(&model);
-    let cfg = EngineConfig { residency: a.offload.residency(Resident::Auto), ..a.engine.config() };
+    let cfg = a.offload.engine_config(&model, Resident::Auto, a.engine.config());
     let engine = a.offload.engine(&model, &path, cfg)?;
     let sess = engine.new_session()?;
     let sampler = a.sampling.config();

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moerun::engine::{EngineConfig, Flow, GenerateOptions};
+use moerun::engine::{Flow, GenerateOptions};
 use moerun::model::{Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
 
@@ -44,11 +44,11 @@ pub struct Args {
     offload: super::offload_args::OffloadArgs,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Tokenizer::from_gguf(&path)?;
     let model = Arc::new(Model::load(&path)?);
-    let cfg = EngineConfig { residency: a.offload.residency(a.resident), ..a.engine.config() };
+    let cfg = a.offload.engine_config(&model, a.resident, a.engine.config());
     let mut engine = a.offload.engine(&model, &path, cfg)?;
     let prompt = match (&a.prompt, a.prompt_tokens) {
         (_, Some(n)) => moerun::rng::SplitMix64::new(42).tokens(n.max(1), model.hp.n_vocab),

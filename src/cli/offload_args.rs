@@ -83,6 +83,31 @@ impl OffloadArgs {
         self.expert_budget.is_some() || self.memory_budget.is_some()
     }
 
+    /// With no budget given and `resident` left at `auto`: when the model's weights do not fit in
+    /// the memory this process may take (with `auto`'s 1 GiB to spare), `--memory-budget auto`
+    /// is implied — routed experts go to the cache, read with checked O_DIRECT reads, instead of
+    /// the file mapping — as long as that leaves the cache a tenth of the experts.
+    pub fn imply_budget(&mut self, model: &Model, resident: Resident, kv_bytes: u64) {
+        if self.enabled() || resident != Resident::Auto {
+            return;
+        }
+        let Some(room) = moerun::sysmem::room() else { return };
+        if implied_budget(model, &room, kv_bytes).is_some() {
+            eprintln!(
+                "moerun: the model's weights ({:.2} GiB) do not fit in {room}: routed experts go to an \
+                 expert cache (--memory-budget auto; --resident dense reads them through the file mapping instead)",
+                resident_bytes(model, Resident::All) as f64 / (1u64 << 30) as f64
+            );
+            self.memory_budget = Some("auto".into());
+        }
+    }
+
+    /// `base` with what the backend copies for `resident` (the flag), after [`Self::imply_budget`].
+    pub fn engine_config(&mut self, model: &Model, resident: Resident, base: EngineConfig) -> EngineConfig {
+        self.imply_budget(model, resident, moerun::engine::session_kv_bytes(model, &base));
+        EngineConfig { residency: self.residency(resident), ..base }
+    }
+
     /// What the backend copies: with the cache on, routed experts stay out of resident memory;
     /// `auto` is decided against the memory this process may still take.
     pub fn residency(&self, default: Resident) -> Residency {
@@ -189,6 +214,18 @@ impl OffloadArgs {
     }
 }
 
+/// The expert cache `--memory-budget auto` would give `model` in `room`, when the whole model
+/// does not fit there and that cache holds at least a tenth of its experts.
+fn implied_budget(model: &Model, room: &moerun::sysmem::Room, kv_bytes: u64) -> Option<u64> {
+    let all = resident_bytes(model, Resident::All);
+    if all + (1 << 30) <= room.bytes {
+        return None;
+    }
+    let fixed = resident_bytes(model, Resident::Dense) + kv_bytes + OVERHEAD;
+    let cache = (room.bytes / 10 * 9).checked_sub(fixed)?;
+    (cache >= model.expert_bytes() / 10).then_some(cache)
+}
+
 /// `--memory-budget`'s bytes: a size, or `auto` (90% of the room); never more than `room`.
 fn memory_budget(arg: &str, room: Option<moerun::sysmem::Room>) -> anyhow::Result<u64> {
     if arg.trim().eq_ignore_ascii_case("auto") {
@@ -209,6 +246,23 @@ fn memory_budget(arg: &str, room: Option<moerun::sysmem::Room>) -> anyhow::Resul
 mod tests {
     use super::*;
     use moerun::sysmem::{Limit, Room};
+
+    #[test]
+    fn a_model_past_the_room_gets_an_implied_cache_when_one_can_work() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rustdoc-moe-Q8_0.gguf");
+        let model = Model::load(&path).expect("bundled model");
+        let all = resident_bytes(&model, Resident::All);
+        let dense = resident_bytes(&model, Resident::Dense);
+        let room = |bytes| Room { bytes, by: Limit::MemAvailable };
+        // It fits: no cache.
+        assert_eq!(implied_budget(&model, &room(all + (2 << 30)), 0), None);
+        // It does not fit, and 90% of the room leaves the experts a cache past the fixed part.
+        let r = dense + OVERHEAD + model.expert_bytes();
+        let cache = implied_budget(&model, &room(r), 0).expect("a cache");
+        assert_eq!(cache, r / 10 * 9 - dense - OVERHEAD);
+        // Too little room for a useful cache: left to the mapping, as before.
+        assert_eq!(implied_budget(&model, &room(dense + OVERHEAD), 0), None);
+    }
 
     #[test]
     fn a_memory_budget_past_the_cgroup_room_is_refused_and_auto_stays_inside() {

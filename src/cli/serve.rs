@@ -42,14 +42,11 @@ pub struct Args {
     offload: super::offload_args::OffloadArgs,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
     let model = Arc::new(Model::load(&path)?);
-    let engine = moerun::engine::EngineConfig {
-        residency: a.offload.residency(moerun::model::Resident::Auto),
-        ..a.engine.config()
-    };
+    let engine = a.offload.engine_config(&model, moerun::model::Resident::Auto, a.engine.config());
     let kv = moerun::engine::session_kv_bytes(&model, &engine);
     let offload = a.offload.config(&model, &path, kv)?;
     let cfg = ServerConfig {

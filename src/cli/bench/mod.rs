@@ -147,20 +147,18 @@ impl Memory {
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let run_ours = a.only != Some(Only::Llama);
     let run_llama = a.compare || a.only == Some(Only::Llama);
     let model = Arc::new(Model::load(&path)?);
-    let residency = a.offload.residency(if run_ours { a.resident } else { Resident::None });
     let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
     let n_ctx = (a.prompt + a.n_gen + 1).next_multiple_of(256);
-    let cfg = EngineConfig {
-        threads: if run_ours { threads } else { 1 },
-        n_ctx,
-        kv_type: KvType::F16,
-        residency,
-        ..Default::default()
+    let base =
+        EngineConfig { threads: if run_ours { threads } else { 1 }, n_ctx, kv_type: KvType::F16, ..Default::default() };
+    let cfg = match run_ours {
+        true => a.offload.engine_config(&model, a.resident, base),
+        false => EngineConfig { residency: a.offload.residency(Resident::None), ..base },
     };
     let mut engine =
         if run_ours { a.offload.engine(&model, &path, cfg)? } else { Engine::new(Arc::clone(&model), cfg)? };
