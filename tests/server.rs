@@ -667,6 +667,8 @@ async fn a_model_file_changed_while_serving_fails_those_requests_naming_it_and_s
     let mut other = original.clone();
     let half = other.len() / 2;
     other[half..].iter_mut().for_each(|b| *b ^= 0x5a);
+    // A new modification time (the file clock ticks every few milliseconds).
+    tokio::time::sleep(Duration::from_millis(20)).await;
     std::fs::write(&path, &other).expect("rewrite");
     let (status, v) = s.post_json("/v1/completions", &ask).await;
     assert_eq!(status, 500, "{v}");

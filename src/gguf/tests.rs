@@ -251,3 +251,36 @@ fn from_bytes_reads_as_open_does_and_names_the_path_in_errors() {
     assert!(err.to_string().contains("mem.gguf"), "{err}");
     assert!(GgufFile::from_bytes("empty.gguf", &[]).is_err());
 }
+
+#[test]
+fn check_unchanged_names_a_cut_grown_or_rewritten_file_and_passes_the_same_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("watched.gguf");
+    writer_with_everything().write(&path).expect("write");
+    let bytes = std::fs::read(&path).expect("read");
+    let f = GgufFile::open(&path).expect("open");
+    f.check_unchanged().expect("unchanged");
+    let set = |b: &[u8]| std::fs::write(&path, b).expect("write");
+    let mut grown = bytes.clone();
+    grown.extend_from_slice(&[0; 4096]);
+    set(&grown);
+    let err = f.check_unchanged().expect_err("grown").to_string();
+    assert!(err.contains("watched.gguf") && err.contains("bytes now"), "{err}");
+    // The same bytes back (a new modification time): unchanged.
+    set(&bytes);
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    set(&bytes);
+    f.check_unchanged().expect("the same bytes");
+    // A metadata byte changed in place: other contents.
+    let mut other = bytes.clone();
+    other[40] ^= 0xff;
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    set(&other);
+    let err = f.check_unchanged().expect_err("rewritten").to_string();
+    assert!(err.contains("other contents"), "{err}");
+    set(&bytes);
+    f.check_unchanged().expect("put back");
+    // Files read from memory have nothing on disk to compare.
+    let mem = GgufFile::from_bytes("mem.gguf", &bytes).expect("from bytes");
+    mem.check_unchanged().expect("in memory");
+}
