@@ -975,6 +975,8 @@ impl<B: Backend> ExpertProvider<B> for Offload {
     fn fetch(&mut self, l: usize, wave: &[u16], routes: &[Route]) -> Result<(), ProviderError> {
         self.attach::<B>();
         self.sweep();
+        // The last plan (of `self.layer`) is done with: its host experts' pages go back.
+        self.release_host();
         self.layer = l;
         // One token: its experts in rank order with their gate weights, so HOBBIT's thresholds
         // apply. A batch (prefill): the wave at weight 0, i.e. all high precision, none skipped.
@@ -992,7 +994,6 @@ impl<B: Backend> ExpertProvider<B> for Offload {
         self.check_plan(&plan)?;
         self.drain_targets(&plan);
         self.cache.apply(&plan);
-        self.release_host();
         for &(key, action, _) in &plan.actions {
             let d = match action {
                 Action::Hit { slot, precision } | Action::Load { slot, precision, .. } => Decision::At(precision, slot),
