@@ -221,7 +221,22 @@ fn a_memory_budget_bounds_resident_memory_and_an_impossible_one_fails_before_loa
     // One OLMoE layer at real shapes: 226 MiB of experts, 120 MiB of dense weights.
     let (ok, _, err) = moerun(&["synth", "--preset", "olmoe", "--layers", "1", "-o", m]);
     assert!(ok, "{err}");
-    let run = ["generate", "-m", m, "--prompt-tokens", "8", "-n", "8", "--temp", "0", "--json", "-t", "2", "--profile", "off"];
+    let run = [
+        "generate",
+        "-m",
+        m,
+        "--prompt-tokens",
+        "8",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "--json",
+        "-t",
+        "2",
+        "--profile",
+        "off",
+    ];
     let mut budgeted = run.to_vec();
     budgeted.extend(["--memory-budget", "300MiB"]);
     let b = json(&budgeted);

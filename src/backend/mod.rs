@@ -10,6 +10,8 @@
 //! buffer, its `Kv` lives in GPU memory, and `read` is its sync point.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod plain;
 
 use std::borrow::Cow;

@@ -4,6 +4,7 @@
 mod bench;
 mod chat;
 mod common_args;
+mod device;
 mod generate;
 mod inspect;
 mod offload_args;
@@ -54,6 +55,8 @@ pub enum Command {
     Sim(sim::Args),
     /// Perplexity and top-1 agreement of cache/mixed-precision settings vs full precision.
     Quality(quality::Args),
+    /// The accelerator this build and machine have; compile the CUDA kernels (--features cuda).
+    Device(device::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -80,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prepare(a) => prepare::run(a),
         Command::Sim(a) => sim::run(a),
         Command::Quality(a) => quality::run(a),
+        Command::Device(a) => device::run(a),
     }
 }
 

@@ -119,7 +119,9 @@ impl OffloadArgs {
     fn budget_flag(&self) -> String {
         match (&self.expert_budget, &self.memory_budget) {
             (Some(b), _) => format!("--expert-budget {b}"),
-            (None, Some(m)) => format!("--memory-budget {m} (less the dense weights, the KV cache and {} MiB)", OVERHEAD >> 20),
+            (None, Some(m)) => {
+                format!("--memory-budget {m} (less the dense weights, the KV cache and {} MiB)", OVERHEAD >> 20)
+            }
             (None, None) => "the expert cache".into(),
         }
     }

@@ -73,7 +73,11 @@ const DIGEST_SAMPLE: u64 = 4096;
 
 /// A hash of a GGUF file's header and of 64 pages spread evenly over its tensor data, read
 /// through `read(offset, buf)`: changes when the file is rewritten with other contents.
-fn digest(len: u64, data_offset: u64, mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>) -> std::io::Result<u64> {
+fn digest(
+    len: u64,
+    data_offset: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
     use std::hash::Hasher;
     let mut h = std::hash::DefaultHasher::new();
     let mut buf = vec![0u8; data_offset.min(DIGEST_HEADER).min(len) as usize];

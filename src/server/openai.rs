@@ -311,7 +311,9 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             Some("shutting_down"),
-            format!("The server is shutting down: the answer was cut after {tokens} tokens, when its grace period ended"),
+            format!(
+                "The server is shutting down: the answer was cut after {tokens} tokens, when its grace period ended"
+            ),
         )
     }
 

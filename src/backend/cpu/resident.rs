@@ -140,7 +140,7 @@ fn copy_weights(model: &Model, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
             file.will_need(next.0.offset, next.0.bytes);
         }
         let src = model.bytes_of(w);
-        let row_bytes = if w.rows > 0 && src.len() % w.rows == 0 { src.len() / w.rows } else { src.len() };
+        let row_bytes = if w.rows > 0 && src.len().is_multiple_of(w.rows) { src.len() / w.rows } else { src.len() };
         let rows = src.len() / row_bytes.max(1);
         let step = ((RELEASE_BATCH as usize / row_bytes.max(1)) / 8 * 8).max(8);
         let mut r0 = 0;

@@ -1,0 +1,118 @@
+//! The kernel sources (`kernels/*.cu`, each compiled after `kernels/prelude.cuh`), compiled by
+//! NVRTC to PTX for one architecture and cached on disk, keyed by the source's hash, the
+//! architecture and NVRTC's version: a device compiles each file once (about 40 ms a kernel on
+//! an H200), and a new source or driver recompiles.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{library, CudaError};
+
+const PRELUDE: &str = include_str!("../../../kernels/prelude.cuh");
+
+/// One kernel file: its name under `kernels/`, its source and the entry points it defines.
+pub struct KernelFile {
+    pub file: &'static str,
+    pub source: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+/// Every kernel file.
+pub const FILES: &[KernelFile] = &[
+    KernelFile {
+        file: "matvec.cu",
+        source: include_str!("../../../kernels/matvec.cu"),
+        entries: &["matvec_f32", "matvec_f16", "matvec_q8_0", "matvec_q4_0"],
+    },
+    KernelFile { file: "norm.cu", source: include_str!("../../../kernels/norm.cu"), entries: &["rms_norm_f32"] },
+    KernelFile {
+        file: "elementwise.cu",
+        source: include_str!("../../../kernels/elementwise.cu"),
+        entries: &[
+            "swiglu_f32",
+            "add_f32",
+            "scale_f32",
+            "get_rows_f32",
+            "get_rows_f16",
+            "get_rows_q8_0",
+            "get_rows_q4_0",
+        ],
+    },
+    KernelFile { file: "rope.cu", source: include_str!("../../../kernels/rope.cu"), entries: &["rope_f32"] },
+];
+
+/// The architectures CI compiles every kernel for: Jetson Orin, RTX 40, H100/H200.
+pub const CI_ARCHS: &[&str] = &["sm_87", "sm_89", "sm_90"];
+
+/// NVRTC's (major, minor) version, once its library is known to open.
+pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    library("nvrtc").map_err(CudaError::NoNvrtc)?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC writes two ints through valid pointers; the library opens (checked above).
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::NoNvrtc(format!("nvrtcVersion failed: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// A compiled file: its PTX, and whether it came from the cache.
+pub struct Compiled {
+    pub ptx: String,
+    pub cached: bool,
+    pub seconds: f64,
+}
+
+/// `f` compiled for `arch` (`sm_87`, …): from `cache` when it holds this source, architecture and
+/// NVRTC version, else by NVRTC (then stored there, atomically). `cache: None` always compiles.
+pub fn compile(f: &KernelFile, arch: &str, cache: Option<&Path>) -> Result<Compiled, CudaError> {
+    let version = nvrtc_version()?;
+    let t0 = Instant::now();
+    let source = format!("{PRELUDE}\n#line 1 \"{}\"\n{}", f.file, f.source);
+    let key = cache
+        .map(|dir| dir.join(format!("{}-{arch}-nvrtc{}.{}-{:016x}.ptx", f.file, version.0, version.1, fnv(&source))));
+    if let Some(p) = &key {
+        if let Ok(ptx) = std::fs::read_to_string(p) {
+            return Ok(Compiled { ptx, cached: true, seconds: t0.elapsed().as_secs_f64() });
+        }
+    }
+    // PTX for the virtual architecture, so the driver assembles it for the exact device.
+    let Some(n) = arch.strip_prefix("sm_").filter(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_alphanumeric()))
+    else {
+        return Err(CudaError::Compile {
+            file: f.file.into(),
+            arch: arch.into(),
+            log: "not an sm_XY architecture".into(),
+        });
+    };
+    let opts = cudarc::nvrtc::CompileOptions {
+        name: Some(f.file.to_string()),
+        options: vec!["--std=c++17".into(), format!("--gpu-architecture=compute_{n}")],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&source, opts).map_err(|e| CudaError::Compile {
+        file: f.file.into(),
+        arch: arch.into(),
+        log: match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => other.to_string(),
+        },
+    })?;
+    let ptx = ptx.to_src();
+    if let Some(p) = &key {
+        if let Err(source) = crate::atomic::write(p, ptx.as_bytes()) {
+            return Err(CudaError::Cache { path: p.clone(), source });
+        }
+    }
+    Ok(Compiled { ptx, cached: false, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// Where compiled kernels are kept: `$XDG_CACHE_HOME/moerun/kernels` or `~/.cache/moerun/kernels`.
+pub fn default_cache() -> Option<PathBuf> {
+    crate::experts::profile::default_dir().and_then(|d| d.parent().map(|p| p.join("kernels")))
+}
+
+/// FNV-1a of a text (the cache key; not a security boundary).
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}

@@ -1,0 +1,85 @@
+//! `moerun device`: which accelerator this build and machine have, and the CUDA kernels compiled
+//! by NVRTC for it (or for the architectures named) — what CI runs without a GPU, and the first
+//! thing a lent GPU machine runs.
+
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Compile every kernel for these architectures (e.g. sm_87,sm_89,sm_90) instead of the
+    /// device's; no device is needed.
+    #[arg(long, value_delimiter = ',', value_name = "ARCH,...")]
+    arch: Vec<String>,
+    /// Where compiled kernels are cached (default: ~/.cache/moerun/kernels); `off` compiles anew.
+    #[arg(long, value_name = "DIR|off")]
+    kernel_cache: Option<String>,
+    /// Write the PTX of each file and architecture into this folder.
+    #[arg(long, value_name = "DIR")]
+    ptx_out: Option<PathBuf>,
+    /// The CUDA device to probe.
+    #[arg(long, default_value_t = 0)]
+    ordinal: usize,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let _ = (a.arch, a.kernel_cache, a.ptx_out, a.ordinal);
+    println!("device: cpu (this moerun was built without --features cuda)");
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(a: Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use moerun::backend::cuda::{kernels, probe};
+    let archs = if a.arch.is_empty() {
+        match probe(a.ordinal) {
+            Ok(d) => {
+                println!(
+                    "device: cuda:{} {} (compute {}.{}, {:.1} GiB{})",
+                    d.ordinal,
+                    d.name,
+                    d.compute_capability.0,
+                    d.compute_capability.1,
+                    d.memory_bytes as f64 / (1u64 << 30) as f64,
+                    if d.integrated { ", integrated: memory shared with the CPU" } else { "" }
+                );
+                vec![d.arch()]
+            }
+            Err(e) => {
+                println!("device: cpu ({e})");
+                return Ok(());
+            }
+        }
+    } else {
+        a.arch.clone()
+    };
+    let cache = match a.kernel_cache.as_deref() {
+        Some("off") => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => kernels::default_cache(),
+    };
+    let (major, minor) = kernels::nvrtc_version()?;
+    println!("NVRTC {major}.{minor}; kernels for {}", archs.join(", "));
+    for arch in &archs {
+        for f in kernels::FILES {
+            let c = kernels::compile(f, arch, cache.as_deref())?;
+            let missing: Vec<&str> =
+                f.entries.iter().copied().filter(|e| !c.ptx.contains(&format!(".entry {e}("))).collect();
+            anyhow::ensure!(missing.is_empty(), "kernels/{}: no entry {missing:?} in the PTX for {arch}", f.file);
+            println!(
+                "  {arch} {:<16} {:>3} entries {:>8} bytes of PTX  {:>7.1} ms{}",
+                f.file,
+                f.entries.len(),
+                c.ptx.len(),
+                1000.0 * c.seconds,
+                if c.cached { " (cached)" } else { "" }
+            );
+            if let Some(dir) = &a.ptx_out {
+                let p = dir.join(format!("{}.{arch}.ptx", f.file.trim_end_matches(".cu")));
+                moerun::atomic::write(&p, c.ptx.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
