@@ -312,3 +312,70 @@ fn sigterm_mid_answer_lets_it_finish_and_exits_cleanly() {
     child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
     assert!(status.success() && err.contains("moerun: stopped"), "{status:?}: {err}");
 }
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `size` bytes at a new folder under `parent`; None when this user cannot mount (not root).
+    fn mount(parent: &Path, size: usize) -> Option<Tmpfs> {
+        let dir = parent.join("small-disk");
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Issue 13, item 4: writing sidecars, bench results, routing traces and profiles onto a full
+/// disk fails naming the file and leaves no half-written file (nor a temp file); a file that was
+/// there before is kept whole. Needs root for the tmpfs (CI runs as root).
+#[test]
+fn a_full_disk_leaves_no_half_written_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(disk) = Tmpfs::mount(dir.path(), 512 << 10) else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root: mounting a tmpfs must work");
+        eprintln!("skipped: cannot mount a tmpfs (not root)");
+        return;
+    };
+    let full = disk.0.clone();
+    let at = |name: &str| full.join(name).to_string_lossy().into_owned();
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(&full)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    std::fs::write(full.join("bench.json"), b"old").expect("old result");
+    std::fs::write(full.join("trace.jsonl"), b"old").expect("old trace");
+    // A sidecar of several MB cannot fit in 512 KiB.
+    let (ok, _, err) = moerun(&["prepare", "--low", "q4_0", "-o", &at("side.gguf")]);
+    assert!(!ok && err.contains("side.gguf"), "{err}");
+    // Fill what is left, then write results, a trace and a profile.
+    let filler = vec![7u8; 4096];
+    let mut f = std::fs::File::create(full.join("filler")).expect("filler");
+    while std::io::Write::write_all(&mut f, &filler).is_ok() {}
+    drop(f);
+    let (ok, _, err) = moerun(&["bench", "-p", "8", "-n", "4", "-r", "1", "--json", &at("bench.json")]);
+    assert!(!ok && err.contains("bench.json"), "{err}");
+    let (ok, _, err) = moerun(&["generate", "-p", "fn main", "-n", "8", "--trace", &at("trace.jsonl")]);
+    assert!(!ok && err.contains("trace.jsonl"), "{err}");
+    let (_, _, err) =
+        moerun(&["generate", "-p", "fn main", "-n", "8", "--expert-budget", "50%", "--profile", &at("p.json")]);
+    assert!(!full.join("p.json").exists(), "no half profile: {err}");
+    assert_eq!(std::fs::read(full.join("bench.json")).expect("old result"), b"old");
+    assert_eq!(std::fs::read(full.join("trace.jsonl")).expect("old trace"), b"old");
+    assert_eq!(listing(), ["bench.json", "filler", "trace.jsonl"], "nothing half-written, no temp file");
+}
