@@ -1,37 +1,39 @@
-// Put before every kernel file when it is compiled (NVRTC, at first use): ggml's block layouts
-// and the conversions and reductions the kernels share. No #include: NVRTC runs where no CUDA
-// headers are installed, so halves are converted with PTX instructions.
+// Put before every kernel file (then dequant.cuh) when it is compiled (NVRTC, at first use): the qualifiers, the
+// half conversions and the reductions the kernels share. No #include: NVRTC runs where no CUDA
+// headers are installed, so halves are converted with PTX instructions. Outside a CUDA compiler
+// (the host check of `dequant.cuh`, tests/kernels_host.rs) the same functions are plain C++.
 
 typedef unsigned short f16_t;
 typedef unsigned char u8;
 typedef signed char i8;
+typedef unsigned int u32;
 
-// ggml's blocks of 32 weights (byte layouts as in the GGUF file; `d` is an f16 scale).
-struct block_q8_0 { f16_t d; i8 qs[32]; };  // 34 bytes: w = d * qs[i]
-struct block_q4_0 { f16_t d; u8 qs[16]; };  // 18 bytes: w[j] = d * ((qs[j] & 15) - 8), w[j + 16] = d * ((qs[j] >> 4) - 8)
-#define QK 32
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#define MR_FN __device__ __forceinline__
 
-__device__ __forceinline__ float f16_to_f32(f16_t h) {
+MR_FN float f16_to_f32(f16_t h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
 
-__device__ __forceinline__ f16_t f32_to_f16(float f) {
+MR_FN f16_t f32_to_f16(float f) {
     f16_t h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
 
+MR_FN float bits_to_f32(u32 u) { return __uint_as_float(u); }
+
 // The sum of `v` over the 32 lanes of a warp, in every lane.
-__device__ __forceinline__ float warp_sum(float v) {
+MR_FN float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
 // The sum of `v` over a block of `blockDim.x` threads (a multiple of 32, at most 1024), in every
 // thread; `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+MR_FN float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     v = warp_sum(v);
     __syncthreads();
@@ -40,3 +42,24 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+#else
+#include <cstring>
+#define MR_FN static inline
+
+MR_FN float bits_to_f32(u32 u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// IEEE half to float, exactly (subnormals, infinities and NaNs included).
+MR_FN float f16_to_f32(f16_t h) {
+    const u32 sign = (u32)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3ff;
+    if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        const float v = (float)man * (1.0f / 16777216.0f);  // man * 2^-24
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+#endif

@@ -64,13 +64,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for arch in &archs {
         for f in kernels::FILES {
             let c = kernels::compile(f, arch, cache.as_deref())?;
-            let missing: Vec<&str> =
-                f.entries.iter().copied().filter(|e| !c.ptx.contains(&format!(".entry {e}("))).collect();
+            let names = f.entry_names();
+            let missing: Vec<&String> = names.iter().filter(|e| !c.ptx.contains(&format!(".entry {e}("))).collect();
             anyhow::ensure!(missing.is_empty(), "kernels/{}: no entry {missing:?} in the PTX for {arch}", f.file);
             println!(
                 "  {arch} {:<16} {:>3} entries {:>8} bytes of PTX  {:>7.1} ms{}",
                 f.file,
-                f.entries.len(),
+                names.len(),
                 c.ptx.len(),
                 1000.0 * c.seconds,
                 if c.cached { " (cached)" } else { "" }

@@ -1,4 +1,5 @@
-//! The kernel sources (`kernels/*.cu`, each compiled after `kernels/prelude.cuh`), compiled by
+//! The kernel sources (`kernels/*.cu`, each compiled after `kernels/prelude.cuh` and
+//! `kernels/dequant.cuh`, ggml's block layouts and their values), compiled by
 //! NVRTC to PTX for one architecture and cached on disk, keyed by the source's hash, the
 //! architecture and NVRTC's version: a device compiles each file once (about 40 ms a kernel on
 //! an H200), and a new source or driver recompiles.
@@ -9,34 +10,42 @@ use std::time::Instant;
 use super::{library, CudaError};
 
 const PRELUDE: &str = include_str!("../../../kernels/prelude.cuh");
+const DEQUANT: &str = include_str!("../../../kernels/dequant.cuh");
 
-/// One kernel file: its name under `kernels/`, its source and the entry points it defines.
+/// The types every generic kernel (`matvec_*`, `get_rows_*`) is instantiated for, as named in
+/// `dequant.cuh`'s `MR_FOR_EACH_TYPE`.
+pub const TYPES: &[&str] =
+    &["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"];
+
+/// One kernel file: its name under `kernels/`, its source and the entry points it defines
+/// (`{type}` stands for each of [`TYPES`]).
 pub struct KernelFile {
     pub file: &'static str,
     pub source: &'static str,
     pub entries: &'static [&'static str],
 }
 
+impl KernelFile {
+    /// Every entry point, `{type}` expanded.
+    pub fn entry_names(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .flat_map(|e| match e.contains("{type}") {
+                true => TYPES.iter().map(|t| e.replace("{type}", t)).collect::<Vec<_>>(),
+                false => vec![e.to_string()],
+            })
+            .collect()
+    }
+}
+
 /// Every kernel file.
 pub const FILES: &[KernelFile] = &[
-    KernelFile {
-        file: "matvec.cu",
-        source: include_str!("../../../kernels/matvec.cu"),
-        entries: &["matvec_f32", "matvec_f16", "matvec_q8_0", "matvec_q4_0"],
-    },
+    KernelFile { file: "matvec.cu", source: include_str!("../../../kernels/matvec.cu"), entries: &["matvec_{type}"] },
     KernelFile { file: "norm.cu", source: include_str!("../../../kernels/norm.cu"), entries: &["rms_norm_f32"] },
     KernelFile {
         file: "elementwise.cu",
         source: include_str!("../../../kernels/elementwise.cu"),
-        entries: &[
-            "swiglu_f32",
-            "add_f32",
-            "scale_f32",
-            "get_rows_f32",
-            "get_rows_f16",
-            "get_rows_q8_0",
-            "get_rows_q4_0",
-        ],
+        entries: &["swiglu_f32", "add_f32", "scale_f32", "get_rows_{type}"],
     },
     KernelFile { file: "rope.cu", source: include_str!("../../../kernels/rope.cu"), entries: &["rope_f32"] },
 ];
@@ -68,7 +77,7 @@ pub struct Compiled {
 pub fn compile(f: &KernelFile, arch: &str, cache: Option<&Path>) -> Result<Compiled, CudaError> {
     let version = nvrtc_version()?;
     let t0 = Instant::now();
-    let source = format!("{PRELUDE}\n#line 1 \"{}\"\n{}", f.file, f.source);
+    let source = format!("{PRELUDE}\n{DEQUANT}\n#line 1 \"{}\"\n{}", f.file, f.source);
     let key = cache
         .map(|dir| dir.join(format!("{}-{arch}-nvrtc{}.{}-{:016x}.ptx", f.file, version.0, version.1, fnv(&source))));
     if let Some(p) = &key {
