@@ -19,12 +19,19 @@ pub struct Args {
     /// The CUDA device to probe.
     #[arg(long, default_value_t = 0)]
     ordinal: usize,
+    /// Run every kernel once on the device against the CPU (needs a GPU); JSON with --json.
+    #[arg(long)]
+    self_test: bool,
+    /// Write the self-test's checks to this JSON file.
+    #[arg(long, value_name = "FILE", requires = "self_test")]
+    json: Option<PathBuf>,
 }
 
 #[cfg(not(feature = "cuda"))]
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let _ = (a.arch, a.kernel_cache, a.ptx_out, a.ordinal);
+    let _ = (a.arch, a.kernel_cache, a.ptx_out, a.ordinal, a.json);
     println!("device: cpu (this moerun was built without --features cuda)");
+    anyhow::ensure!(!a.self_test, "--self-test needs a moerun built with --features cuda");
     Ok(())
 }
 
@@ -48,6 +55,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             Err(e) => {
                 println!("device: cpu ({e})");
+                anyhow::ensure!(!a.self_test, "--self-test needs a CUDA device: {e}");
                 return Ok(());
             }
         }
@@ -59,6 +67,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(d) => Some(PathBuf::from(d)),
         None => kernels::default_cache(),
     };
+    if a.self_test {
+        return self_test(&a, cache.as_deref());
+    }
     let (major, minor) = kernels::nvrtc_version()?;
     println!("NVRTC {major}.{minor}; kernels for {}", archs.join(", "));
     for arch in &archs {
@@ -81,5 +92,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn self_test(a: &Args, cache: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let checks = moerun::backend::cuda::selftest::self_test(a.ordinal, cache)?;
+    for c in &checks {
+        println!(
+            "  {:<22} max error {:>9.2e} of the reference's scale (tolerance {:.0e}) {}",
+            c.kernel,
+            c.max_rel_err,
+            c.tolerance,
+            if c.ok { "ok" } else { "FAILED" }
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    println!("self-test: {} kernels checked in {:.2} s, {failed} failed", checks.len(), t0.elapsed().as_secs_f64());
+    if let Some(p) = &a.json {
+        moerun::atomic::write(p, serde_json::to_string_pretty(&checks)?.as_bytes())?;
+    }
+    anyhow::ensure!(failed == 0, "{failed} kernels differ from the CPU");
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! Invariant: nothing here calls into cudarc before `library` found what that call loads.
 
 pub mod kernels;
+pub mod selftest;
 
 use std::ffi::CString;
 use std::path::PathBuf;
