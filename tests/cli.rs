@@ -379,3 +379,43 @@ fn a_full_disk_leaves_no_half_written_file() {
     assert_eq!(std::fs::read(full.join("trace.jsonl")).expect("old trace"), b"old");
     assert_eq!(listing(), ["bench.json", "filler", "trace.jsonl"], "nothing half-written, no temp file");
 }
+
+/// Issue 13, item 4: a model file cut while its experts are read through the memory map (no
+/// expert cache) ends the process with a message naming the file, not a bare "Bus error".
+#[test]
+fn a_file_cut_under_its_memory_map_is_reported_by_name() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("mapped.gguf");
+    let m = model.to_str().expect("utf-8 path");
+    let (ok, _, err) = moerun(&["synth", "--preset", "olmoe", "--layers", "1", "-o", m]);
+    assert!(ok, "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moerun"))
+        .args([
+            "generate",
+            "-m",
+            m,
+            "--resident",
+            "none",
+            "--prompt-tokens",
+            "4",
+            "-n",
+            "2000",
+            "--ignore-eos",
+            "-t",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start moerun generate");
+    // The first generated text: the experts are being read through the mapping.
+    let mut first = [0u8; 1];
+    child.stdout.as_mut().expect("stdout").read_exact(&mut first).expect("some output");
+    let len = std::fs::metadata(&model).expect("stat").len();
+    std::fs::OpenOptions::new().write(true).open(&model).and_then(|f| f.set_len(len / 4)).expect("cut");
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a read past the cut must end the run: {err}");
+    assert!(err.contains("mapped.gguf was cut or changed on disk"), "{:?}: {err}", out.status);
+}
