@@ -53,9 +53,9 @@ pub fn room() -> Option<Room> {
     }
 }
 
-/// One `kB` field of a /proc/.../status text, in bytes.
-fn status_bytes(status: &str, key: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with(key))?;
+/// One `Key: N kB` field of a /proc text (`status`, `meminfo`), in bytes.
+fn kb_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line[key.len()..].trim_start_matches(':').split_whitespace().next()?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -63,13 +63,13 @@ fn status_bytes(status: &str, key: &str) -> Option<u64> {
 /// This process's resident memory now: (all of it, its anonymous part), in bytes.
 pub fn rss() -> Option<(u64, u64)> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    Some((status_bytes(&s, "VmRSS")?, status_bytes(&s, "RssAnon").unwrap_or(0)))
+    Some((kb_field(&s, "VmRSS")?, kb_field(&s, "RssAnon").unwrap_or(0)))
 }
 
 /// The most resident memory this process has held since it started (`VmHWM`), in bytes.
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    status_bytes(&s, "VmHWM")
+    kb_field(&s, "VmHWM")
 }
 
 /// The largest resident memory seen while it runs: a thread reads this process's RSS every
@@ -131,9 +131,7 @@ impl Drop for RssSampler {
 
 /// `MemAvailable` of a /proc/meminfo text, in bytes.
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    kb_field(meminfo, "MemAvailable:")
 }
 
 /// The value of `key` in a cgroup `memory.stat` text.
@@ -201,7 +199,7 @@ mod tests {
         assert!(peak.samples >= 2 && peak.rss >= 64 << 20 && peak.anon >= 64 << 20, "{peak:?}");
         assert!(peak_rss().is_some_and(|h| h >= peak.rss), "VmHWM is at least any sample");
         drop(big);
-        assert_eq!(status_bytes("VmHWM:\t  2048 kB\n", "VmHWM"), Some(2 << 20));
+        assert_eq!(kb_field("VmHWM:\t  2048 kB\n", "VmHWM"), Some(2 << 20));
     }
 
     #[test]
