@@ -134,12 +134,11 @@ impl OffloadArgs {
             (None, Some(m)) => {
                 let total = memory_budget(m, moerun::sysmem::room())?;
                 // With the cache on, the backend copies the dense weights (`residency`).
-                let dense = resident_bytes(model, Resident::Dense);
-                let fixed = dense + kv_bytes + OVERHEAD;
+                let fixed = fixed_bytes(model, kv_bytes);
                 if total <= fixed {
                     bail!(
                         "--memory-budget {m}: dense weights ({:.1} MiB), KV cache ({:.1} MiB) and overhead ({} MiB) already need {:.1} MiB",
-                        dense as f64 / 1048576.0,
+                        resident_bytes(model, Resident::Dense) as f64 / 1048576.0,
                         kv_bytes as f64 / 1048576.0,
                         OVERHEAD >> 20,
                         fixed as f64 / 1048576.0
@@ -219,20 +218,29 @@ impl OffloadArgs {
 /// The expert cache `--memory-budget auto` would give `model` in `room`, when the whole model
 /// does not fit there and that cache holds at least a tenth of its experts.
 fn implied_budget(model: &Model, room: &moerun::sysmem::Room, kv_bytes: u64) -> Option<u64> {
-    let all = resident_bytes(model, Resident::All);
-    if all + (1 << 30) <= room.bytes {
+    if moerun::model::fits(model, room.bytes) {
         return None;
     }
-    let fixed = resident_bytes(model, Resident::Dense) + kv_bytes + OVERHEAD;
-    let cache = (room.bytes / 10 * 9).checked_sub(fixed)?;
+    let cache = auto_total(room).checked_sub(fixed_bytes(model, kv_bytes))?;
     (cache >= model.expert_bytes() / 10).then_some(cache)
+}
+
+/// What `--memory-budget auto` takes of `room`: 90%.
+fn auto_total(room: &moerun::sysmem::Room) -> u64 {
+    room.bytes / 10 * 9
+}
+
+/// What a memory budget holds besides the expert cache: the dense weights (copied when the
+/// cache is on), one KV cache and the process's overhead.
+fn fixed_bytes(model: &Model, kv_bytes: u64) -> u64 {
+    resident_bytes(model, Resident::Dense) + kv_bytes + OVERHEAD
 }
 
 /// `--memory-budget`'s bytes: a size, or `auto` (90% of the room); never more than `room`.
 fn memory_budget(arg: &str, room: Option<moerun::sysmem::Room>) -> anyhow::Result<u64> {
     if arg.trim().eq_ignore_ascii_case("auto") {
         let room = room.context("--memory-budget auto: this system does not say how much memory is free")?;
-        return Ok(room.bytes / 10 * 9);
+        return Ok(auto_total(&room));
     }
     let total = parse_size(arg).map_err(anyhow::Error::msg).context("--memory-budget")?;
     match room {

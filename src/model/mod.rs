@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use residency::{resident_bytes, resident_set, Residency, Resident};
+pub use residency::{fits, resident_bytes, resident_set, Residency, Resident};
 
 use crate::arch::{self, tn, tn_expert, ArchError, ArchSpec, Attention, HParams, QkNorm, TensorKind};
 use crate::backend::Op;

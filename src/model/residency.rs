@@ -42,8 +42,7 @@ impl Residency {
         match self.which {
             Resident::Auto => {
                 let all = resident_bytes(model, Resident::All);
-                let pick =
-                    if self.room.is_some_and(|r| all + AUTO_HEADROOM <= r) { Resident::All } else { Resident::Dense };
+                let pick = if self.room.is_some_and(|r| fits(model, r)) { Resident::All } else { Resident::Dense };
                 tracing::info!(
                     "resident auto: the model's weights take {:.1} MiB, {} available → {pick:?}",
                     all as f64 / 1048576.0,
@@ -54,6 +53,12 @@ impl Residency {
             w => w,
         }
     }
+}
+
+/// Whether all of `model`'s weights fit in `room` bytes with `auto`'s headroom to spare (what
+/// `Resident::Auto` copies everything for).
+pub fn fits(model: &Model, room: u64) -> bool {
+    resident_bytes(model, Resident::All) + AUTO_HEADROOM <= room
 }
 
 /// Bytes of the weights `which` (resolved) selects.
