@@ -50,7 +50,6 @@ pub struct GgufFile {
 /// What [`GgufFile::check_unchanged`] compares the file with.
 struct Origin {
     file: File,
-    len: u64,
     /// The modification time last seen with the loaded contents.
     mtime: std::sync::Mutex<Option<std::time::SystemTime>>,
     digest: u64,
@@ -137,7 +136,7 @@ impl GgufFile {
         })
         .map_err(io)?;
         let sigbus = super::sigbus::register(mmap.as_ptr() as usize, mmap.len(), &path);
-        let origin = Origin { file, len, mtime: std::sync::Mutex::new(mtime), digest, sigbus };
+        let origin = Origin { file, mtime: std::sync::Mutex::new(mtime), digest, sigbus };
         Ok(GgufFile { path, mmap, header, origin: Some(origin) })
     }
 
@@ -152,8 +151,10 @@ impl GgufFile {
         let io = |source| GgufError::Io { path: self.path.clone(), source };
         let meta = o.file.metadata().map_err(io)?;
         let changed = |what: String| GgufError::Changed { path: self.path.clone(), what };
-        if meta.len() != o.len {
-            return Err(changed(format!("it is {} bytes now, {} when loaded", meta.len(), o.len)));
+        // The mapping is as long as the file was when loaded.
+        let len = self.mmap.len() as u64;
+        if meta.len() != len {
+            return Err(changed(format!("it is {} bytes now, {len} when loaded", meta.len())));
         }
         let mtime = meta.modified().ok();
         let mut seen = o.mtime.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,7 +162,7 @@ impl GgufFile {
             return Ok(());
         }
         // Read through the file, not the mapping: a file cut meanwhile must not fault.
-        let now = digest(o.len, self.header.data_offset, |at, buf| o.file.read_exact_at(buf, at)).map_err(io)?;
+        let now = digest(len, self.header.data_offset, |at, buf| o.file.read_exact_at(buf, at)).map_err(io)?;
         if now != o.digest {
             return Err(changed("it was rewritten with other contents".into()));
         }
