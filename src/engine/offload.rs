@@ -406,9 +406,13 @@ impl Offload {
         };
         // This model's routing profile, if one is kept and matches: it warms the cache below and
         // sets per-layer shares.
-        let profile = cfg.profile.as_deref().map(|p| (p, matching_profile(p, &model)));
+        let profile = cfg.profile.as_deref().map(|p| {
+            let id = profile_identity(&model);
+            let saved = matching_profile(p, &model, &id);
+            (p, id, saved)
+        });
         // Every MoE layer needs slots (at least top_k, whatever the profile saw); dense ones none.
-        let layer_weights = profile.as_ref().and_then(|(_, p)| p.as_ref()).map(|p| {
+        let layer_weights = profile.as_ref().and_then(|(_, _, p)| p.as_ref()).map(|p| {
             let eff = p.effective_experts();
             (0..hp.n_layer).map(|l| if model.experts(l).is_some() { eff[l].max(1.0) } else { 0.0 }).collect()
         });
@@ -483,15 +487,21 @@ impl Offload {
             let f = std::fs::File::create(p).map_err(|source| IoError::Open { path: p.clone(), source })?;
             off.explain = Some(Explain { out: std::io::BufWriter::new(f), path: p.clone(), failed: false });
         }
-        if let Some((path, saved)) = profile {
-            off.start_profile(path, saved)?;
+        if let Some((path, id, saved)) = profile {
+            off.start_profile(path, id, saved)?;
         }
         Ok(off)
     }
 
     /// Warm the cache with the most used experts of `saved` (this model's profile, if any) and
-    /// record this run's routing into it, to be saved at `path`.
-    fn start_profile(&mut self, path: &Path, saved: Option<RoutingProfile>) -> Result<(), OffloadError> {
+    /// record this run's routing into it (a new profile for the model of identity `id` when there
+    /// is none), to be saved at `path`.
+    fn start_profile(
+        &mut self,
+        path: &Path,
+        (fp, size): (String, u64),
+        saved: Option<RoutingProfile>,
+    ) -> Result<(), OffloadError> {
         let profile = match saved {
             Some(p) => {
                 let hot = p.hottest(self.cache.n_slots(Precision::High));
@@ -508,7 +518,6 @@ impl Offload {
             None => {
                 let m = &self.model;
                 let name = m.file.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let (fp, size) = profile_identity(m);
                 RoutingProfile::new(name, fp, size, m.hp.n_layer, m.hp.n_expert)
             }
         };
@@ -1162,13 +1171,15 @@ impl<B: Backend> ExpertProvider<B> for Offload {
                 .map(|c| serde_json::json!({"expert": c.expert, "weight": c.weight, "confidence": c.confidence}))
                 .collect();
             let conf: Vec<f32> = candidates.iter().filter(|c| c.confidence >= bar).map(|c| c.confidence).collect();
-            let plan = crate::experts::Plan { kind: PlanKind::Prefetch, layer: l, token: self.step, actions: vec![] };
             let expl = serde_json::json!({"bar": bar, "confidences": conf, "below_bar": below});
             if take.is_empty() {
+                // Nothing to prefetch: an empty plan carries the explanation.
+                let plan =
+                    crate::experts::Plan { kind: PlanKind::Prefetch, layer: l, token: self.step, actions: vec![] };
                 self.explain_plan(&plan, expl);
-                return Ok(None);
+            } else {
+                self.pending_explain = Some(expl);
             }
-            self.pending_explain = Some(expl);
         }
         if take.is_empty() {
             return Ok(None);
@@ -1247,12 +1258,11 @@ fn profile_identity(m: &Model) -> (String, u64) {
     (format!("{:016x}", crate::lowprec::fingerprint(m)), m.file.bytes().len() as u64)
 }
 
-/// The routing profile at `path` if it is `model`'s (a missing, unreadable or foreign one: none,
-/// with a warning for the last two).
-fn matching_profile(path: &Path, model: &Model) -> Option<RoutingProfile> {
-    let (fp, size) = profile_identity(model);
+/// The routing profile at `path` if it is that of `model`, whose identity is `id` (a missing,
+/// unreadable or foreign one: none, with a warning for the last two).
+fn matching_profile(path: &Path, model: &Model, (fp, size): &(String, u64)) -> Option<RoutingProfile> {
     match RoutingProfile::load(path) {
-        Ok(Some(p)) if p.matches(&fp, size, model.hp.n_layer, model.hp.n_expert) => Some(p),
+        Ok(Some(p)) if p.matches(fp, *size, model.hp.n_layer, model.hp.n_expert) => Some(p),
         Ok(Some(_)) => {
             tracing::warn!("{}: a routing profile of another model; starting a new one", path.display());
             None
