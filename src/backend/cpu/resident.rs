@@ -140,21 +140,22 @@ fn copy_weights(model: &Model, jobs: Vec<(&WeightDesc, Layout, &mut [u8])>) {
             file.will_need(next.0.offset, next.0.bytes);
         }
         let src = model.bytes_of(w);
-        let row_bytes = if w.rows > 0 && src.len().is_multiple_of(w.rows) { src.len() / w.rows } else { src.len() };
-        let rows = src.len() / row_bytes.max(1);
-        let step = ((RELEASE_BATCH as usize / row_bytes.max(1)) / 8 * 8).max(8);
-        let mut r0 = 0;
-        while r0 < rows.max(1) {
-            let r1 = (r0 + step).min(rows.max(1));
-            let (a, b) = (r0 * row_bytes, (r1 * row_bytes).min(src.len()));
-            repack::repack(layout, &src[a..b], r1 - r0, w.cols, &mut dst[a..b]);
-            pending.push((w.offset + a as u64, (b - a) as u64));
-            pending_bytes += (b - a) as u64;
+        // Pieces of whole 8-row groups, about RELEASE_BATCH bytes each (one piece when the bytes
+        // are not in rows).
+        let row_bytes = match w.rows {
+            r if r > 0 && src.len().is_multiple_of(r) => src.len() / r,
+            _ => src.len(),
+        }
+        .max(1);
+        let piece = ((RELEASE_BATCH as usize / row_bytes) / 8 * 8).max(8) * row_bytes;
+        for (i, (s, d)) in src.chunks(piece).zip(dst.chunks_mut(piece)).enumerate() {
+            repack::repack(layout, s, s.len().div_ceil(row_bytes), w.cols, d);
+            pending.push((w.offset + (i * piece) as u64, s.len() as u64));
+            pending_bytes += s.len() as u64;
             if pending_bytes >= RELEASE_BATCH {
                 pending.drain(..).for_each(|(o, l)| file.release(o, l));
                 pending_bytes = 0;
             }
-            r0 = r1;
         }
     }
     pending.into_iter().for_each(|(o, l)| file.release(o, l));
