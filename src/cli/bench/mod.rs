@@ -108,8 +108,6 @@ struct Memory {
     rss_peak_mib: f64,
     rss_anon_peak_mib: f64,
     rss_samples: u64,
-    resident_weights_mib: f64,
-    kv_cache_mib: f64,
     /// With an expert cache: its budget, and what the run may hold (`offload_args::memory_bound`).
     expert_budget_mib: Option<f64>,
     bound_mib: Option<f64>,
@@ -124,18 +122,17 @@ impl Memory {
             rss_peak_mib: mib(rss.rss),
             rss_anon_peak_mib: mib(rss.anon),
             rss_samples: rss.samples,
-            resident_weights_mib: mib(resident),
-            kv_cache_mib: mib(kv),
             expert_budget_mib: budget.map(mib),
             bound_mib: bound.map(mib),
             within_bound: bound.map(|b| rss.rss <= b),
         }
     }
 
-    fn line(&self, resident: Resident) -> String {
+    /// One line for the terminal, with the report's resident weights and KV cache (MiB).
+    fn line(&self, resident: Resident, resident_mib: f64, kv_mib: f64) -> String {
         let mut s = format!(
-            "moerun peak RSS {:.1} MiB ({:.1} MiB anonymous, {} samples): resident weights ({resident:?}) {:.1} MiB, KV cache {:.1} MiB",
-            self.rss_peak_mib, self.rss_anon_peak_mib, self.rss_samples, self.resident_weights_mib, self.kv_cache_mib
+            "moerun peak RSS {:.1} MiB ({:.1} MiB anonymous, {} samples): resident weights ({resident:?}) {resident_mib:.1} MiB, KV cache {kv_mib:.1} MiB",
+            self.rss_peak_mib, self.rss_anon_peak_mib, self.rss_samples
         );
         if let (Some(b), Some(bound), Some(ok)) = (self.expert_budget_mib, self.bound_mib, self.within_bound) {
             s += &format!(
@@ -276,7 +273,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         );
     }
     if run_ours {
-        println!("{}", memory.line(resident_mode));
+        println!("{}", memory.line(resident_mode, resident_bytes as f64 / 1048576.0, kv_mib));
     }
     if memory.within_bound == Some(false) {
         tracing::warn!("resident memory went past what the budget allows (see above)");
