@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use moerun::engine::offload::{parse_budget, Budget, Offload};
-use moerun::engine::{Engine, EngineConfig};
+use moerun::engine::offload::{parse_budget, Budget};
+use moerun::engine::EngineConfig;
 use moerun::model::{Model, Resident};
 use plotters::prelude::*;
 
@@ -65,11 +65,9 @@ pub(super) fn run(sweep: SweepRun<'_>) -> anyhow::Result<()> {
             a.expert_budget = Some(b.clone());
             a.memory_budget = None;
             a.profile = Some(args.profile.clone().unwrap_or_else(|| "off".into()));
+            a.trace = None;
             let cfg = EngineConfig { threads, n_ctx, residency: a.residency(Resident::Dense), ..Default::default() };
-            let mut engine = Engine::new(Arc::clone(model), cfg)?;
-            let kv = engine.session_kv_bytes();
-            let cfg = a.config(model, path, kv)?.context("a sweep budget")?;
-            engine.set_offload(Offload::new(Arc::clone(model), &cfg)?);
+            let mut engine = a.engine(model, path, cfg)?;
             engine.set_predictor(predict);
             let ((pf, dec), _) = measure_ours(&mut engine, prompt, n_gen, repeats)?;
             let st = engine.offload_stats().context("offload stats")?;
