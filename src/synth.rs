@@ -254,6 +254,25 @@ impl SynthConfig {
         }
     }
 
+    /// The smallest MoE worth the name: one layer of two experts (one used), rows of 64, a
+    /// 64-token vocabulary; a file of a few KB to rewrite per case (fuzzing, damaged-file tests).
+    pub fn minimal(arch: &str, weight_type: GgmlType) -> SynthConfig {
+        SynthConfig {
+            n_layer: 1,
+            n_embd: 64,
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 32,
+            n_ff_exp: 64,
+            n_ff_shexp: 0,
+            n_expert: 2,
+            n_expert_used: 1,
+            n_vocab: 64,
+            n_ctx: 32,
+            ..SynthConfig::small(arch, weight_type)
+        }
+    }
+
     fn spec(&self) -> Result<&'static ArchSpec, SynthError> {
         arch::spec(&self.arch).ok_or_else(|| SynthError::UnknownArch {
             arch: self.arch.clone(),

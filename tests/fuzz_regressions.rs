@@ -14,21 +14,7 @@ use moerun::synth::SynthConfig;
 /// A one-layer llama MoE of two experts (rows of 64): small enough to rewrite per case.
 fn tiny_model(dir: &Path) -> PathBuf {
     let path = dir.join("tiny.gguf");
-    let cfg = SynthConfig {
-        n_layer: 1,
-        n_embd: 64,
-        n_head: 2,
-        n_head_kv: 1,
-        head_dim: 32,
-        n_ff_exp: 64,
-        n_ff_shexp: 0,
-        n_expert: 2,
-        n_expert_used: 1,
-        n_vocab: 64,
-        n_ctx: 32,
-        ..SynthConfig::small("llama", GgmlType::Q8_0)
-    };
-    cfg.write(&path, &mut |_, _| {}).expect("synth");
+    SynthConfig::minimal("llama", GgmlType::Q8_0).write(&path, &mut |_, _| {}).expect("synth");
     path
 }
 

@@ -34,20 +34,7 @@ fn fixture() -> &'static Fixture {
         std::fs::create_dir_all(&dir).expect("fuzz dir");
         let pid = std::process::id();
         // One MoE layer of two experts, rows of 64: a sidecar of a few KB.
-        let cfg = SynthConfig {
-            n_layer: 1,
-            n_embd: 64,
-            n_head: 2,
-            n_head_kv: 1,
-            head_dim: 32,
-            n_ff_exp: 64,
-            n_ff_shexp: 0,
-            n_expert: 2,
-            n_expert_used: 1,
-            n_vocab: 64,
-            n_ctx: 32,
-            ..SynthConfig::small("llama", GgmlType::Q8_0)
-        };
+        let cfg = SynthConfig::minimal("llama", GgmlType::Q8_0);
         let model_path = dir.join("tiny.gguf");
         let scratch = dir.join(format!("tiny.{pid}.gguf"));
         cfg.write(&scratch, &mut |_, _| {}).expect("synth model");
