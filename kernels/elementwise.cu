@@ -1,15 +1,7 @@
-// Element-wise ops and row lookups on f32 activations, one thread per element.
+// Element-wise ops, row lookups and row moves on f32 activations, one thread per element (grid y
+// or z walks the rows where there are rows).
 
-// SwiGLU: out = silu(gate) * up.
-extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* out, long n) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
-}
-
-// out = a + b.
+// out = a + b (out may be a).
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out, long n) {
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
@@ -19,6 +11,63 @@ extern "C" __global__ void add_f32(const float* a, const float* b, float* out, l
 extern "C" __global__ void scale_f32(float* x, float s, long n) {
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] *= s;
+}
+
+// The gated linear unit of an expert, over `n` values of gate and up: kind 0 is SwiGLU,
+// silu(g) * u; kind 1 is gpt-oss's clamped variant, g' = min(g, limit),
+// g' / (1 + exp(-alpha g')) * (clamp(u, -limit, limit) + 1).
+extern "C" __global__ void glu_f32(const float* gate, const float* up, float* out, long n, int kind, float alpha,
+                                   float limit) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = gate[i], u = up[i];
+    if (kind == 0) {
+        out[i] = g / (1.0f + expf(-g)) * u;
+    } else {
+        const float gc = fminf(g, limit);
+        out[i] = gc / (1.0f + expf(-alpha * gc)) * (fminf(fmaxf(u, -limit), limit) + 1.0f);
+    }
+}
+
+// x[t][col + i] += b[i] for i < n; grid (n / blockDim.x, rows).
+extern "C" __global__ void add_bias_f32(float* x, long stride, int col, const float* b, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[(long)blockIdx.y * stride + col + i] += b[i];
+}
+
+// out[r] = x[ids[r]] (rows of `cols`, x rows `x_stride` apart); grid (cols / blockDim.x, n).
+extern "C" __global__ void gather_rows_f32(const float* x, long x_stride, const int* ids, float* out, int cols) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < cols) out[(long)blockIdx.y * cols + c] = x[(long)ids[blockIdx.y] * x_stride + c];
+}
+
+// out[ids[r]] = src[r] (rows of `cols`, out rows `out_stride` apart); grid (cols / blockDim.x, n).
+extern "C" __global__ void scatter_rows_f32(const float* src, int cols, const int* ids, float* out, long out_stride) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < cols) out[(long)ids[blockIdx.y] * out_stride + c] = src[(long)blockIdx.y * cols + c];
+}
+
+// out[t] = sum over i in starts[t]..starts[t+1] of weights[i] * y[rows[i]], in that order (an
+// expert's output weighted by its gate, summed per token in rank order); grid (cols /
+// blockDim.x, n_tok).
+extern "C" __global__ void combine_f32(const float* y, int cols, const int* starts, const int* rows,
+                                       const float* weights, float* out) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const int t = blockIdx.y;
+    float acc = 0.0f;
+    for (int i = starts[t]; i < starts[t + 1]; ++i) acc += y[(long)rows[i] * cols + c] * weights[i];
+    out[(long)t * cols + c] = acc;
+}
+
+// out[t][to + h * to_stride + i] = x[t][from + h * from_stride + i] for i < width; grid
+// (width / blockDim.x, n_blocks, rows).
+extern "C" __global__ void copy_cols_f32(const float* x, long x_stride, int from, int from_stride, float* out,
+                                         long out_stride, int to, int to_stride, int width) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= width) return;
+    const long t = blockIdx.z;
+    out[t * out_stride + to + (long)blockIdx.y * to_stride + i] = x[t * x_stride + from + (long)blockIdx.y * from_stride + i];
 }
 
 // out[t] = row ids[t] of a table of rows of `cols` values in any type of dequant.cuh, as f32

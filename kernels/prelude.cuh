@@ -25,6 +25,9 @@ MR_FN f16_t f32_to_f16(float f) {
 
 MR_FN float bits_to_f32(u32 u) { return __uint_as_float(u); }
 
+// -infinity (no math.h under NVRTC).
+#define MR_NEG_INF __int_as_float(0xff800000)
+
 // The sum of `v` over the 32 lanes of a warp, in every lane.
 MR_FN float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -9,6 +9,7 @@
 //! A CUDA backend implements the same trait: its `Mat` is a device view, its `Act` a device
 //! buffer, its `Kv` lives in GPU memory, and `read` is its sync point.
 
+pub mod conformance;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -47,6 +48,37 @@ pub enum BackendError {
     Alloc { backend: &'static str, what: &'static str, bytes: u64 },
     #[error(transparent)]
     Unsupported(#[from] crate::arch::ArchError),
+    #[error(
+        "--gpu-budget of {budget} bytes holds {slots} expert slots of {slot} bytes, but one layer's \
+         experts need {need} (three matrices for each of top_k); give a larger --gpu-budget"
+    )]
+    GpuBudget { budget: u64, slot: u64, slots: usize, need: usize },
+    #[error("the device failed: {0}")]
+    Device(String),
+}
+
+/// What a device backend reports of its memory and copies (`moerun bench`, `/v1/moe/stats`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DeviceStats {
+    pub device: String,
+    /// Weights copied to the device at load (dense, and experts when all are resident).
+    pub weight_bytes: u64,
+    /// The expert slot arena (host-held experts copied on use).
+    pub arena_bytes: u64,
+    /// Device memory in use, as the driver says (every process's).
+    pub memory_in_use_bytes: u64,
+    /// Lookups of host-held experts in the arena, and hits among them.
+    pub expert_lookups: u64,
+    pub expert_hits: u64,
+    /// Host-to-device copies of experts and their bytes.
+    pub copies: u64,
+    pub bytes_copied: u64,
+    /// Time the copy stream spent copying.
+    pub copy_busy_s: f64,
+    /// Expert jobs computed on the CPU (`--cpu-moe`).
+    pub host_computed: u64,
+    /// Kernel launches.
+    pub launches: u64,
 }
 
 /// Rotary embedding parameters of a model.
@@ -352,6 +384,25 @@ pub trait Backend: 'static {
     /// A view of bytes `prepare_host_mat` rearranged.
     fn host_mat_prepared<'a>(w: &WeightDesc, bytes: &'a [u8]) -> Self::Mat<'a> {
         Self::host_mat(w, bytes)
+    }
+
+    /// Host memory the backend may keep reading in place (an expert cache's slot arenas, as
+    /// (address, length)): a device with unified memory maps it instead of copying from it.
+    /// The caller keeps it alive as long as the backend; bytes are viewed through `host_mat`
+    /// only once landed, and rewritten only after a `read` (the forward pass's sync points).
+    fn use_host_memory(&mut self, regions: &[(*const u8, usize)]) {
+        let _ = regions;
+    }
+
+    /// The first error the device met since the last call (an operation cannot fail where it
+    /// runs; a device backend keeps the error, skips what follows, and reports it here).
+    fn take_error(&mut self) -> Option<BackendError> {
+        None
+    }
+
+    /// The device's memory and copy counters, for backends that have them.
+    fn device_stats(&self) -> Option<DeviceStats> {
+        None
     }
 
     /// Keep the backend ready for a run of operations with host work between them (a

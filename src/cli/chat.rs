@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
+use moerun::backend::Backend;
 use moerun::chat::{reuse_prefix, ChatError, ChatFormat, Conversation, Turn};
 use moerun::engine::{Engine, Flow, GenerateOptions, SamplerConfig, Session, StopReason};
 use moerun::model::{Model, Resident};
@@ -40,14 +41,20 @@ pub struct Args {
 
 const HELP: &str = "/reset forgets the conversation, /stats shows what the engine did, /quit leaves (or Ctrl-D); Ctrl-C stops an answer";
 
-pub fn run(mut a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = a.engine.device()?;
+    let threads = a.engine.config().threads;
+    super::device_args::with_backend!(device, threads, b => chat_on(a, b))
+}
+
+fn chat_on<B: Backend>(mut a: Args, backend: B) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Arc::new(Tokenizer::from_gguf(&path)?);
     let model = Arc::new(Model::load(&path)?);
     let name = model.file.get_str("general.name").ok().flatten().unwrap_or("model").to_string();
     let facts = MoeFacts::of(&model);
     let cfg = a.offload.engine_config(&model, Resident::Auto, a.engine.config());
-    let engine = a.offload.engine(&model, &path, cfg)?;
+    let engine = a.offload.engine_on(&model, &path, cfg, backend)?;
     let sess = engine.new_session()?;
     let sampler = a.sampling.config();
     let format = ChatFormat::new(Arc::clone(&tok))?;
@@ -90,9 +97,9 @@ impl Io {
     }
 }
 
-struct Chat {
-    engine: Engine,
-    sess: Session,
+struct Chat<B: Backend> {
+    engine: Engine<B>,
+    sess: Session<B>,
     tok: Arc<Tokenizer>,
     format: ChatFormat,
     conv: Conversation,
@@ -128,7 +135,7 @@ fn parse(line: &str) -> Line<'_> {
     }
 }
 
-impl Chat {
+impl<B: Backend> Chat<B> {
     fn interactive(&mut self) -> anyhow::Result<()> {
         // A first Ctrl-C during an answer sets the flag (the answer stops); a second one before
         // the answer has stopped ends the program, as Ctrl-C normally would.

@@ -54,9 +54,16 @@ pub struct EngineArgs {
     /// positions, as llama.cpp's SWA cache).
     #[arg(long)]
     pub swa_full: bool,
+    #[command(flatten)]
+    pub device: super::device_args::DeviceArgs,
 }
 
 impl EngineArgs {
+    /// The device `--device` and its flags name.
+    pub fn device(&self) -> anyhow::Result<super::device_args::Device> {
+        self.device.resolve(self.config().threads)
+    }
+
     pub fn config(&self) -> EngineConfig {
         let mut cfg =
             EngineConfig { n_ctx: self.ctx_size, kv_type: self.kv_type, swa_full: self.swa_full, ..Default::default() };

@@ -98,7 +98,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn self_test(a: &Args, cache: Option<&std::path::Path>) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
-    let checks = moerun::backend::cuda::selftest::self_test(a.ordinal, cache)?;
+    let mut checks = moerun::backend::cuda::selftest::self_test(a.ordinal, cache)?;
+    let kernels = checks.len();
+    checks.extend(moerun::backend::cuda::selftest::backend_checks(a.ordinal, cache)?);
     for c in &checks {
         println!(
             "  {:<22} max error {:>9.2e} of the reference's scale (tolerance {:.0e}) {}",
@@ -109,10 +111,14 @@ fn self_test(a: &Args, cache: Option<&std::path::Path>) -> anyhow::Result<()> {
         );
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
-    println!("self-test: {} kernels checked in {:.2} s, {failed} failed", checks.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "self-test: {kernels} kernel checks and {} whole-model checks in {:.2} s, {failed} failed",
+        checks.len() - kernels,
+        t0.elapsed().as_secs_f64()
+    );
     if let Some(p) = &a.json {
         moerun::atomic::write(p, serde_json::to_string_pretty(&checks)?.as_bytes())?;
     }
-    anyhow::ensure!(failed == 0, "{failed} kernels differ from the CPU");
+    anyhow::ensure!(failed == 0, "{failed} checks differ from the CPU");
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use moerun::backend::Backend;
 use moerun::engine::{Flow, GenerateOptions};
 use moerun::model::{Model, Resident};
 use moerun::tokenizer::{EncodeOptions, StreamDecoder, Tokenizer};
@@ -44,12 +45,18 @@ pub struct Args {
     offload: super::offload_args::OffloadArgs,
 }
 
-pub fn run(mut a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = a.engine.device()?;
+    let threads = a.engine.config().threads;
+    super::device_args::with_backend!(device, threads, b => generate_on(a, b))
+}
+
+fn generate_on<B: Backend>(mut a: Args, backend: B) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let tok = Tokenizer::from_gguf(&path)?;
     let model = Arc::new(Model::load(&path)?);
     let cfg = a.offload.engine_config(&model, a.resident, a.engine.config());
-    let mut engine = a.offload.engine(&model, &path, cfg)?;
+    let mut engine = a.offload.engine_on(&model, &path, cfg, backend)?;
     let prompt = match (&a.prompt, a.prompt_tokens) {
         (_, Some(n)) => moerun::rng::SplitMix64::new(42).tokens(n.max(1), model.hp.n_vocab),
         (Some(p), None) => {
@@ -91,6 +98,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             "prefill_tok_s": g.timings.prefill_tok_s(),
             "decode_tok_s": g.timings.decode_tok_s(),
             "expert_cache": engine.offload_stats(),
+            "device": engine.device_stats(),
             "memory": memory(&engine),
         });
         writeln!(stdout, "{out}")?;
@@ -104,6 +112,10 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             g.timings.generated_tokens,
             g.timings.decode_tok_s()
         );
+        if let Some(d) = engine.device_stats() {
+            let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
+            eprintln!("[{}]", super::device_args::device_line(&d, steps));
+        }
         if let Some(st) = engine.offload_stats() {
             let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
             eprintln!(
@@ -134,7 +146,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
 
 /// The process's peak resident memory (`VmHWM`: nothing else shares this process) and what the
 /// run may hold: with an expert budget, `offload_args::memory_bound`.
-fn memory(engine: &moerun::engine::Engine) -> serde_json::Value {
+fn memory<B: Backend>(engine: &moerun::engine::Engine<B>) -> serde_json::Value {
     let (_, resident) = engine.resident();
     let kv = engine.session_kv_bytes();
     let budget = engine.offload_stats().map(|s| s.budget_bytes);

@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod common_args;
 mod device;
+mod device_args;
 mod generate;
 mod inspect;
 mod offload_args;

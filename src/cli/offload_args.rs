@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use moerun::backend::Backend;
 use moerun::engine::offload::{default_sidecar, parse_budget, parse_size, Budget, Offload, OffloadConfig};
 use moerun::engine::{Engine, EngineConfig};
 use moerun::experts::PolicyKind;
@@ -198,12 +199,24 @@ impl OffloadArgs {
     /// a budget that cannot work fails before any weight is copied; then the engine, then the
     /// cache, the predictor and the routing trace go on it.
     pub fn engine(&self, model: &Arc<Model>, model_path: &Path, cfg: EngineConfig) -> anyhow::Result<Engine> {
+        let threads = cfg.threads;
+        self.engine_on(model, model_path, cfg, moerun::backend::cpu::CpuBackend::new(threads))
+    }
+
+    /// [`OffloadArgs::engine`] on `backend`.
+    pub fn engine_on<B: Backend>(
+        &self,
+        model: &Arc<Model>,
+        model_path: &Path,
+        cfg: EngineConfig,
+        backend: B,
+    ) -> anyhow::Result<Engine<B>> {
         let kv = moerun::engine::session_kv_bytes(model, &cfg);
         let offload = match self.config(model, model_path, kv)? {
             Some(c) => Some(Offload::new(Arc::clone(model), &c).with_context(|| self.budget_flag())?),
             None => None,
         };
-        let mut engine = Engine::new(Arc::clone(model), cfg)?;
+        let mut engine = Engine::with_backend(Arc::clone(model), backend, cfg)?;
         if let Some(off) = offload {
             engine.set_offload(off);
         }

@@ -60,7 +60,9 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         shutdown_grace: std::time::Duration::try_from_secs_f64(a.shutdown_grace)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace {}: {e}", a.shutdown_grace))?,
     };
-    let server = Server::new(model, tok, cfg)?;
+    let device = a.engine.device()?;
+    let threads = cfg.engine.threads;
+    let server = super::device_args::with_backend!(device, threads, b => Server::with_backend(model, tok, cfg, b)?);
     // The engine has its own compute threads; the runtime only moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

@@ -259,6 +259,7 @@ impl<B: Backend> Engine<B> {
     /// Serve routed experts from a budgeted cache instead of the model's memory.
     pub fn set_offload(&mut self, mut off: offload::Offload) {
         off.attach::<B>();
+        self.backend.use_host_memory(&off.host_regions());
         self.offload = Some(off);
     }
 
@@ -273,6 +274,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The expert cache's figures with the predictor's (None without a cache).
+    /// The device backend's memory and copy counters (`None` on the CPU).
+    pub fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
+        self.backend.device_stats()
+    }
+
     pub fn offload_stats(&self) -> Option<offload::OffloadStats> {
         let o = self.offload.as_ref()?;
         let mut st = o.stats();

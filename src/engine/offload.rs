@@ -525,6 +525,17 @@ impl Offload {
         Ok(())
     }
 
+    /// The host memory the cache's slots live in, as (address, length) per arena: a backend
+    /// that reads host memory in place (unified memory) registers it once
+    /// (`Backend::use_host_memory`). Raw ranges, never slices: reads write into them.
+    pub fn host_regions(&self) -> Vec<(*const u8, usize)> {
+        let mut r = vec![(self.high.mem.as_ptr(), self.high.mem.len())];
+        if let Some((a, _)) = &self.low {
+            r.push((a.mem.as_ptr(), a.mem.len()));
+        }
+        r
+    }
+
     /// Learn how backend `B` holds experts (so landed slots are rearranged as its resident
     /// copies are) and start the warm-up reads a routing profile asked for. Idempotent; the
     /// engine calls it when the cache is put on it, and every provider call makes sure.

@@ -202,7 +202,11 @@ impl<B: Backend> Forward<'_, B> {
         };
         self.backend.rms_norm(x, B::vector(w, m.output_norm), hp.rms_eps, &mut s.h);
         self.backend.matmul(&s.h, &[B::mat(w, &m.output)], &mut s.logits);
-        Ok(self.backend.read(&s.logits).into_owned())
+        let logits = self.backend.read(&s.logits).into_owned();
+        match self.backend.take_error() {
+            Some(e) => Err(e.into()),
+            None => Ok(logits),
+        }
     }
 
     fn attention(&mut self, l: usize, layer: &Layer, pos0: usize, n: usize, kv: &mut B::Kv, s: &mut Scratch<B>) {

@@ -15,6 +15,8 @@ pub enum ProviderError {
     Io(#[from] IoError),
     #[error("expert {layer}/{expert}: a low-precision load without a low-precision sidecar")]
     NoSidecar { layer: usize, expert: u16 },
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
 }
 
 /// Where an expert of the current (or a prefetched) layer stands.

@@ -118,6 +118,7 @@ pub async fn moe_stats(State(st): St) -> Json<serde_json::Value> {
             "decode_tok_s": c.decode_tok_s(),
         },
         "moe": st.facts,
+        "device": s.device,
         "expert_cache": s.cache.as_ref().map(|o| ExpertCacheStats::of(o, c.prompt_tokens + c.generated_tokens)).unwrap_or_else(ExpertCacheStats::absent),
     }))
 }

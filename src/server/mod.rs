@@ -118,6 +118,22 @@ pub struct Server {
 impl Server {
     /// Starts the engine thread and builds the routes.
     pub fn new(model: Arc<Model>, tok: Arc<Tokenizer>, cfg: ServerConfig) -> Result<Server, ServerError> {
+        let threads = cfg.engine.threads;
+        Server::with_backend(model, tok, cfg, crate::backend::cpu::CpuBackend::new(threads))
+    }
+
+    /// [`Server::new`] on `backend` (a GPU's, or the CPU's).
+    pub fn with_backend<B>(
+        model: Arc<Model>,
+        tok: Arc<Tokenizer>,
+        cfg: ServerConfig,
+        backend: B,
+    ) -> Result<Server, ServerError>
+    where
+        B: crate::backend::Backend,
+        Engine<B>: Send,
+        crate::engine::Session<B>: Send,
+    {
         let model_id = cfg.model_id.clone().unwrap_or_else(|| default_model_id(&model));
         let stem = file_stem(model.file.path());
         let aliases = stem.into_iter().filter(|s| *s != model_id).collect();
@@ -128,7 +144,7 @@ impl Server {
             Some(oc) => Some(crate::engine::offload::Offload::new(Arc::clone(&model), oc)?),
             None => None,
         };
-        let mut engine = Engine::new(Arc::clone(&model), cfg.engine.clone())?;
+        let mut engine = Engine::with_backend(Arc::clone(&model), backend, cfg.engine.clone())?;
         if let Some(off) = offload {
             engine.set_offload(off);
         }

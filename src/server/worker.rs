@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::openai::{ApiError, FinishReason};
 use super::stop::{Scan, StopMatcher};
+use crate::backend::Backend;
 use crate::chat::reuse_prefix;
 use crate::engine::{Engine, Flow, GenerateOptions, SamplerConfig, Session, StopReason, Timings};
 use crate::reasoning::{Part, ReasoningSplitter};
@@ -72,6 +73,8 @@ pub struct EngineStats {
     pub rejected: u64,
     /// The expert cache's counters after the last job, if the engine has one.
     pub cache: Option<crate::engine::offload::OffloadStats>,
+    /// The device's memory and copies (a GPU backend).
+    pub device: Option<crate::backend::DeviceStats>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -116,14 +119,18 @@ impl Queue {
 
 /// Starts the engine thread with a queue of `capacity` waiting jobs. The thread ends when every
 /// `Queue` clone is dropped and the queue is drained.
-pub fn spawn(
-    engine: Engine,
-    sess: Session,
+pub fn spawn<B: Backend>(
+    engine: Engine<B>,
+    sess: Session<B>,
     tok: Arc<Tokenizer>,
     capacity: usize,
     stats: SharedStats,
     deadline: Deadline,
-) -> std::io::Result<(Queue, JoinHandle<()>)> {
+) -> std::io::Result<(Queue, JoinHandle<()>)>
+where
+    Engine<B>: Send,
+    Session<B>: Send,
+{
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let worker_stats = stats.clone();
     let handle = std::thread::Builder::new()
@@ -132,9 +139,9 @@ pub fn spawn(
     Ok((Queue { tx, stats }, handle))
 }
 
-fn run(
-    mut engine: Engine,
-    mut sess: Session,
+fn run<B: Backend>(
+    mut engine: Engine<B>,
+    mut sess: Session<B>,
     tok: &Tokenizer,
     mut rx: mpsc::Receiver<Job>,
     stats: &SharedStats,
@@ -157,6 +164,7 @@ fn run(
             s.busy = false;
             s.counters.record(end.outcome, job.prompt.len(), end.reused, &end.timings);
             s.cache = engine.offload_stats();
+            s.device = engine.device_stats();
         }
         // Sent after the counters are updated, so a client that has its answer sees them.
         if let Some(last) = end.last {
@@ -173,7 +181,13 @@ struct JobEnd {
     last: Option<Event>,
 }
 
-fn run_job(engine: &mut Engine, sess: &mut Session, tok: &Tokenizer, job: &Job, deadline: &Deadline) -> JobEnd {
+fn run_job<B: Backend>(
+    engine: &mut Engine<B>,
+    sess: &mut Session<B>,
+    tok: &Tokenizer,
+    job: &Job,
+    deadline: &Deadline,
+) -> JobEnd {
     let reused = reuse_prefix(sess, &job.prompt);
     let is_eog = |id: u32| !job.ignore_eos && tok.is_eog(id);
     let opts = GenerateOptions { max_tokens: job.max_tokens, sampler: job.sampler.clone(), is_eog: &is_eog };

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{library, CudaError};
+use crate::gguf::GgmlType;
 
 const PRELUDE: &str = include_str!("../../../kernels/prelude.cuh");
 const DEQUANT: &str = include_str!("../../../kernels/dequant.cuh");
@@ -16,6 +17,32 @@ const DEQUANT: &str = include_str!("../../../kernels/dequant.cuh");
 /// `dequant.cuh`'s `MR_FOR_EACH_TYPE`.
 pub const TYPES: &[&str] =
     &["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "mxfp4", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"];
+
+/// The kernels' name of a ggml type (`q4_K`, …), for the types they read.
+pub fn kernel_type(ty: GgmlType) -> Option<&'static str> {
+    TYPES.iter().copied().find(|t| ggml_type(t) == Some(ty))
+}
+
+/// The ggml type of a kernel type name.
+pub fn ggml_type(name: &str) -> Option<GgmlType> {
+    Some(match name {
+        "f32" => GgmlType::F32,
+        "f16" => GgmlType::F16,
+        "bf16" => GgmlType::BF16,
+        "q4_0" => GgmlType::Q4_0,
+        "q4_1" => GgmlType::Q4_1,
+        "q5_0" => GgmlType::Q5_0,
+        "q5_1" => GgmlType::Q5_1,
+        "q8_0" => GgmlType::Q8_0,
+        "mxfp4" => GgmlType::MXFP4,
+        "q2_K" => GgmlType::Q2_K,
+        "q3_K" => GgmlType::Q3_K,
+        "q4_K" => GgmlType::Q4_K,
+        "q5_K" => GgmlType::Q5_K,
+        "q6_K" => GgmlType::Q6_K,
+        _ => return None,
+    })
+}
 
 /// One kernel file: its name under `kernels/`, its source and the entry points it defines
 /// (`{type}` stands for each of [`TYPES`]).
@@ -41,13 +68,40 @@ impl KernelFile {
 /// Every kernel file.
 pub const FILES: &[KernelFile] = &[
     KernelFile { file: "matvec.cu", source: include_str!("../../../kernels/matvec.cu"), entries: &["matvec_{type}"] },
+    KernelFile { file: "matmul.cu", source: include_str!("../../../kernels/matmul.cu"), entries: &["matmul_{type}"] },
     KernelFile { file: "norm.cu", source: include_str!("../../../kernels/norm.cu"), entries: &["rms_norm_f32"] },
     KernelFile {
         file: "elementwise.cu",
         source: include_str!("../../../kernels/elementwise.cu"),
-        entries: &["swiglu_f32", "add_f32", "scale_f32", "get_rows_{type}"],
+        entries: &[
+            "add_f32",
+            "scale_f32",
+            "glu_f32",
+            "add_bias_f32",
+            "gather_rows_f32",
+            "scatter_rows_f32",
+            "combine_f32",
+            "copy_cols_f32",
+            "get_rows_{type}",
+        ],
     },
     KernelFile { file: "rope.cu", source: include_str!("../../../kernels/rope.cu"), entries: &["rope_f32"] },
+    KernelFile {
+        file: "attention.cu",
+        source: include_str!("../../../kernels/attention.cu"),
+        entries: &[
+            "kv_store_f16",
+            "kv_store_f32",
+            "attn_f16_2",
+            "attn_f16_4",
+            "attn_f16_8",
+            "attn_f16_20",
+            "attn_f32_2",
+            "attn_f32_4",
+            "attn_f32_8",
+            "attn_f32_20",
+        ],
+    },
 ];
 
 /// The architectures CI compiles every kernel for: Jetson Orin, RTX 40, H100/H200.

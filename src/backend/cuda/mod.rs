@@ -10,8 +10,11 @@
 //!
 //! Invariant: nothing here calls into cudarc before `library` found what that call loads.
 
+pub mod backend;
 pub mod kernels;
 pub mod selftest;
+
+pub use backend::{CudaBackend, CudaOptions};
 
 use std::ffi::CString;
 use std::path::PathBuf;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::kernels::{self, FILES, TYPES};
+use super::kernels::{self, ggml_type, FILES, TYPES};
 use super::{probe, CudaError};
 use crate::gguf::GgmlType;
 use crate::rng::SplitMix64;
@@ -19,26 +19,6 @@ pub struct Check {
     pub max_rel_err: f64,
     pub tolerance: f64,
     pub ok: bool,
-}
-
-fn ggml_type(name: &str) -> Option<GgmlType> {
-    Some(match name {
-        "f32" => GgmlType::F32,
-        "f16" => GgmlType::F16,
-        "bf16" => GgmlType::BF16,
-        "q4_0" => GgmlType::Q4_0,
-        "q4_1" => GgmlType::Q4_1,
-        "q5_0" => GgmlType::Q5_0,
-        "q5_1" => GgmlType::Q5_1,
-        "q8_0" => GgmlType::Q8_0,
-        "mxfp4" => GgmlType::MXFP4,
-        "q2_K" => GgmlType::Q2_K,
-        "q3_K" => GgmlType::Q3_K,
-        "q4_K" => GgmlType::Q4_K,
-        "q5_K" => GgmlType::Q5_K,
-        "q6_K" => GgmlType::Q6_K,
-        _ => return None,
-    })
 }
 
 struct Dev {
@@ -122,13 +102,59 @@ fn check_type(dev: &Dev, rng: &mut SplitMix64, name: &str, ty: GgmlType) -> Resu
     let dx = s.clone_htod(&x).map_err(e)?;
     let mut dy = s.alloc_zeros::<f32>(n_tok * rows).map_err(e)?;
     let f = dev.function(&format!("matvec_{name}"))?;
-    let (r, c, t) = (rows as i32, cols as i32, n_tok as i32);
+    let (r, c, t, stride_x, stride_y) = (rows as i32, cols as i32, n_tok as i32, cols as i64, rows as i64);
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the arguments match matvec_<type>'s signature: weights of `rows` rows of `cols`
     // values, `n_tok` input rows of `cols` f32 and `n_tok` output rows of `rows` f32.
-    unsafe { s.launch_builder(&f).arg(&dw).arg(&dx).arg(&mut dy).arg(&r).arg(&c).arg(&t).launch(cfg) }.map_err(e)?;
+    unsafe {
+        s.launch_builder(&f)
+            .arg(&dw)
+            .arg(&dx)
+            .arg(&mut dy)
+            .arg(&r)
+            .arg(&c)
+            .arg(&t)
+            .arg(&stride_x)
+            .arg(&stride_y)
+            .launch(cfg)
+    }
+    .map_err(e)?;
     let got = s.clone_dtoh(&dy).map_err(e)?;
     let mut checks = vec![check(format!("matvec_{name}"), rel_err(&got, &want, 1e-6), 1e-4)];
+    // The tiled kernel on 70 rows of input (two token tiles, the second partial).
+    let n_big = 70usize;
+    let xb: Vec<f32> = (0..n_big * cols).map(|_| rng.next_normal(1.0)).collect();
+    let want_b: Vec<f64> = (0..n_big)
+        .flat_map(|t| {
+            let (xb, deq) = (&xb, &deq);
+            (0..rows).map(move |r| (0..cols).map(|c| deq[r * cols + c] as f64 * xb[t * cols + c] as f64).sum())
+        })
+        .collect();
+    let dxb = s.clone_htod(&xb).map_err(e)?;
+    let mut dyb = s.alloc_zeros::<f32>(n_big * rows).map_err(e)?;
+    let f = dev.function(&format!("matmul_{name}"))?;
+    let tb = n_big as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(64) as u32, n_big.div_ceil(64) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matmul_<type> takes matvec's arguments; `n_big` input and output rows.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(&dw)
+            .arg(&dxb)
+            .arg(&mut dyb)
+            .arg(&r)
+            .arg(&c)
+            .arg(&tb)
+            .arg(&stride_x)
+            .arg(&stride_y)
+            .launch(cfg)
+    }
+    .map_err(e)?;
+    let got = s.clone_dtoh(&dyb).map_err(e)?;
+    checks.push(check(format!("matmul_{name}"), rel_err(&got, &want_b, 1e-6), 1e-4));
     let ids: Vec<i32> = vec![3, 0, 63, 17];
     let dids = s.clone_htod(&ids).map_err(e)?;
     let mut drows = s.alloc_zeros::<f32>(ids.len() * cols).map_err(e)?;
@@ -165,10 +191,13 @@ fn check_elementwise(dev: &Dev, rng: &mut SplitMix64) -> Result<Vec<Check>, Cuda
     let (dx, dw) = (s.clone_htod(&x).map_err(e)?, s.clone_htod(&w).map_err(e)?);
     let mut dy = s.alloc_zeros::<f32>(rows * n).map_err(e)?;
     let f = dev.function("rms_norm_f32")?;
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let ni = n as i32;
-    // SAFETY: rms_norm_f32(x, w, y, n, eps) over `rows` rows of `n` f32.
-    unsafe { s.launch_builder(&f).arg(&dx).arg(&dw).arg(&mut dy).arg(&ni).arg(&eps).launch(cfg) }.map_err(e)?;
+    let cfg = LaunchConfig { grid_dim: (1, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (ni, stride) = (n as i32, n as i64);
+    // SAFETY: rms_norm_f32(x, x_stride, w, y, y_stride, n, eps) over `rows` rows of `n` f32.
+    unsafe {
+        s.launch_builder(&f).arg(&dx).arg(&stride).arg(&dw).arg(&mut dy).arg(&stride).arg(&ni).arg(&eps).launch(cfg)
+    }
+    .map_err(e)?;
     checks.push(check("rms_norm_f32".into(), rel_err(&s.clone_dtoh(&dy).map_err(e)?, &want, 1e-6), 1e-5));
 
     let len = rows * n;
@@ -176,11 +205,15 @@ fn check_elementwise(dev: &Dev, rng: &mut SplitMix64) -> Result<Vec<Check>, Cuda
     let dg = s.clone_htod(&g).map_err(e)?;
     let cfg = LaunchConfig { grid_dim: (len.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let nl = len as i64;
-    let f = dev.function("swiglu_f32")?;
-    // SAFETY: swiglu_f32(gate, up, out, n) over `len` f32.
-    unsafe { s.launch_builder(&f).arg(&dg).arg(&dx).arg(&mut dy).arg(&nl).launch(cfg) }.map_err(e)?;
+    let f = dev.function("glu_f32")?;
+    let (kind, alpha, limit) = (0i32, 0f32, 0f32);
+    // SAFETY: glu_f32(gate, up, out, n, kind, alpha, limit) over `len` f32.
+    unsafe {
+        s.launch_builder(&f).arg(&dg).arg(&dx).arg(&mut dy).arg(&nl).arg(&kind).arg(&alpha).arg(&limit).launch(cfg)
+    }
+    .map_err(e)?;
     let want: Vec<f64> = g.iter().zip(&x).map(|(&g, &u)| g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64).collect();
-    checks.push(check("swiglu_f32".into(), rel_err(&s.clone_dtoh(&dy).map_err(e)?, &want, 1e-6), 1e-5));
+    checks.push(check("glu_f32 (swiglu)".into(), rel_err(&s.clone_dtoh(&dy).map_err(e)?, &want, 1e-6), 1e-5));
     let f = dev.function("add_f32")?;
     // SAFETY: add_f32(a, b, out, n) over `len` f32.
     unsafe { s.launch_builder(&f).arg(&dg).arg(&dx).arg(&mut dy).arg(&nl).launch(cfg) }.map_err(e)?;
@@ -193,17 +226,17 @@ fn check_elementwise(dev: &Dev, rng: &mut SplitMix64) -> Result<Vec<Check>, Cuda
     let want: Vec<f64> = want.iter().map(|v| v * k as f64).collect();
     checks.push(check("scale_f32".into(), rel_err(&s.clone_dtoh(&dy).map_err(e)?, &want, 1e-6), 1e-6));
 
-    // RoPE: 3 tokens, 4 heads of 64 (the first 48 rotated), positions 0, 5, 9.
-    let (n_tok, n_heads, head, n_dims, base, fs) = (3usize, 4usize, 64usize, 48usize, 10000.0f32, 1.0f32);
-    let pos = [0i32, 5, 9];
+    // RoPE: 3 tokens at positions 5, 6, 7, 4 heads of 64 (the first 48 rotated).
+    let (n_tok, n_heads, head, n_dims, base, fs, pos0) = (3usize, 4usize, 64usize, 48usize, 10000.0f32, 1.0f32, 5usize);
     for neox in [0i32, 1] {
         let v: Vec<f32> = (0..n_tok * n_heads * head).map(|_| rng.next_normal(1.0)).collect();
         let mut want: Vec<f64> = v.iter().map(|&a| a as f64).collect();
-        for (t, &p) in pos.iter().enumerate() {
+        for t in 0..n_tok {
+            let p = (pos0 + t) as f64;
             for h in 0..n_heads {
                 let o = (t * n_heads + h) * head;
                 for i in 0..n_dims / 2 {
-                    let theta = p as f64 * fs as f64 * (base as f64).powf(-2.0 * i as f64 / n_dims as f64);
+                    let theta = p * fs as f64 * (base as f64).powf(-2.0 * i as f64 / n_dims as f64);
                     let (a, b) = if neox == 1 { (i, i + n_dims / 2) } else { (2 * i, 2 * i + 1) };
                     let (x0, x1) = (v[o + a] as f64, v[o + b] as f64);
                     want[o + a] = x0 * theta.cos() - x1 * theta.sin();
@@ -212,25 +245,29 @@ fn check_elementwise(dev: &Dev, rng: &mut SplitMix64) -> Result<Vec<Check>, Cuda
             }
         }
         let mut dv = s.clone_htod(&v).map_err(e)?;
-        let dpos = s.clone_htod(&pos).map_err(e)?;
         let f = dev.function("rope_f32")?;
         let cfg = LaunchConfig {
             grid_dim: ((n_dims / 2).div_ceil(64) as u32, n_heads as u32, n_tok as u32),
             block_dim: (64, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (nh, hs, nd) = (n_heads as i32, head as i32, n_dims as i32);
-        // SAFETY: rope_f32(x, pos, n_heads, head_stride, n_dims, base, freq_scale, neox) on
-        // `n_tok` tokens of `n_heads` heads of `head` f32, one position per token.
+        let (stride, hs, nd, p0) = ((n_heads * head) as i64, head as i32, n_dims as i32, pos0 as i32);
+        let (ext, attn, c0, c1) = (0f32, 1f32, 0f32, 0f32);
+        // SAFETY: rope_f32(x, row_stride, head_dim, n_dims, pos0, base, freq_scale, ext_factor,
+        // attn_factor, corr0, corr1, neox) on `n_tok` rows of `n_heads` heads of `head` f32.
         unsafe {
             s.launch_builder(&f)
                 .arg(&mut dv)
-                .arg(&dpos)
-                .arg(&nh)
+                .arg(&stride)
                 .arg(&hs)
                 .arg(&nd)
+                .arg(&p0)
                 .arg(&base)
                 .arg(&fs)
+                .arg(&ext)
+                .arg(&attn)
+                .arg(&c0)
+                .arg(&c1)
                 .arg(&neox)
                 .launch(cfg)
         }
@@ -240,4 +277,47 @@ fn check_elementwise(dev: &Dev, rng: &mut SplitMix64) -> Result<Vec<Check>, Cuda
         checks.push(check(kind.into(), rel_err(&got, &want, 1e-6), 1e-5));
     }
     Ok(checks)
+}
+
+/// The CUDA backend on whole models (`backend::conformance`) against the CPU and plain
+/// backends: every case all-resident, and a subset with experts held by the host — copied into
+/// an arena of half the experts (`--gpu-budget 50%`), read in place (`--unified`), and computed
+/// on the CPU (`--cpu-moe`). A case that fails to run is a failed check naming why.
+pub fn backend_checks(ordinal: usize, cache: Option<&std::path::Path>) -> Result<Vec<Check>, CudaError> {
+    use crate::backend::conformance::{self, Case};
+    use crate::engine::offload::Budget;
+    let dir = tempfile::tempdir().map_err(|e| CudaError::Cache { path: std::env::temp_dir(), source: e })?;
+    let base = super::CudaOptions { ordinal, threads: 2, kernel_cache: cache.map(Into::into), ..Default::default() };
+    let half = Some(Budget::Share(0.5));
+    let subset: Vec<Case> = conformance::cases()
+        .into_iter()
+        .filter(|c| c.cache || matches!(c.arch, "qwen3moe" | "gpt-oss" | "deepseek2"))
+        .collect();
+    let variants = [
+        ("", base.clone(), conformance::cases()),
+        (" [--gpu-budget 50%]", super::CudaOptions { gpu_budget: half, ..base.clone() }, subset.clone()),
+        (" [--unified]", super::CudaOptions { unified: true, gpu_budget: half, ..base.clone() }, subset.clone()),
+        (" [--cpu-moe]", super::CudaOptions { cpu_moe: true, ..base.clone() }, subset),
+    ];
+    let mut out = Vec::new();
+    for (label, opts, cases) in variants {
+        for case in cases {
+            let mut make = || super::CudaBackend::new(opts.clone()).map_err(|e| e.to_string());
+            match conformance::run(dir.path(), std::slice::from_ref(&case), 0.02, &mut make) {
+                Ok(checks) => out.extend(checks.into_iter().map(|c| Check {
+                    kernel: format!("{}{label} ({} flips of {} rows)", c.what, c.argmax_flips, c.rows),
+                    max_rel_err: c.max_rel_err,
+                    tolerance: c.tolerance,
+                    ok: c.ok,
+                })),
+                Err(e) => out.push(Check {
+                    kernel: format!("{}{label}: {e}", case.name()),
+                    max_rel_err: f64::INFINITY,
+                    tolerance: 0.02,
+                    ok: false,
+                }),
+            }
+        }
+    }
+    Ok(out)
 }

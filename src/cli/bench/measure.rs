@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use moerun::backend::Backend;
 use moerun::engine::{argmax, Engine};
 use moerun::layers::Logits;
 use moerun::reference::LlamaReference;
@@ -35,8 +36,8 @@ pub(super) type Runs = (Vec<f64>, Vec<f64>);
 
 /// Warm up once, then time `repeats` runs of our engine: ((prefill tok/s, decode tok/s) per
 /// run, the resident memory sampled through all of them).
-pub(super) fn measure_ours(
-    engine: &mut Engine,
+pub(super) fn measure_ours<B: Backend>(
+    engine: &mut Engine<B>,
     prompt: &[u32],
     n_gen: usize,
     repeats: usize,
@@ -54,8 +55,8 @@ pub(super) fn measure_ours(
 }
 
 /// [`time_ours`] with this process's RSS sampled every 5 ms through the run, into `peak`.
-pub(super) fn time_ours_sampled(
-    engine: &mut Engine,
+pub(super) fn time_ours_sampled<B: Backend>(
+    engine: &mut Engine<B>,
     prompt: &[u32],
     n_gen: usize,
     peak: &mut RssPeak,
@@ -67,7 +68,11 @@ pub(super) fn time_ours_sampled(
 }
 
 /// One timed greedy run of our engine in a fresh session.
-pub(super) fn time_ours(engine: &mut Engine, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
+pub(super) fn time_ours<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+    n_gen: usize,
+) -> anyhow::Result<(f64, f64)> {
     let mut sess = engine.new_session()?;
     let cell = std::cell::RefCell::new((&mut *engine, &mut sess));
     time_run(

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use moerun::backend::Backend;
 use moerun::engine::{Engine, EngineConfig, KvType};
 use moerun::model::{Model, Resident};
 use moerun::reference::{LlamaReference, ReferenceConfig};
@@ -57,6 +58,8 @@ pub struct Args {
     sweep: Option<Vec<String>>,
     #[command(flatten)]
     offload: super::offload_args::OffloadArgs,
+    #[command(flatten)]
+    device: super::device_args::DeviceArgs,
     /// Where to write the JSON results (default: bench-results/bench-<unix time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -96,6 +99,9 @@ struct Report {
     stall_s_per_token: Option<f64>,
     /// Measured read throughput of the expert cache (bytes / seconds with reads in flight).
     io_gb_s: Option<f64>,
+    /// Where moerun computed (`cpu`, `cuda:0`), and a GPU's memory and copy counters.
+    device: String,
+    gpu: Option<moerun::backend::DeviceStats>,
     llama_cpp: Option<Side>,
     llama_repack: bool,
     decode_ratio: Option<f64>,
@@ -144,7 +150,14 @@ impl Memory {
     }
 }
 
-pub fn run(mut a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let threads = a.threads.unwrap_or_else(moerun::engine::default_threads).max(1);
+    let device = a.device.resolve(threads)?;
+    let name = device.name();
+    super::device_args::with_backend!(device, threads, b => bench_on(a, b, name))
+}
+
+fn bench_on<B: Backend>(mut a: Args, backend: B, device: String) -> anyhow::Result<()> {
     let path = super::model_path(a.model.as_deref())?;
     let run_ours = a.only != Some(Only::Llama);
     let run_llama = a.compare || a.only == Some(Only::Llama);
@@ -157,14 +170,16 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         true => a.offload.engine_config(&model, a.resident, base),
         false => EngineConfig { residency: a.offload.residency(Resident::None), ..base },
     };
-    let mut engine =
-        if run_ours { a.offload.engine(&model, &path, cfg)? } else { Engine::new(Arc::clone(&model), cfg)? };
+    let mut engine = match run_ours {
+        true => a.offload.engine_on(&model, &path, cfg, backend)?,
+        false => Engine::with_backend(Arc::clone(&model), backend, cfg)?,
+    };
     // A fixed pseudo-random prompt over the vocabulary (the same for both engines).
     let mut rng = SplitMix64::new(42);
     let prompt = rng.tokens(a.prompt.max(1), model.hp.n_vocab);
 
     eprintln!(
-        "bench: {} — {} threads, {} prompt + {} generated tokens, {} repeats",
+        "bench: {} on {device} — {} threads, {} prompt + {} generated tokens, {} repeats",
         path.display(),
         threads,
         prompt.len(),
@@ -235,6 +250,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     let moerun_side =
         run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
     let cache = engine.offload_stats();
+    let gpu = engine.device_stats();
     let memory = Memory::of(rss, cache.as_ref().map(|c| c.budget_bytes), resident_bytes, engine.session_kv_bytes());
     let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
     drop(engine);
@@ -272,6 +288,9 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             io_gb_s.unwrap_or(0.0)
         );
     }
+    if let Some(d) = &gpu {
+        println!("{}", super::device_args::device_line(d, tokens_run));
+    }
     if run_ours {
         println!("{}", memory.line(resident_mode, resident_bytes as f64 / 1048576.0, kv_mib));
     }
@@ -294,6 +313,8 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         expert_bytes_read_per_token: per_token,
         stall_s_per_token: stall,
         io_gb_s,
+        device,
+        gpu,
         llama_cpp: llama_side,
         llama_repack: a.llama_repack,
         decode_ratio,

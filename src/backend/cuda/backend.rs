@@ -1,0 +1,1394 @@
+//! `CudaBackend`: the layers' operations on a CUDA device, on the kernels of `kernels/*.cu`.
+//!
+//! - **Memory.** Dense weights, norm vectors and each session's KV cache live in device memory.
+//!   Routed experts live there too when they fit (or when `--gpu-budget` covers them); otherwise
+//!   they are held by the host (the file mapping, or the expert cache's RAM slots) and copied on
+//!   use into one **slot arena** in device memory of the GPU budget, an LRU keyed by the expert's
+//!   identity (file offset, type, size): a slot keeps its expert until it is evicted, so a hit is
+//!   never copied again. A miss goes host bytes → a pinned staging ring → an async host-to-device
+//!   copy on the copy stream; the compute stream waits on an event for it, and a slot is refilled
+//!   only after an event says the kernels that read its last occupant ran.
+//! - **Unified memory** (an integrated GPU such as a Jetson, or `--unified`): host memory the
+//!   backend was handed (`use_host_memory`: the expert cache's slots) is registered once and read
+//!   by the kernels in place, no copy.
+//! - **Experts on the CPU** (`--cpu-moe`, llama.cpp's flag): experts the device does not hold are
+//!   computed by the CPU backend from the host's bytes, their inputs read back and their outputs
+//!   uploaded.
+//! - **Errors.** The trait's operations cannot fail; a driver error is kept (the first one), every
+//!   later operation is skipped, and `take_error` hands it to the engine, which fails the
+//!   generation with it.
+//!
+//! Invariant: every kernel reads and writes device memory this backend owns or registered, in
+//! stream order; nothing a queued kernel may still read is freed or overwritten before the device
+//! is past it (buffers are freed after a context sync, slots refilled after their read event).
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, DriverError};
+
+use super::kernels::{self, FILES};
+use super::{probe, CudaError, DeviceInfo};
+use crate::arch::{Glu, RopeStyle};
+use crate::backend::cpu::{CpuBackend, MatRef};
+use crate::backend::{
+    AttnShape, Backend, BackendError, DeviceStats, ExpertJob, Heads, HostAct, KvConfig, KvType, Op, Rope, Values,
+};
+use crate::engine::offload::Budget;
+use crate::gguf::GgmlType;
+use crate::model::{resident_set, Model, Residency, Resident, VecRef, WeightDesc};
+
+#[cfg(target_endian = "big")]
+compile_error!("kernel arguments are passed as little-endian 8-byte slots");
+
+type DevPtr = sys::CUdeviceptr;
+
+/// Bytes of one pinned staging buffer (a miss larger than this is copied in pieces).
+const STAGE_BYTES: usize = 8 << 20;
+/// Pinned staging buffers the copies rotate through.
+const STAGES: usize = 4;
+/// Bytes of the pinned ring small uploads (token ids, routing lists) go through between syncs.
+const UPLOAD_BYTES: usize = 1 << 20;
+/// Device memory left free when the backend sizes things itself (KV, activations, the driver).
+const HEADROOM: u64 = 2 << 30;
+/// Token rows from which a mat-mul takes the tiled kernel instead of the mat-vec.
+const TILED_FROM: usize = 17;
+
+/// How the CUDA backend is set up (`--device cuda[:N]`, `--gpu-budget`, `--unified`,
+/// `--cpu-moe`).
+#[derive(Debug, Clone, Default)]
+pub struct CudaOptions {
+    pub ordinal: usize,
+    /// Device memory for routed experts that are not all resident (a share of the model's
+    /// expert bytes, or bytes); `None`: every expert if they fit, else what is free.
+    pub gpu_budget: Option<Budget>,
+    /// Read host-held experts in place through mapped memory (forced on for integrated GPUs).
+    pub unified: bool,
+    /// Compute experts the device does not hold on the CPU instead of copying them.
+    pub cpu_moe: bool,
+    /// CPU threads for `cpu_moe`.
+    pub threads: usize,
+    /// Where compiled kernels are cached (`None`: compile every start).
+    pub kernel_cache: Option<PathBuf>,
+}
+
+/// Whether the CUDA backend runs `op` on `ty`: every type `dequant.cuh` knows.
+pub fn supports(op: Op, ty: GgmlType) -> bool {
+    let _ = op;
+    kernels::kernel_type(ty).is_some()
+}
+
+/// Device memory, freed (after the device is idle) when dropped.
+#[derive(Default)]
+pub struct DeviceBuf {
+    ptr: DevPtr,
+    bytes: usize,
+    ctx: Option<Arc<CudaContext>>,
+}
+
+impl DeviceBuf {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<DeviceBuf, DriverError> {
+        ctx.bind_to_thread()?;
+        // SAFETY: a plain device allocation in the bound context; freed once, in Drop.
+        let ptr = if bytes == 0 { 0 } else { unsafe { result::malloc_sync(bytes) }? };
+        Ok(DeviceBuf { ptr, bytes, ctx: Some(Arc::clone(ctx)) })
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        if let (Some(ctx), true) = (&self.ctx, self.ptr != 0) {
+            let _ = ctx.bind_to_thread();
+            // No queued kernel may still touch it.
+            let _ = ctx.synchronize();
+            // SAFETY: `ptr` came from malloc_sync in this context and is freed once.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory (the staging ring, small uploads).
+struct PinnedBuf {
+    ptr: *mut u8,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the buffer is owned memory, used only through &mut of its owner.
+unsafe impl Send for PinnedBuf {}
+
+impl PinnedBuf {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize, flags: u32) -> Result<PinnedBuf, DriverError> {
+        ctx.bind_to_thread()?;
+        // SAFETY: a host allocation of `bytes`; freed once, in Drop.
+        let ptr = unsafe { result::malloc_host(bytes, flags) }? as *mut u8;
+        Ok(PinnedBuf { ptr, bytes, ctx: Arc::clone(ctx) })
+    }
+
+    /// Bytes `at..at + src.len()` of the buffer become `src`.
+    fn write(&mut self, at: usize, src: &[u8]) {
+        assert!(at + src.len() <= self.bytes, "a pinned write past the buffer");
+        // SAFETY: in bounds (checked above); the buffer does not overlap `src` (it is our own).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+        // SAFETY: `ptr` came from malloc_host and is freed once, after the device is idle.
+        let _ = unsafe { result::free_host(self.ptr as *mut c_void) };
+    }
+}
+
+/// A CUDA event.
+struct Event(sys::CUevent);
+
+// SAFETY: an event handle is usable from any thread with the context bound.
+unsafe impl Send for Event {}
+
+impl Event {
+    fn new(timing: bool) -> Result<Event, DriverError> {
+        let flags =
+            if timing { sys::CUevent_flags::CU_EVENT_DEFAULT } else { sys::CUevent_flags::CU_EVENT_DISABLE_TIMING };
+        result::event::create(flags).map(Event)
+    }
+
+    fn record(&self, stream: sys::CUstream) -> Result<(), DriverError> {
+        // SAFETY: a live event and stream of the bound context.
+        unsafe { result::event::record(self.0, stream) }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once; the driver defers it past pending work.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
+/// f32 activations in device memory, `rows × cols`.
+#[derive(Default)]
+pub struct CudaAct {
+    buf: DeviceBuf,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaAct {
+    fn ptr(&self) -> DevPtr {
+        self.buf.ptr
+    }
+
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Address of column `col` of row 0.
+    fn at(&self, col: usize) -> DevPtr {
+        self.buf.ptr + 4 * col as u64
+    }
+}
+
+/// One session's keys and values in device memory, per layer `[n_ctx][kv_dim]`.
+pub struct CudaKv {
+    k: Vec<DeviceBuf>,
+    v: Vec<DeviceBuf>,
+    ty: KvType,
+    kv_dim: usize,
+    n_ctx: usize,
+}
+
+/// Who holds an expert's bytes: where a cached copy is looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    offset: u64,
+    ty: GgmlType,
+    bytes: usize,
+}
+
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Device(DevPtr),
+    /// Plain ggml bytes in host memory: the mapping, or an expert cache slot.
+    Host(&'a [u8], Key),
+}
+
+/// A weight view: in device memory, or in host memory (copied into the slot arena on use).
+#[derive(Clone, Copy)]
+pub struct CudaMat<'a> {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    at: At<'a>,
+}
+
+impl<'a> CudaMat<'a> {
+    fn host_desc(&self) -> Option<(WeightDesc, &'a [u8])> {
+        match self.at {
+            At::Host(bytes, k) => Some((
+                WeightDesc {
+                    ty: self.ty,
+                    rows: self.rows,
+                    cols: self.cols,
+                    offset: k.offset,
+                    bytes: bytes.len() as u64,
+                },
+                bytes,
+            )),
+            At::Device(_) => None,
+        }
+    }
+}
+
+/// A norm weight or bias: on the device, and the model's host copy (for experts on the CPU).
+#[derive(Clone, Copy)]
+pub struct CudaVector<'a> {
+    ptr: DevPtr,
+    host: &'a [f32],
+}
+
+/// The weights the CUDA backend took: copies in device memory, views of the rest.
+pub struct CudaWeights {
+    model: Arc<Model>,
+    _mem: DeviceBuf,
+    _vec_mem: DeviceBuf,
+    /// File offset → device address.
+    index: HashMap<u64, DevPtr>,
+    /// Per `VecRef`: its device address.
+    vectors: Vec<DevPtr>,
+    resident: Resident,
+    bytes: u64,
+}
+
+/// The device slots host-held experts are copied into.
+struct Arena {
+    _mem: DeviceBuf,
+    slot_bytes: usize,
+    owner: Vec<Option<Key>>,
+    map: HashMap<Key, usize>,
+    stamp: Vec<u64>,
+    /// Recorded on the compute stream after the last kernel that read the slot.
+    read_done: Vec<Event>,
+    clock: u64,
+}
+
+impl Arena {
+    fn new(ctx: &Arc<CudaContext>, slot_bytes: usize, n: usize) -> Result<Arena, DriverError> {
+        let mem = DeviceBuf::new(ctx, slot_bytes * n)?;
+        let read_done = (0..n).map(|_| Event::new(false)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Arena {
+            _mem: mem,
+            slot_bytes,
+            owner: vec![None; n],
+            map: HashMap::new(),
+            stamp: vec![0; n],
+            read_done,
+            clock: 0,
+        })
+    }
+
+    fn addr(&self, slot: usize) -> DevPtr {
+        self._mem.ptr + (slot * self.slot_bytes) as u64
+    }
+
+    fn hit(&mut self, k: &Key) -> Option<usize> {
+        let s = *self.map.get(k)?;
+        self.clock += 1;
+        self.stamp[s] = self.clock;
+        Some(s)
+    }
+
+    /// The slot to refill: an empty one, else the least recently used outside `keep`.
+    fn victim(&self, keep: &[usize]) -> Option<usize> {
+        (0..self.owner.len()).filter(|s| !keep.contains(s)).min_by_key(|&s| (self.owner[s].is_some(), self.stamp[s]))
+    }
+
+    fn fill(&mut self, slot: usize, k: Key) {
+        if let Some(old) = self.owner[slot].take() {
+            self.map.remove(&old);
+        }
+        self.owner[slot] = Some(k);
+        self.map.insert(k, slot);
+        self.clock += 1;
+        self.stamp[slot] = self.clock;
+    }
+}
+
+/// Host memory registered for the device to read in place (unified memory).
+struct Registered {
+    host: usize,
+    len: usize,
+    dev: DevPtr,
+}
+
+/// The named kernels, and the per-type ones by type.
+struct Kernels {
+    named: HashMap<String, CudaFunction>,
+    matvec: HashMap<GgmlType, CudaFunction>,
+    matmul: HashMap<GgmlType, CudaFunction>,
+    get_rows: HashMap<GgmlType, CudaFunction>,
+}
+
+/// One kernel argument, passed to the driver as an 8-byte slot (little-endian: a 4-byte
+/// parameter reads the slot's first 4 bytes).
+#[derive(Clone, Copy)]
+enum Arg {
+    P(DevPtr),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+impl Arg {
+    fn slot(self) -> u64 {
+        match self {
+            Arg::P(p) => p,
+            Arg::I(v) => v as u32 as u64,
+            Arg::L(v) => v as u64,
+            Arg::F(v) => v.to_bits() as u64,
+        }
+    }
+}
+
+fn int(v: usize) -> Arg {
+    Arg::I(v as i32)
+}
+
+fn long(v: usize) -> Arg {
+    Arg::L(v as i64)
+}
+
+/// See the module docs.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: sys::CUstream,
+    copy: sys::CUstream,
+    info: DeviceInfo,
+    opts: CudaOptions,
+    k: Kernels,
+    arena: Option<Arena>,
+    stages: Vec<(PinnedBuf, Event)>,
+    next_stage: usize,
+    /// Small uploads: pinned bytes and their device twin, bump-allocated between syncs.
+    up_host: PinnedBuf,
+    up_dev: DeviceBuf,
+    up_at: usize,
+    registered: Vec<Registered>,
+    /// Expert-FFN scratch: gathered inputs, gate, up, down outputs.
+    xg: CudaAct,
+    g: CudaAct,
+    u: CudaAct,
+    o: CudaAct,
+    cpu: Option<CpuBackend>,
+    /// Copy-stream timing: (start, end) event pairs since the last sync.
+    copy_timing: Vec<(Event, Event)>,
+    stats: DeviceStats,
+    error: RefCell<Option<CudaError>>,
+}
+
+// SAFETY: the raw stream handles belong to `ctx`, which is Send + Sync; the backend is used from
+// one thread at a time (it is `&mut` for every operation) and binds the context before each.
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    /// Device `opts.ordinal` with every kernel compiled (or taken from the kernel cache) and
+    /// loaded. Fails, never panics, without a driver, NVRTC or device.
+    pub fn new(opts: CudaOptions) -> Result<CudaBackend, CudaError> {
+        let ordinal = opts.ordinal;
+        let info = probe(ordinal)?;
+        let err = |e: DriverError| CudaError::Driver { ordinal, message: e.to_string() };
+        let ctx = CudaContext::new(ordinal).map_err(err)?;
+        ctx.bind_to_thread().map_err(err)?;
+        let mut named = HashMap::new();
+        for f in FILES {
+            let c = kernels::compile(f, &info.arch(), opts.kernel_cache.as_deref())?;
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(c.ptx))
+                .map_err(|e| CudaError::Driver { ordinal, message: format!("loading kernels/{}: {e}", f.file) })?;
+            for name in f.entry_names() {
+                let func = m.load_function(&name).map_err(|e| CudaError::Driver {
+                    ordinal,
+                    message: format!("kernels/{}: no entry {name}: {e}", f.file),
+                })?;
+                named.insert(name, func);
+            }
+        }
+        let per_type = |prefix: &str| {
+            kernels::TYPES
+                .iter()
+                .filter_map(|t| Some((kernels::ggml_type(t)?, named.get(&format!("{prefix}_{t}"))?.clone())))
+                .collect::<HashMap<_, _>>()
+        };
+        let k =
+            Kernels { matvec: per_type("matvec"), matmul: per_type("matmul"), get_rows: per_type("get_rows"), named };
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
+        let copy = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
+        let stages = (0..STAGES)
+            .map(|_| Ok((PinnedBuf::new(&ctx, STAGE_BYTES, sys::CU_MEMHOSTALLOC_WRITECOMBINED)?, Event::new(false)?)))
+            .collect::<Result<Vec<_>, DriverError>>()
+            .map_err(err)?;
+        let up_host = PinnedBuf::new(&ctx, UPLOAD_BYTES, 0).map_err(err)?;
+        let up_dev = DeviceBuf::new(&ctx, UPLOAD_BYTES).map_err(err)?;
+        let cpu = opts.cpu_moe.then(|| CpuBackend::new(opts.threads.max(1)));
+        let mut opts = opts;
+        opts.unified |= info.integrated;
+        tracing::info!(
+            "cuda:{ordinal} {} (compute {}.{}, {:.1} GiB{})",
+            info.name,
+            info.compute_capability.0,
+            info.compute_capability.1,
+            info.memory_bytes as f64 / (1u64 << 30) as f64,
+            if opts.unified { ", unified memory" } else { "" }
+        );
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            copy,
+            info,
+            opts,
+            k,
+            arena: None,
+            stages,
+            next_stage: 0,
+            up_host,
+            up_dev,
+            up_at: 0,
+            registered: Vec::new(),
+            xg: CudaAct::default(),
+            g: CudaAct::default(),
+            u: CudaAct::default(),
+            o: CudaAct::default(),
+            cpu,
+            copy_timing: Vec::new(),
+            stats: DeviceStats::default(),
+            error: RefCell::new(None),
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn driver_error(&self, what: &str, e: DriverError) -> CudaError {
+        CudaError::Driver { ordinal: self.info.ordinal, message: format!("{what}: {e}") }
+    }
+
+    /// Keep the first error; later operations are skipped.
+    fn fail(&self, e: CudaError) {
+        let mut slot = self.error.borrow_mut();
+        if slot.is_none() {
+            tracing::error!("{e}");
+            *slot = Some(e);
+        }
+    }
+
+    fn check(&self, what: &str, r: Result<(), DriverError>) {
+        if let Err(e) = r {
+            self.fail(self.driver_error(what, e));
+        }
+    }
+
+    /// Bind the context to this thread; false once an error was kept.
+    fn enter(&self) -> bool {
+        if self.error.borrow().is_some() {
+            return false;
+        }
+        let r = self.ctx.bind_to_thread();
+        self.check("binding the context", r);
+        self.error.borrow().is_none()
+    }
+
+    fn kernel(&self, name: &str) -> Option<&CudaFunction> {
+        let f = self.k.named.get(name);
+        if f.is_none() {
+            self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: format!("no kernel {name}") });
+        }
+        f
+    }
+
+    fn launch(&mut self, f: &CudaFunction, grid: (usize, usize, usize), block: usize, args: &[Arg]) {
+        if self.error.borrow().is_some() || grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return;
+        }
+        let mut slots = [0u64; 20];
+        assert!(args.len() <= slots.len(), "a kernel with more than 20 arguments");
+        for (s, a) in slots.iter_mut().zip(args) {
+            *s = a.slot();
+        }
+        let mut ptrs: Vec<*mut c_void> = slots[..args.len()].iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let g = (grid.0 as u32, grid.1 as u32, grid.2 as u32);
+        // SAFETY: every caller passes the arguments of the kernel's signature in order (device
+        // addresses of buffers this backend owns, sized for the launch); each slot outlives the
+        // call, which copies the parameters before returning.
+        let r = unsafe { result::launch_kernel(f.cu_function(), g, (block as u32, 1, 1), 0, self.stream, &mut ptrs) };
+        self.stats.launches += 1;
+        self.check("kernel launch", r);
+    }
+
+    fn launch_named(&mut self, name: &str, grid: (usize, usize, usize), block: usize, args: &[Arg]) {
+        if let Some(f) = self.kernel(name).cloned() {
+            self.launch(&f, grid, block, args);
+        }
+    }
+
+    /// Reshape `a`, growing its buffer (to at least twice the old) when it is too small.
+    fn ensure(&self, a: &mut CudaAct, rows: usize, cols: usize) {
+        let need = rows * cols * 4;
+        if need > a.buf.bytes && self.error.borrow().is_none() {
+            match DeviceBuf::new(&self.ctx, need.max(2 * a.buf.bytes)) {
+                Ok(b) => a.buf = b,
+                Err(e) => {
+                    self.fail(self.driver_error(&format!("allocating {need} bytes of activations"), e));
+                    (a.rows, a.cols) = (0, 0);
+                    return;
+                }
+            }
+        }
+        (a.rows, a.cols) = (rows, cols);
+    }
+
+    /// `data` on the device (through the pinned upload ring), valid for kernels queued before
+    /// the next sync.
+    fn upload<T: Copy>(&mut self, data: &[T]) -> DevPtr {
+        // SAFETY: `T` is plain data (ids, floats); its bytes are read as they are.
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        if bytes.len() > UPLOAD_BYTES {
+            self.fail(CudaError::Driver {
+                ordinal: self.info.ordinal,
+                message: format!("an upload of {} bytes is past the {UPLOAD_BYTES}-byte ring", bytes.len()),
+            });
+            return 0;
+        }
+        if self.up_at + bytes.len() > UPLOAD_BYTES {
+            // Every queued upload must have been read before the ring starts over.
+            self.sync();
+        }
+        let at = self.up_at;
+        self.up_host.write(at, bytes);
+        self.up_at = (at + bytes.len()).next_multiple_of(16);
+        let dst = self.up_dev.ptr + at as u64;
+        // SAFETY: pinned source bytes at..at+len stay untouched until the next sync (the ring is
+        // reset only after one); the destination is inside the device twin.
+        let r = unsafe {
+            result::memcpy_htod_async(
+                dst,
+                std::slice::from_raw_parts(self.up_host.ptr.add(at), bytes.len()),
+                self.stream,
+            )
+        };
+        self.check("uploading", r);
+        dst
+    }
+
+    /// Wait for the device; the upload ring starts over and the copy timings are summed.
+    fn sync(&mut self) {
+        // SAFETY: our own stream.
+        let r = unsafe { result::stream::synchronize(self.stream) };
+        self.check("synchronizing", r);
+        self.up_at = 0;
+        for (a, b) in self.copy_timing.drain(..) {
+            // SAFETY: both events were recorded on the copy stream, which the compute stream
+            // waited on, so they completed.
+            if let Ok(ms) = unsafe { result::event::elapsed(a.0, b.0) } {
+                self.stats.copy_busy_s += ms as f64 / 1e3;
+            }
+        }
+    }
+
+    /// The device address of `m`'s bytes: its own, a registered host range's, or an arena slot's
+    /// (copied now on a miss; the slot joins `keep` so the same job does not evict it). `copied`
+    /// is set when a copy was queued.
+    fn device_addr(&mut self, m: &CudaMat<'_>, keep: &mut Vec<usize>, copied: &mut bool) -> Option<DevPtr> {
+        let (bytes, key) = match m.at {
+            At::Device(p) => return Some(p),
+            At::Host(b, k) => (b, k),
+        };
+        let h = bytes.as_ptr() as usize;
+        if let Some(r) = self.registered.iter().find(|r| h >= r.host && h + bytes.len() <= r.host + r.len) {
+            return Some(r.dev + (h - r.host) as u64);
+        }
+        self.stats.expert_lookups += 1;
+        if self.arena.is_none() {
+            // Host-held experts with everything resident (an expert cache was put on top): a
+            // small arena, three layers' experts.
+            let slot = bytes.len();
+            if let Err(e) = Arena::new(&self.ctx, slot, 24).map(|a| self.arena = Some(a)) {
+                self.fail(self.driver_error("allocating the expert arena", e));
+                return None;
+            }
+        }
+        let arena = self.arena.as_mut()?;
+        if let Some(s) = arena.hit(&key) {
+            self.stats.expert_hits += 1;
+            keep.push(s);
+            return Some(arena.addr(s));
+        }
+        if bytes.len() > arena.slot_bytes {
+            let msg = format!("a weight of {} bytes is larger than an expert slot ({})", bytes.len(), arena.slot_bytes);
+            self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: msg });
+            return None;
+        }
+        let Some(slot) = arena.victim(keep) else {
+            self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: "every expert slot is in use".into() });
+            return None;
+        };
+        let dst = arena.addr(slot);
+        // The copy may not overwrite the slot before the kernels reading its last occupant ran.
+        // SAFETY: live stream and event of this context.
+        let r = unsafe {
+            result::stream::wait_event(
+                self.copy,
+                arena.read_done[slot].0,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        };
+        arena.fill(slot, key);
+        keep.push(slot);
+        self.check("ordering a copy", r);
+        if !*copied {
+            if let (Ok(a), Ok(b)) = (Event::new(true), Event::new(true)) {
+                self.check("timing a copy", a.record(self.copy));
+                self.copy_timing.push((a, b));
+            }
+        }
+        for (i, piece) in bytes.chunks(STAGE_BYTES).enumerate() {
+            let (buf, done) = &mut self.stages[self.next_stage];
+            self.next_stage = (self.next_stage + 1) % STAGES;
+            // The previous copy out of this staging buffer must have finished.
+            // SAFETY: a live event.
+            let r = unsafe { result::event::synchronize(done.0) };
+            if let Err(e) = r {
+                self.fail(self.driver_error("waiting for a staging buffer", e));
+                return None;
+            }
+            buf.write(0, piece);
+            // SAFETY: the pinned bytes 0..len are not written again before `done` fires (checked
+            // above on the next use); the slot has room for the whole weight.
+            let r = unsafe {
+                result::memcpy_htod_async(
+                    dst + (i * STAGE_BYTES) as u64,
+                    std::slice::from_raw_parts(buf.ptr, piece.len()),
+                    self.copy,
+                )
+            };
+            let r2 = done.record(self.copy);
+            self.check("copying an expert", r.and(r2));
+        }
+        self.stats.copies += 1;
+        self.stats.bytes_copied += bytes.len() as u64;
+        *copied = true;
+        Some(dst)
+    }
+
+    /// After a job's copies were queued: the compute stream waits for them.
+    fn join_copies(&mut self) {
+        if let Some((_, end)) = self.copy_timing.last() {
+            let r = end.record(self.copy);
+            // SAFETY: live stream and event of this context.
+            let r2 = unsafe {
+                result::stream::wait_event(self.stream, end.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+            };
+            self.check("ordering compute after a copy", r.and(r2));
+        }
+    }
+
+    /// After the kernels reading `slots` were queued: mark when they ran.
+    fn release(&mut self, slots: &[usize]) {
+        if let Some(a) = &self.arena {
+            for &s in slots {
+                let r = a.read_done[s].record(self.stream);
+                self.check("recording a slot's use", r);
+            }
+        }
+    }
+
+    /// Device addresses of `ms` (copying misses), the compute stream ordered after the copies.
+    fn addrs(&mut self, ms: &[CudaMat<'_>], keep: &mut Vec<usize>) -> Option<Vec<DevPtr>> {
+        let mut copied = false;
+        let out = ms.iter().map(|m| self.device_addr(m, keep, &mut copied)).collect::<Option<Vec<_>>>();
+        if copied {
+            self.join_copies();
+        }
+        out
+    }
+
+    /// `y[t][r] = w[r] · x[t]` for `n` rows of x (`x_stride` apart) into y (`y_stride` apart).
+    #[allow(clippy::too_many_arguments)]
+    fn mat_mul(
+        &mut self,
+        w: DevPtr,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        x: DevPtr,
+        xs: usize,
+        n: usize,
+        y: DevPtr,
+        ys: usize,
+    ) {
+        let tiled = n >= TILED_FROM;
+        let f = match (tiled, if tiled { self.k.matmul.get(&ty) } else { self.k.matvec.get(&ty) }) {
+            (_, Some(f)) => f.clone(),
+            _ => {
+                let msg = format!("no mat-mul kernel for {}", ty.name());
+                self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: msg });
+                return;
+            }
+        };
+        let args = [Arg::P(w), Arg::P(x), Arg::P(y), int(rows), int(cols), int(n), long(xs), long(ys)];
+        match tiled {
+            true => self.launch(&f, (rows.div_ceil(64), n.div_ceil(64), 1), 256, &args),
+            false => self.launch(&f, (rows.div_ceil(8), n.div_ceil(8), 1), 256, &args),
+        }
+    }
+
+    fn elementwise(&mut self, name: &str, n: usize, args: &[Arg]) {
+        self.launch_named(name, (n.div_ceil(256), 1, 1), 256, args);
+    }
+
+    /// One expert job on the device: gather, gate and up, GLU, down, scatter into `y`.
+    fn expert_job(&mut self, x: &CudaAct, j: &ExpertJob<'_, '_, Self>, y: &mut CudaAct) {
+        let n = j.tokens.len();
+        if n == 0 {
+            return;
+        }
+        let [gate, up, down] = j.mats;
+        let mut keep = Vec::with_capacity(3);
+        let Some(p) = self.addrs(&j.mats, &mut keep) else { return };
+        let (d, ff, d_out) = (gate.cols, gate.rows, down.rows);
+        let (mut xg, mut g, mut u, mut o) = (
+            std::mem::take(&mut self.xg),
+            std::mem::take(&mut self.g),
+            std::mem::take(&mut self.u),
+            std::mem::take(&mut self.o),
+        );
+        self.ensure(&mut xg, n, d);
+        self.ensure(&mut g, n, ff);
+        self.ensure(&mut u, n, ff);
+        self.ensure(&mut o, n, d_out);
+        let ids = self.upload(j.tokens);
+        self.launch_named(
+            "gather_rows_f32",
+            (d.div_ceil(256), n, 1),
+            256,
+            &[Arg::P(x.ptr()), long(x.cols), Arg::P(ids), Arg::P(xg.ptr()), int(d)],
+        );
+        self.mat_mul(p[0], gate.ty, ff, d, xg.ptr(), d, n, g.ptr(), ff);
+        self.mat_mul(p[1], up.ty, ff, d, xg.ptr(), d, n, u.ptr(), ff);
+        if let Some([bg, bu, _]) = j.bias {
+            self.bias(&g, 0, ff, bg.ptr);
+            self.bias(&u, 0, ff, bu.ptr);
+        }
+        let (kind, alpha, limit) = match j.glu {
+            Glu::SwiGlu => (0, 0.0, 0.0),
+            Glu::SwiGluOai { alpha, limit } => (1, alpha, limit),
+        };
+        self.elementwise(
+            "glu_f32",
+            n * ff,
+            &[
+                Arg::P(g.ptr()),
+                Arg::P(u.ptr()),
+                Arg::P(g.ptr()),
+                long(n * ff),
+                Arg::I(kind),
+                Arg::F(alpha),
+                Arg::F(limit),
+            ],
+        );
+        self.mat_mul(p[2], down.ty, d_out, ff, g.ptr(), ff, n, o.ptr(), d_out);
+        if let Some([_, _, bd]) = j.bias {
+            self.bias(&o, 0, d_out, bd.ptr);
+        }
+        self.release(&keep);
+        let rows = self.upload(j.out_rows);
+        self.launch_named(
+            "scatter_rows_f32",
+            (d_out.div_ceil(256), n, 1),
+            256,
+            &[Arg::P(o.ptr()), int(d_out), Arg::P(rows), Arg::P(y.ptr()), long(y.cols)],
+        );
+        (self.xg, self.g, self.u, self.o) = (xg, g, u, o);
+    }
+
+    fn bias(&mut self, x: &CudaAct, col: usize, n: usize, b: DevPtr) {
+        self.launch_named(
+            "add_bias_f32",
+            (n.div_ceil(256), x.rows, 1),
+            256,
+            &[Arg::P(x.ptr()), long(x.cols), int(col), Arg::P(b), int(n)],
+        );
+    }
+
+    /// Expert jobs on the CPU (`--cpu-moe`): their inputs read back, their outputs uploaded.
+    fn expert_jobs_on_cpu(&mut self, x: &CudaAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) {
+        let Some(mut cpu) = self.cpu.take() else { return };
+        let xh = HostAct { data: self.read(x).into_owned(), rows: x.rows, cols: x.cols };
+        let mut yh = HostAct::default();
+        yh.resize(y.rows, y.cols);
+        let descs: Vec<[(WeightDesc, &[u8]); 3]> = jobs
+            .iter()
+            .filter_map(|j| {
+                let [a, b, c] = j.mats;
+                Some([a.host_desc()?, b.host_desc()?, c.host_desc()?])
+            })
+            .collect();
+        let cpu_jobs: Vec<ExpertJob<'_, '_, CpuBackend>> = jobs
+            .iter()
+            .zip(&descs)
+            .map(|(j, d)| ExpertJob {
+                mats: [0, 1, 2].map(|i| -> MatRef<'_> { CpuBackend::host_mat(&d[i].0, d[i].1) }),
+                bias: j.bias.map(|b| b.map(|v| v.host)),
+                glu: j.glu,
+                dense: j.dense,
+                tokens: j.tokens,
+                out_rows: j.out_rows,
+            })
+            .collect();
+        cpu.expert_ffn(&xh, &cpu_jobs, &mut yh);
+        self.cpu = Some(cpu);
+        self.stats.host_computed += cpu_jobs.len() as u64;
+        let rows: Vec<u32> = jobs.iter().flat_map(|j| j.out_rows.iter().copied()).collect();
+        let packed: Vec<f32> = rows.iter().flat_map(|&r| yh.row(r as usize).iter().copied()).collect();
+        let mut src = CudaAct::default();
+        self.ensure(&mut src, rows.len(), y.cols);
+        if !self.enter() {
+            return;
+        }
+        // SAFETY: `src` holds rows.len() × cols f32; the host vector lives through the call
+        // (a pageable copy is staged before the call returns).
+        let r = unsafe { result::memcpy_htod_async(src.ptr(), &packed, self.stream) };
+        self.check("uploading expert outputs", r);
+        let ids = self.upload(&rows);
+        self.launch_named(
+            "scatter_rows_f32",
+            (y.cols.div_ceil(256), rows.len(), 1),
+            256,
+            &[Arg::P(src.ptr()), int(y.cols), Arg::P(ids), Arg::P(y.ptr()), long(y.cols)],
+        );
+        // `src` is freed after a sync (its Drop), so the scatter reads it first.
+    }
+
+    /// Register `bytes` (host memory the backend was handed) for the device to read in place.
+    fn register(&mut self, host: usize, len: usize) -> Result<(), DriverError> {
+        if len == 0 || self.registered.iter().any(|r| r.host == host) {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        // SAFETY: `host..host + len` is live host memory that outlives the backend's use of it (the expert
+        // cache's slots live as long as the engine); registration only pins and maps it.
+        unsafe { sys::cuMemHostRegister_v2(host as *mut c_void, len, flags) }.result()?;
+        let mut dev: DevPtr = 0;
+        // SAFETY: `host` was registered above with DEVICEMAP.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) }.result()?;
+        self.registered.push(Registered { host, len, dev });
+        Ok(())
+    }
+
+    fn budget_bytes(&self, model: &Model) -> Option<u64> {
+        self.opts.gpu_budget.map(|b| match b {
+            Budget::Bytes(n) => n,
+            Budget::Share(s) => (model.expert_bytes() as f64 * s) as u64,
+        })
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+        for r in self.registered.drain(..) {
+            // SAFETY: registered by `register`, unregistered once, the device idle.
+            let _ = unsafe { sys::cuMemHostUnregister(r.host as *mut c_void) }.result();
+        }
+        // SAFETY: our streams, idle, destroyed once.
+        let _ = unsafe { result::stream::destroy(self.stream) };
+        let _ = unsafe { result::stream::destroy(self.copy) };
+    }
+}
+
+/// The largest matrix of any routed expert (an arena slot's size).
+fn largest_expert_matrix(model: &Model) -> u64 {
+    (0..model.layers.len())
+        .filter_map(|l| model.experts(l))
+        .flat_map(|es| es.iter().flat_map(|e| [e.gate.bytes, e.up.bytes, e.down.bytes]))
+        .max()
+        .unwrap_or(0)
+}
+
+impl Backend for CudaBackend {
+    type Mat<'a> = CudaMat<'a>;
+    type Vector<'a> = CudaVector<'a>;
+    type Weights = CudaWeights;
+    type Act = CudaAct;
+    type Kv = CudaKv;
+    type Hot = ();
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn supports(&self, op: Op, ty: GgmlType) -> bool {
+        supports(op, ty)
+    }
+
+    fn take_weights(&mut self, model: &Arc<Model>, residency: Residency) -> Result<CudaWeights, BackendError> {
+        model.check_support(self.name(), supports)?;
+        let alloc = |what: &'static str, bytes: u64| BackendError::Alloc { backend: "cuda", what, bytes };
+        let ctx = Arc::clone(&self.ctx);
+        ctx.bind_to_thread().map_err(|_| alloc("binding the device", 0))?;
+        let dense = resident_set(model, Resident::Dense);
+        let dense_bytes: u64 = dense.iter().map(|w| w.bytes).sum();
+        let experts = model.expert_bytes();
+        let free = ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(self.info.memory_bytes);
+        let wants_experts = !matches!(residency.which, Resident::Dense | Resident::None);
+        let budget = self.budget_bytes(model);
+        let all = experts > 0
+            && wants_experts
+            && !self.opts.cpu_moe
+            && match budget {
+                Some(b) => b >= experts,
+                None => dense_bytes + experts + HEADROOM <= free,
+            };
+        let ws = if all || experts == 0 { resident_set(model, Resident::All) } else { dense };
+        // Each weight 256-byte aligned, as the kernels' block loads like.
+        let total: u64 = ws.iter().map(|w| w.bytes.next_multiple_of(256)).sum();
+        let t0 = std::time::Instant::now();
+        let mem = DeviceBuf::new(&ctx, total as usize).map_err(|_| alloc("resident weights", total))?;
+        let mut index = HashMap::with_capacity(ws.len());
+        let mut at = 0u64;
+        for w in &ws {
+            let dst = mem.ptr + at;
+            // SAFETY: the destination range lies inside `mem` (sized as the sum of the weights);
+            // the source is the weight's bytes in the mapping.
+            unsafe { result::memcpy_htod_sync(dst, model.bytes_of(w)) }
+                .map_err(|_| alloc("resident weights", total))?;
+            index.insert(w.offset, dst);
+            at += w.bytes.next_multiple_of(256);
+        }
+        let host_vecs = model.vectors();
+        let n_vec: usize = host_vecs.iter().map(Vec::len).sum();
+        let vec_mem =
+            DeviceBuf::new(&ctx, n_vec * 4).map_err(|_| alloc("norm weights and biases", n_vec as u64 * 4))?;
+        let mut vectors = Vec::with_capacity(host_vecs.len());
+        let mut at = 0u64;
+        for v in host_vecs {
+            // SAFETY: inside `vec_mem` (sized as the sum of the vectors).
+            unsafe { result::memcpy_htod_sync(vec_mem.ptr + at, v) }
+                .map_err(|_| alloc("norm weights", n_vec as u64 * 4))?;
+            vectors.push(vec_mem.ptr + at);
+            at += 4 * v.len() as u64;
+        }
+        tracing::info!(
+            "cuda: {:.1} MiB of weights copied to the device in {:.2} s ({})",
+            total as f64 / 1048576.0,
+            t0.elapsed().as_secs_f64(),
+            if all { "every expert resident" } else { "experts held by the host" }
+        );
+        self.stats.weight_bytes = total + n_vec as u64 * 4;
+        if !all && experts > 0 && !self.opts.cpu_moe {
+            let slot = largest_expert_matrix(model).next_multiple_of(256) as usize;
+            let budget = budget.unwrap_or_else(|| free.saturating_sub(total + HEADROOM));
+            let n = (budget / slot.max(1) as u64) as usize;
+            let need = 3 * model.hp.n_expert_used.max(1);
+            if n < need {
+                return Err(BackendError::GpuBudget { budget, slot: slot as u64, slots: n, need });
+            }
+            let arena = Arena::new(&ctx, slot, n).map_err(|_| alloc("the expert arena", budget))?;
+            tracing::info!("cuda: expert arena of {n} slots of {:.2} MiB", slot as f64 / 1048576.0);
+            self.stats.arena_bytes = (slot * n) as u64;
+            self.arena = Some(arena);
+        }
+        let resident = if all || experts == 0 { Resident::All } else { Resident::Dense };
+        Ok(CudaWeights {
+            model: Arc::clone(model),
+            _mem: mem,
+            _vec_mem: vec_mem,
+            index,
+            vectors,
+            resident,
+            bytes: total,
+        })
+    }
+
+    fn resident(weights: &CudaWeights) -> (Resident, u64) {
+        (weights.resident, weights.bytes)
+    }
+
+    fn mat<'a>(weights: &'a CudaWeights, w: &WeightDesc) -> CudaMat<'a> {
+        match weights.index.get(&w.offset) {
+            Some(&p) => CudaMat { ty: w.ty, rows: w.rows, cols: w.cols, at: At::Device(p) },
+            None => Self::host_mat(w, weights.model.bytes_of(w)),
+        }
+    }
+
+    fn vector<'a>(weights: &'a CudaWeights, v: VecRef) -> CudaVector<'a> {
+        CudaVector { ptr: weights.vectors[v.index()], host: weights.model.vector(v) }
+    }
+
+    fn host_mat<'a>(w: &WeightDesc, bytes: &'a [u8]) -> CudaMat<'a> {
+        let key = Key { offset: w.offset, ty: w.ty, bytes: bytes.len() };
+        CudaMat { ty: w.ty, rows: w.rows, cols: w.cols, at: At::Host(bytes, key) }
+    }
+
+    fn use_host_memory(&mut self, regions: &[(*const u8, usize)]) {
+        if !self.opts.unified {
+            return;
+        }
+        for &(p, len) in regions {
+            if let Err(e) = self.register(p as usize, len) {
+                tracing::warn!("cuda: cannot map {len} bytes of host memory for the device ({e}); copying instead");
+            }
+        }
+    }
+
+    fn hot(&self) {}
+
+    fn resize(&self, a: &mut CudaAct, rows: usize, cols: usize) {
+        self.ensure(a, rows, cols);
+    }
+
+    fn read<'a>(&mut self, a: &'a CudaAct) -> Cow<'a, [f32]> {
+        let mut out = vec![0f32; a.len()];
+        if self.enter() && !out.is_empty() {
+            // SAFETY: `a` holds a.len() f32; the stream is synchronized before `out` is used.
+            let r = unsafe { result::memcpy_dtoh_async(&mut out, a.ptr(), self.stream) };
+            self.check("reading back", r);
+            self.sync();
+        }
+        Cow::Owned(out)
+    }
+
+    fn take_error(&mut self) -> Option<BackendError> {
+        self.error.borrow_mut().take().map(|e| BackendError::Device(e.to_string()))
+    }
+
+    fn device_stats(&self) -> Option<DeviceStats> {
+        let mut s = self.stats.clone();
+        s.device = format!("cuda:{} {}", self.info.ordinal, self.info.name);
+        s.memory_in_use_bytes = self.ctx.mem_get_info().map(|(f, t)| (t - f) as u64).unwrap_or(0);
+        Some(s)
+    }
+
+    fn new_kv(&self, cfg: &KvConfig) -> Result<CudaKv, BackendError> {
+        let kv_dim = cfg.n_head_kv * cfg.head_dim;
+        let per = cfg.n_ctx * kv_dim * cfg.ty.bytes();
+        let alloc = |_| BackendError::Alloc { backend: "cuda", what: "the KV cache", bytes: cfg.bytes() };
+        let mut k = Vec::with_capacity(cfg.n_layer);
+        let mut v = Vec::new();
+        for _ in 0..cfg.n_layer {
+            k.push(DeviceBuf::new(&self.ctx, per).map_err(alloc)?);
+            if cfg.values == Values::Separate {
+                v.push(DeviceBuf::new(&self.ctx, per).map_err(alloc)?);
+            }
+        }
+        Ok(CudaKv { k, v, ty: cfg.ty, kv_dim, n_ctx: cfg.n_ctx })
+    }
+
+    fn copy_rows(&mut self, x: &CudaAct, rows: std::ops::Range<usize>, out: &mut CudaAct) {
+        self.ensure(out, rows.len(), x.cols);
+        if !self.enter() || rows.is_empty() {
+            return;
+        }
+        let bytes = rows.len() * x.cols * 4;
+        // SAFETY: both ranges lie inside their buffers (out was sized above).
+        let r = unsafe { result::memcpy_dtod_async(out.ptr(), x.at(rows.start * x.cols), bytes, self.stream) };
+        self.check("copying rows", r);
+    }
+
+    fn get_rows(&mut self, w: CudaMat<'_>, ids: &[u32], out: &mut CudaAct) {
+        self.ensure(out, ids.len(), w.cols);
+        if !self.enter() {
+            return;
+        }
+        let table = match w.at {
+            At::Device(p) => p,
+            At::Host(bytes, _) => {
+                // A table the device does not hold: the rows dequantized on the host.
+                let Some(k) = crate::ggml::kernels(w.ty) else { return };
+                let rb = bytes.len() / w.rows.max(1);
+                let mut rows = vec![0f32; ids.len() * w.cols];
+                for (i, &id) in ids.iter().enumerate() {
+                    let r = (id as usize).min(w.rows.saturating_sub(1));
+                    k.dequantize(&bytes[r * rb..(r + 1) * rb], &mut rows[i * w.cols..(i + 1) * w.cols]);
+                }
+                // SAFETY: `out` holds ids.len() × cols f32.
+                let r = unsafe { result::memcpy_htod_async(out.ptr(), &rows, self.stream) };
+                self.check("uploading rows", r);
+                self.sync();
+                return;
+            }
+        };
+        let Some(f) = self.k.get_rows.get(&w.ty).cloned() else { return };
+        let ids = self.upload(ids);
+        self.launch(
+            &f,
+            (w.cols.div_ceil(256).min(64), out.rows, 1),
+            256,
+            &[Arg::P(table), Arg::P(ids), Arg::P(out.ptr()), int(w.cols)],
+        );
+    }
+
+    fn rms_norm(&mut self, x: &CudaAct, w: CudaVector<'_>, eps: f32, out: &mut CudaAct) {
+        self.ensure(out, x.rows, x.cols);
+        if !self.enter() {
+            return;
+        }
+        self.launch_named(
+            "rms_norm_f32",
+            (1, x.rows, 1),
+            256,
+            &[
+                Arg::P(x.ptr()),
+                long(x.cols),
+                Arg::P(w.ptr),
+                Arg::P(out.ptr()),
+                long(out.cols),
+                int(x.cols),
+                Arg::F(eps),
+            ],
+        );
+    }
+
+    fn rms_norm_heads(
+        &mut self,
+        x: &mut CudaAct,
+        col: usize,
+        n_heads: usize,
+        head_dim: usize,
+        w: CudaVector<'_>,
+        eps: f32,
+    ) {
+        if !self.enter() {
+            return;
+        }
+        let p = x.at(col);
+        self.launch_named(
+            "rms_norm_f32",
+            (n_heads, x.rows, 1),
+            256,
+            &[Arg::P(p), long(x.cols), Arg::P(w.ptr), Arg::P(p), long(x.cols), int(head_dim), Arg::F(eps)],
+        );
+    }
+
+    fn matmul(&mut self, x: &CudaAct, ws: &[CudaMat<'_>], out: &mut CudaAct) {
+        let width: usize = ws.iter().map(|w| w.rows).sum();
+        self.ensure(out, x.rows, width);
+        if !self.enter() {
+            return;
+        }
+        let mut keep = Vec::new();
+        let Some(p) = self.addrs(ws, &mut keep) else { return };
+        let mut off = 0;
+        for (w, &p) in ws.iter().zip(&p) {
+            self.mat_mul(p, w.ty, w.rows, w.cols, x.ptr(), x.cols, x.rows, out.at(off), width);
+            off += w.rows;
+        }
+        self.release(&keep);
+    }
+
+    fn add_bias(&mut self, x: &mut CudaAct, col: usize, b: CudaVector<'_>) {
+        if self.enter() {
+            self.bias(x, col, b.host.len(), b.ptr);
+        }
+    }
+
+    fn rope(&mut self, x: &mut CudaAct, col: usize, n_heads: usize, head_dim: usize, pos0: usize, rope: &Rope) {
+        if !self.enter() {
+            return;
+        }
+        let neox = matches!(rope.style, RopeStyle::Neox) as i32;
+        self.launch_named(
+            "rope_f32",
+            ((rope.n_dims / 2).div_ceil(64), n_heads, x.rows),
+            64,
+            &[
+                Arg::P(x.at(col)),
+                long(x.cols),
+                int(head_dim),
+                int(rope.n_dims),
+                int(pos0),
+                Arg::F(rope.freq_base),
+                Arg::F(rope.freq_scale),
+                Arg::F(rope.ext_factor),
+                Arg::F(rope.attn_factor),
+                Arg::F(rope.corr_dims[0]),
+                Arg::F(rope.corr_dims[1]),
+                Arg::I(neox),
+            ],
+        );
+    }
+
+    fn attention(
+        &mut self,
+        kv: &mut CudaKv,
+        layer: usize,
+        qkv: &CudaAct,
+        shape: &AttnShape,
+        sinks: Option<CudaVector<'_>>,
+        pos0: usize,
+        out: &mut CudaAct,
+    ) {
+        let n = qkv.rows;
+        self.ensure(out, n, shape.out_dim());
+        if !self.enter() {
+            return;
+        }
+        if pos0 + n > kv.n_ctx {
+            let msg = format!("positions up to {} past the KV cache's {}", pos0 + n, kv.n_ctx);
+            self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: msg });
+            return;
+        }
+        let (ty, kc) = (kv.ty, kv.k[layer].ptr);
+        let separate = shape.values == Values::Separate;
+        let vc = if separate { kv.v[layer].ptr } else { kc };
+        let (qd, kvd) = (shape.q_dim(), shape.kv_dim());
+        let tn = match ty {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        };
+        self.launch_named(
+            &format!("kv_store_{tn}"),
+            (kvd.div_ceil(256), n, 1),
+            256,
+            &[
+                Arg::P(qkv.ptr()),
+                long(qkv.cols),
+                int(qd),
+                Arg::I(if separate { (qd + kvd) as i32 } else { -1 }),
+                Arg::P(kc),
+                Arg::P(vc),
+                int(kv.kv_dim),
+                int(pos0),
+            ],
+        );
+        let widest = shape.head_dim.max(shape.v_dim());
+        let Some(d) = [2usize, 4, 8, 20].into_iter().find(|d| 32 * d >= widest) else {
+            let msg = format!("heads of {widest} values are past the attention kernel's 640");
+            self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: msg });
+            return;
+        };
+        // llama.cpp rounds the query to the cache's type for batches under 64 rows.
+        let round_q = (ty == KvType::F16 && n < crate::backend::cpu::kv::TILE) as i32;
+        self.launch_named(
+            &format!("attn_{tn}_{d}"),
+            (shape.n_head, n, 1),
+            128,
+            &[
+                Arg::P(qkv.ptr()),
+                long(qkv.cols),
+                Arg::P(kc),
+                Arg::P(vc),
+                int(kv.kv_dim),
+                Arg::P(out.ptr()),
+                long(out.cols),
+                int(shape.n_head),
+                int(shape.n_head_kv),
+                int(shape.head_dim),
+                int(shape.v_dim()),
+                Arg::F(shape.scale),
+                int(pos0),
+                int(shape.window),
+                Arg::P(sinks.map_or(0, |s| s.ptr)),
+                Arg::I(round_q),
+            ],
+        );
+    }
+
+    fn expert_ffn(&mut self, x: &CudaAct, jobs: &[ExpertJob<'_, '_, Self>], y: &mut CudaAct) {
+        if !self.enter() {
+            return;
+        }
+        let on_host = |j: &ExpertJob<'_, '_, Self>| {
+            j.mats.iter().any(|m| match m.at {
+                At::Host(b, _) => {
+                    let h = b.as_ptr() as usize;
+                    !self.registered.iter().any(|r| h >= r.host && h + b.len() <= r.host + r.len)
+                }
+                At::Device(_) => false,
+            })
+        };
+        let (host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
+        for j in dev {
+            self.expert_job(x, j, y);
+        }
+        if !host.is_empty() {
+            self.expert_jobs_on_cpu(x, &host, y);
+        }
+    }
+
+    fn combine(&mut self, y: &CudaAct, assign: &[(u32, f32)], done: &[bool], n_tok: usize, out: &mut CudaAct) {
+        self.ensure(out, n_tok, y.cols);
+        if !self.enter() {
+            return;
+        }
+        let mut starts = vec![0i32; n_tok + 1];
+        let (mut rows, mut weights) = (Vec::new(), Vec::new());
+        for t in 0..n_tok {
+            for (a, &(tok, w)) in assign.iter().enumerate() {
+                if tok as usize == t && done[a] {
+                    rows.push(a as i32);
+                    weights.push(w);
+                }
+            }
+            starts[t + 1] = rows.len() as i32;
+        }
+        let (s, r, w) = (self.upload(&starts), self.upload(&rows), self.upload(&weights));
+        self.launch_named(
+            "combine_f32",
+            (y.cols.div_ceil(256), n_tok, 1),
+            256,
+            &[Arg::P(y.ptr()), int(y.cols), Arg::P(s), Arg::P(r), Arg::P(w), Arg::P(out.ptr())],
+        );
+    }
+
+    fn copy_heads(&mut self, x: &CudaAct, from: Heads, out: &mut CudaAct, to: Heads) {
+        if !self.enter() {
+            return;
+        }
+        self.launch_named(
+            "copy_cols_f32",
+            (from.width.div_ceil(256), from.n, x.rows),
+            256,
+            &[
+                Arg::P(x.ptr()),
+                long(x.cols),
+                int(from.col),
+                int(from.stride),
+                Arg::P(out.ptr()),
+                long(out.cols),
+                int(to.col),
+                int(to.stride),
+                int(from.width),
+            ],
+        );
+    }
+
+    fn matmul_heads(&mut self, x: &CudaAct, from: Heads, ws: &[CudaMat<'_>], out: &mut CudaAct, to: Heads) {
+        if !self.enter() {
+            return;
+        }
+        let mut keep = Vec::new();
+        let Some(p) = self.addrs(&ws[..from.n.min(ws.len())], &mut keep) else { return };
+        for (i, (w, &p)) in ws.iter().zip(&p).enumerate() {
+            let xcol = from.cols(i).start;
+            self.mat_mul(p, w.ty, w.rows, w.cols, x.at(xcol), x.cols, x.rows, out.at(to.col + i * to.stride), out.cols);
+        }
+        self.release(&keep);
+    }
+
+    fn add(&mut self, x: &mut CudaAct, y: &CudaAct) {
+        if !self.enter() {
+            return;
+        }
+        let n = x.len();
+        self.elementwise("add_f32", n, &[Arg::P(x.ptr()), Arg::P(y.ptr()), Arg::P(x.ptr()), long(n)]);
+    }
+}
