@@ -70,6 +70,52 @@ extern "C" __global__ void copy_cols_f32(const float* x, long x_stride, int from
     out[t * out_stride + to + (long)blockIdx.y * to_stride + i] = x[t * x_stride + from + (long)blockIdx.y * from_stride + i];
 }
 
+// x rounded as ggml's CPU rounds an activation to a weight's `vec_dot_type` before the dot
+// product (llama.cpp's data types, kept so the GPU computes what the reference computes): kind 1
+// Q8_0 and 2 Q8_1 (blocks of 32: scale amax / 127 kept as f16, q = rint(x * 127 / amax)), 3 Q8_K
+// (blocks of 256: iscale = -127 / the value of largest magnitude, q = min(127, rint(x * iscale)),
+// scale 1 / iscale as f32), 4 F16, 5 BF16 (round to nearest even). One thread per block of a row
+// of `cols`; grid (blocks / blockDim.x, rows).
+extern "C" __global__ void round_act_f32(const float* x, long x_stride, float* out, long out_stride, int cols,
+                                         int kind) {
+    const int qk = kind == 3 ? 256 : 32;
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b * qk >= cols) return;
+    const float* xr = x + (long)blockIdx.y * x_stride + b * qk;
+    float* o = out + (long)blockIdx.y * out_stride + b * qk;
+    const int n = cols - b * qk < qk ? cols - b * qk : qk;
+    if (kind == 1 || kind == 2) {
+        float amax = 0.0f;
+        for (int j = 0; j < n; ++j) amax = fmaxf(amax, fabsf(xr[j]));
+        const float d = f16_to_f32(f32_to_f16(amax / 127.0f));
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        for (int j = 0; j < n; ++j) o[j] = rintf(xr[j] * id) * d;
+    } else if (kind == 3) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < n; ++j) {
+            const float a = fabsf(xr[j]);
+            if (a > amax) {
+                amax = a;
+                max = xr[j];
+            }
+        }
+        if (amax == 0.0f) {
+            for (int j = 0; j < n; ++j) o[j] = 0.0f;
+            return;
+        }
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < n; ++j) o[j] = fminf(127.0f, rintf(iscale * xr[j])) * (1.0f / iscale);
+    } else if (kind == 4) {
+        for (int j = 0; j < n; ++j) o[j] = f16_to_f32(f32_to_f16(xr[j]));
+    } else {
+        for (int j = 0; j < n; ++j) {
+            u32 u = f32_bits(xr[j]);
+            if ((u & 0x7fffffffu) <= 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+            o[j] = bits_to_f32(u);
+        }
+    }
+}
+
 // out[t] = row ids[t] of a table of rows of `cols` values in any type of dequant.cuh, as f32
 // (block y = the output row, threads along the columns).
 #define MR_GET_ROWS(name, B, QKV)                                                                   \

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod llama_log;
 pub mod lowprec;
 pub mod model;
+pub mod oracle;
 pub mod predict;
 pub mod reasoning;
 pub mod reference;

@@ -5,9 +5,11 @@
 //!
 //! - [`cpu`]: ggml's per-type kernels on a persistent thread pool (the product on a CPU).
 //! - [`plain`]: f32 throughout with naive loops — a comparator for tests, not for speed.
+//! - `cuda` (`--features cuda`): its `Mat` is a device address or host bytes copied into its
+//!   expert arena on use, its `Act` a device buffer, its `Kv` lives in GPU memory, and `read` is
+//!   its sync point.
 //!
-//! A CUDA backend implements the same trait: its `Mat` is a device view, its `Act` a device
-//! buffer, its `Kv` lives in GPU memory, and `read` is its sync point.
+//! [`conformance`] runs whole models through any backend against the CPU and plain ones.
 
 pub mod conformance;
 pub mod cpu;

@@ -25,6 +25,10 @@ pub struct Args {
     /// Write the self-test's checks to this JSON file.
     #[arg(long, value_name = "FILE", requires = "self_test")]
     json: Option<PathBuf>,
+    /// Run llama.cpp's reference cases in these folders (a fixtures folder, or one of its model
+    /// folders: GGUF files beside their `*.ref.json`) on the device, every weight resident.
+    #[arg(long, value_name = "DIR")]
+    oracle: Vec<PathBuf>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -32,6 +36,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let _ = (a.arch, a.kernel_cache, a.ptx_out, a.ordinal, a.json);
     println!("device: cpu (this moerun was built without --features cuda)");
     anyhow::ensure!(!a.self_test, "--self-test needs a moerun built with --features cuda");
+    anyhow::ensure!(a.oracle.is_empty(), "--oracle needs a moerun built with --features cuda");
     Ok(())
 }
 
@@ -68,7 +73,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => kernels::default_cache(),
     };
     if a.self_test {
-        return self_test(&a, cache.as_deref());
+        self_test(&a, cache.as_deref())?;
+    }
+    if !a.oracle.is_empty() {
+        oracle(&a, cache.as_deref())?;
+    }
+    if a.self_test || !a.oracle.is_empty() {
+        return Ok(());
     }
     let (major, minor) = kernels::nvrtc_version()?;
     println!("NVRTC {major}.{minor}; kernels for {}", archs.join(", "));
@@ -120,5 +131,44 @@ fn self_test(a: &Args, cache: Option<&std::path::Path>) -> anyhow::Result<()> {
         moerun::atomic::write(p, serde_json::to_string_pretty(&checks)?.as_bytes())?;
     }
     anyhow::ensure!(failed == 0, "{failed} checks differ from the CPU");
+    Ok(())
+}
+
+/// llama.cpp's reference cases on the device (`--oracle`).
+#[cfg(feature = "cuda")]
+fn oracle(a: &Args, cache: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use moerun::backend::cuda::{CudaBackend, CudaOptions};
+    use moerun::oracle::{check_pairs, device_tolerance, ref_pairs, ref_pairs_in, DEVICE};
+    let opts =
+        CudaOptions { ordinal: a.ordinal, kernel_cache: cache.map(Into::into), threads: 2, ..Default::default() };
+    let mut failed = 0;
+    let mut checked = 0;
+    for dir in &a.oracle {
+        let mut pairs = ref_pairs_in(dir)?;
+        if pairs.is_empty() {
+            pairs = ref_pairs(dir)?;
+        }
+        for pair in pairs {
+            let tol = device_tolerance(&pair.0);
+            let out = check_pairs(vec![pair], &mut || CudaBackend::new(opts.clone()).map_err(|e| e.to_string()), tol);
+            for (model, prompt, worst) in &out.worst {
+                let prompt: String = prompt.chars().take(40).collect();
+                println!(
+                    "  {model:<28} {prompt:<44?} top-20 logits within {worst:.4} of llama.cpp (tolerance {})",
+                    tol.logit
+                );
+            }
+            for f in &out.failures {
+                println!("  FAILED {f}");
+            }
+            checked += out.checked;
+            failed += out.failures.len();
+        }
+    }
+    println!(
+        "oracle: {checked} llama.cpp reference cases on the device (logits within {} of llama.cpp's; the trained model's greedy continuations), {failed} failed",
+        DEVICE.logit
+    );
+    anyhow::ensure!(failed == 0, "{failed} reference cases differ from llama.cpp");
     Ok(())
 }

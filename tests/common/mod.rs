@@ -18,47 +18,16 @@ pub fn fixtures() -> Option<PathBuf> {
     None
 }
 
-#[derive(serde::Deserialize, Debug)]
-pub struct RefFile {
-    pub model: String,
-    pub cases: Vec<RefCase>,
-}
-
-#[derive(serde::Deserialize, Debug)]
-pub struct RefCase {
-    pub prompt_text: String,
-    pub prompt_ids: Vec<u32>,
-    pub greedy_ids: Vec<u32>,
-    pub last_top20_ids: Vec<u32>,
-    pub last_top20_logits: Vec<f32>,
-    pub all_positions_argmax: Vec<u32>,
-    pub last_margin: f32,
-    #[serde(default)]
-    pub greedy_margins: Vec<f32>,
-}
+pub use moerun::oracle::RefFile;
 
 /// Every `(gguf, ref)` pair under the fixtures folder, sorted.
 pub fn ref_pairs(root: &Path) -> Vec<(PathBuf, RefFile)> {
-    let mut dirs: Vec<_> = std::fs::read_dir(root).expect("read fixtures").flatten().map(|e| e.path()).collect();
-    dirs.sort();
-    dirs.into_iter().filter(|d| d.is_dir()).flat_map(|d| ref_pairs_in(&d)).collect()
+    moerun::oracle::ref_pairs(root).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `(gguf, ref)` pairs of one fixture folder, sorted.
 pub fn ref_pairs_in(dir: &Path) -> Vec<(PathBuf, RefFile)> {
-    let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir).expect("read dir").flatten().map(|e| e.path()).collect();
-    files.sort();
-    for f in files {
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        if let Some(stem) = name.strip_suffix(".ref.json") {
-            let gguf = dir.join(format!("{stem}.gguf"));
-            let text = std::fs::read_to_string(&f).expect("read ref");
-            let r: RefFile = serde_json::from_str(&text).expect("parse ref");
-            out.push((gguf, r));
-        }
-    }
-    out
+    moerun::oracle::ref_pairs_in(dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A copy of the GGUF at `src`, written to `dest`, with metadata `key` set to `value` (added if

@@ -380,6 +380,10 @@ pub struct CudaBackend {
     up_dev: DeviceBuf,
     up_at: usize,
     registered: Vec<Registered>,
+    /// An input rounded to a weight's `vec_dot_type`, and which input and type it holds (reset
+    /// by every operation: the input's bytes change between them).
+    xr: CudaAct,
+    rounded: Option<(DevPtr, i32)>,
     /// Expert-FFN scratch: gathered inputs, gate, up, down outputs.
     xg: CudaAct,
     g: CudaAct,
@@ -460,6 +464,8 @@ impl CudaBackend {
             up_dev,
             up_at: 0,
             registered: Vec::new(),
+            xr: CudaAct::default(),
+            rounded: None,
             xg: CudaAct::default(),
             g: CudaAct::default(),
             u: CudaAct::default(),
@@ -718,7 +724,36 @@ impl CudaBackend {
         out
     }
 
-    /// `y[t][r] = w[r] · x[t]` for `n` rows of x (`x_stride` apart) into y (`y_stride` apart).
+    /// `x` (n rows of `cols`, `xs` apart) as ggml's CPU hands it to weights of type `ty`: rounded
+    /// to their `vec_dot_type` (8-bit blocks for quantized weights, f16 or bf16) into `self.xr`,
+    /// once per operation and type; f32 weights take it as it is.
+    fn round_input(&mut self, x: DevPtr, xs: usize, n: usize, cols: usize, ty: GgmlType) -> (DevPtr, usize) {
+        let kind = match crate::ggml::kernels(ty).map(|k| k.vec_dot_type) {
+            Some(GgmlType::Q8_0) => 1,
+            Some(GgmlType::Q8_1) => 2,
+            Some(GgmlType::Q8_K) => 3,
+            Some(GgmlType::F16) => 4,
+            Some(GgmlType::BF16) => 5,
+            _ => return (x, xs),
+        };
+        if self.rounded != Some((x, kind)) {
+            let mut xr = std::mem::take(&mut self.xr);
+            self.ensure(&mut xr, n, cols);
+            let qk = if kind == 3 { 256 } else { 32 };
+            self.launch_named(
+                "round_act_f32",
+                (cols.div_ceil(qk).div_ceil(128), n, 1),
+                128,
+                &[Arg::P(x), long(xs), Arg::P(xr.ptr()), long(cols), int(cols), Arg::I(kind)],
+            );
+            self.xr = xr;
+            self.rounded = Some((x, kind));
+        }
+        (self.xr.ptr(), cols)
+    }
+
+    /// `y[t][r] = w[r] · x[t]` for `n` rows of x (`x_stride` apart) into y (`y_stride` apart), x
+    /// first rounded as the CPU rounds it for `ty`.
     #[allow(clippy::too_many_arguments)]
     fn mat_mul(
         &mut self,
@@ -732,6 +767,7 @@ impl CudaBackend {
         y: DevPtr,
         ys: usize,
     ) {
+        let (x, xs) = self.round_input(x, xs, n, cols, ty);
         let tiled = n >= TILED_FROM;
         let f = match (tiled, if tiled { self.k.matmul.get(&ty) } else { self.k.matvec.get(&ty) }) {
             (_, Some(f)) => f.clone(),
@@ -758,6 +794,7 @@ impl CudaBackend {
         if n == 0 {
             return;
         }
+        self.rounded = None;
         let [gate, up, down] = j.mats;
         let mut keep = Vec::with_capacity(3);
         let Some(p) = self.addrs(&j.mats, &mut keep) else { return };
@@ -1186,6 +1223,7 @@ impl Backend for CudaBackend {
         }
         let mut keep = Vec::new();
         let Some(p) = self.addrs(ws, &mut keep) else { return };
+        self.rounded = None;
         let mut off = 0;
         for (w, &p) in ws.iter().zip(&p) {
             self.mat_mul(p, w.ty, w.rows, w.cols, x.ptr(), x.cols, x.rows, out.at(off), width);
@@ -1377,6 +1415,7 @@ impl Backend for CudaBackend {
         }
         let mut keep = Vec::new();
         let Some(p) = self.addrs(&ws[..from.n.min(ws.len())], &mut keep) else { return };
+        self.rounded = None;
         for (i, (w, &p)) in ws.iter().zip(&p).enumerate() {
             let xcol = from.cols(i).start;
             self.mat_mul(p, w.ty, w.rows, w.cols, x.at(xcol), x.cols, x.rows, out.at(to.col + i * to.stride), out.cols);

@@ -82,6 +82,7 @@ pub const FILES: &[KernelFile] = &[
             "scatter_rows_f32",
             "combine_f32",
             "copy_cols_f32",
+            "round_act_f32",
             "get_rows_{type}",
         ],
     },

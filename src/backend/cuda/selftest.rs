@@ -305,7 +305,10 @@ pub fn backend_checks(ordinal: usize, cache: Option<&std::path::Path>) -> Result
             let mut make = || super::CudaBackend::new(opts.clone()).map_err(|e| e.to_string());
             match conformance::run(dir.path(), std::slice::from_ref(&case), 0.02, &mut make) {
                 Ok(checks) => out.extend(checks.into_iter().map(|c| Check {
-                    kernel: format!("{}{label} ({} flips of {} rows)", c.what, c.argmax_flips, c.rows),
+                    kernel: format!(
+                        "{}{label} ({} rows; other top token {}, other experts {})",
+                        c.what, c.rows, c.argmax_flips, c.route_flips
+                    ),
                     max_rel_err: c.max_rel_err,
                     tolerance: c.tolerance,
                     ok: c.ok,

@@ -91,6 +91,46 @@ pub(super) fn time_ours<B: Backend>(
     )
 }
 
+/// A GPU's copies through decode alone: one more greedy run whose prompt is evaluated first,
+/// then the device's counters taken around `n_gen` one-token steps.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct DecodeCopies {
+    pub decode_tok_s: f64,
+    pub bytes_copied_per_token: f64,
+    pub copy_busy_ms_per_token: f64,
+    /// Lookups of host-held experts in the GPU arena during decode, and the share that hit.
+    pub lookups_per_token: f64,
+    pub hit_rate: Option<f64>,
+    pub launches_per_token: f64,
+}
+
+pub(super) fn decode_copies<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+    n_gen: usize,
+) -> anyhow::Result<Option<DecodeCopies>> {
+    let mut sess = engine.new_session()?;
+    let mut logits = engine.eval(&mut sess, prompt, Logits::Last)?;
+    let Some(before) = engine.device_stats() else { return Ok(None) };
+    let t = Instant::now();
+    for _ in 0..n_gen {
+        let id = argmax(&logits) as u32;
+        logits = engine.eval(&mut sess, &[id], Logits::Last)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let after = engine.device_stats().unwrap_or_default();
+    let n = n_gen.max(1) as f64;
+    let lookups = after.expert_lookups - before.expert_lookups;
+    Ok(Some(DecodeCopies {
+        decode_tok_s: n / secs.max(1e-9),
+        bytes_copied_per_token: (after.bytes_copied - before.bytes_copied) as f64 / n,
+        copy_busy_ms_per_token: 1000.0 * (after.copy_busy_s - before.copy_busy_s) / n,
+        lookups_per_token: lookups as f64 / n,
+        hit_rate: (lookups > 0).then(|| (after.expert_hits - before.expert_hits) as f64 / lookups as f64),
+        launches_per_token: (after.launches - before.launches) as f64 / n,
+    }))
+}
+
 /// One timed greedy run of the linked llama.cpp from an empty context.
 pub(super) fn time_llama(r: &mut LlamaReference, prompt: &[u32], n_gen: usize) -> anyhow::Result<(f64, f64)> {
     r.clear();

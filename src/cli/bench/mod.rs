@@ -102,6 +102,10 @@ struct Report {
     /// Where moerun computed (`cpu`, `cuda:0`), and a GPU's memory and copy counters.
     device: String,
     gpu: Option<moerun::backend::DeviceStats>,
+    /// A GPU's copies through decode alone (one more run).
+    gpu_decode: Option<measure::DecodeCopies>,
+    /// The model's sizes: active bytes per token bound an all-resident decode.
+    moe: moerun::stats::MoeFacts,
     llama_cpp: Option<Side>,
     llama_repack: bool,
     decode_ratio: Option<f64>,
@@ -249,6 +253,10 @@ fn bench_on<B: Backend>(mut a: Args, backend: B, device: String) -> anyhow::Resu
     let (resident_mode, resident_bytes) = engine.resident();
     let moerun_side =
         run_ours.then(|| Side { name: "moerun", prefill_tok_s: Stat::of(ours.0), decode_tok_s: Stat::of(ours.1) });
+    let gpu_decode = match run_ours && engine.device_stats().is_some() {
+        true => measure::decode_copies(&mut engine, &prompt, a.n_gen)?,
+        false => None,
+    };
     let cache = engine.offload_stats();
     let gpu = engine.device_stats();
     let memory = Memory::of(rss, cache.as_ref().map(|c| c.budget_bytes), resident_bytes, engine.session_kv_bytes());
@@ -291,6 +299,17 @@ fn bench_on<B: Backend>(mut a: Args, backend: B, device: String) -> anyhow::Resu
     if let Some(d) = &gpu {
         println!("{}", super::device_args::device_line(d, tokens_run));
     }
+    if let Some(g) = &gpu_decode {
+        println!(
+            "decode alone: {:.1} tok/s, {:.2} MiB copied per token ({:.1} lookups, hit rate {}), copy stream busy {:.2} ms per token, {:.0} kernel launches per token",
+            g.decode_tok_s,
+            g.bytes_copied_per_token / 1048576.0,
+            g.lookups_per_token,
+            g.hit_rate.map_or("-".into(), |h| format!("{:.1}%", 100.0 * h)),
+            g.copy_busy_ms_per_token,
+            g.launches_per_token
+        );
+    }
     if run_ours {
         println!("{}", memory.line(resident_mode, resident_bytes as f64 / 1048576.0, kv_mib));
     }
@@ -315,6 +334,8 @@ fn bench_on<B: Backend>(mut a: Args, backend: B, device: String) -> anyhow::Resu
         io_gb_s,
         device,
         gpu,
+        gpu_decode,
+        moe: moerun::stats::MoeFacts::of(&model),
         llama_cpp: llama_side,
         llama_repack: a.llama_repack,
         decode_ratio,

@@ -1,0 +1,195 @@
+//! The CUDA backend end to end without a GPU: `tests/emu` builds an emulated driver
+//! (`libcuda.so`: the driver calls cudarc and the backend make, over host memory, with the
+//! kernels of `kernels/*.cu` built for the host and run by a fiber emulation of CUDA's threads,
+//! barriers and warp shuffles), and the real `moerun` binary loads it in place of NVIDIA's. What
+//! runs is the product's code: cudarc, the backend's buffers, launches (every argument in the
+//! order the kernel takes it), the expert arena and staging copies, unified-memory
+//! registration, `--cpu-moe`. What the emulation cannot show is speed and the ordering between
+//! streams (every call is synchronous); a lent GPU machine runs `benches/device-check.sh` for
+//! those.
+//!
+//! Built with `--features cuda` only; needs NVRTC (the backend compiles its kernels before
+//! loading them: the emulated driver ignores the PTX) and a C++17 compiler.
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use moerun::backend::cuda::{kernels, library};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn nvrtc_or_skip() -> bool {
+    match library("nvrtc") {
+        Ok(_) => true,
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: no NVRTC ({why})");
+            false
+        }
+        Err(why) => panic!("CI needs NVRTC: {why}"),
+    }
+}
+
+/// Builds the emulated driver into `dir` (as `libcuda.so`): one translation unit per kernel
+/// file, registering each of its entries by name.
+fn build_driver(dir: &Path) {
+    let mut sources = vec![root().join("tests/emu/driver.cpp")];
+    for f in kernels::FILES {
+        let mut tu = String::from("#include \"cuda_emu.h\"\n#include \"registry.h\"\n");
+        for inc in ["kernels/prelude.cuh", "kernels/dequant.cuh", &format!("kernels/{}", f.file)] {
+            tu += &format!("#include \"{}\"\n", root().join(inc).display());
+        }
+        for (i, e) in f.entry_names().iter().enumerate() {
+            tu += &format!("static emu::Reg r{i}(\"{e}\", emu::wrap(&{e}));\n");
+        }
+        let p = dir.join(format!("{}.cpp", f.file));
+        std::fs::write(&p, tu).expect("write a translation unit");
+        sources.push(p);
+    }
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = Command::new(&cxx)
+        .args(["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror", "-I"])
+        .arg(root().join("tests/emu"))
+        .args(&sources)
+        .arg("-o")
+        .arg(dir.join("libcuda.so"))
+        .output()
+        .unwrap_or_else(|e| panic!("{cxx}: {e}"));
+    assert!(out.status.success(), "building the emulated driver: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `moerun` with the emulated driver first on the library path.
+fn moerun(driver: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut path = driver.display().to_string();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        path = format!("{path}:{}", old.to_string_lossy());
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_moerun"))
+        .args(args)
+        .env("LD_LIBRARY_PATH", path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run moerun");
+    out
+}
+
+fn json_of(out: &Output, what: &str) -> serde_json::Value {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+struct Driver {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    kernel_cache: String,
+}
+
+fn driver() -> Option<Driver> {
+    if !nvrtc_or_skip() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    build_driver(dir.path());
+    let path = dir.path().to_path_buf();
+    let kernel_cache = dir.path().join("kernels").display().to_string();
+    Some(Driver { _dir: dir, path, kernel_cache })
+}
+
+/// Every kernel against the host, then whole synthetic models of every family through the CUDA
+/// backend against the CPU and plain backends: all resident, `--gpu-budget 50%`, `--unified`,
+/// `--cpu-moe` (`moerun device --self-test`, as a lent GPU runs it).
+#[test]
+fn the_self_test_passes_on_the_emulated_device() {
+    let Some(d) = driver() else { return };
+    let out = moerun(&d.path, &["device", "--self-test", "--kernel-cache", &d.kernel_cache], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("moerun emulated device") || text.contains("self-test:"), "{text}");
+    assert!(text.contains("0 failed"), "{text}");
+    assert!(text.contains("deepseek2") && text.contains("[--cpu-moe]") && text.contains("[--unified]"), "{text}");
+}
+
+/// The trained bundled model: greedy tokens on the (emulated) GPU are the CPU's; and bit for bit
+/// the same logits whatever the GPU budget, with an expert cache in RAM, read in place
+/// (`--unified`) or on a device that says it is integrated.
+#[test]
+fn greedy_tokens_match_the_cpu_and_every_gpu_memory_setting_gives_the_same_logits() {
+    let Some(d) = driver() else { return };
+    let base = ["generate", "-p", "/// Returns the number of", "-n", "8", "--temp", "0", "--json"];
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        json_of(&moerun(&d.path, &args, env), &extra.join(" "))
+    };
+    let cpu = run(&["--device", "cpu"], &[]);
+    let gpu = run(&["--device", "cuda"], &[]);
+    assert_eq!(gpu["ids"], cpu["ids"], "greedy tokens, cuda vs cpu");
+    assert_eq!(gpu["device"]["device"], "cuda:0 moerun emulated device");
+    assert_eq!(gpu["device"]["copies"], 0, "every expert resident");
+    let budget = run(&["--device", "cuda", "--gpu-budget", "40%"], &[]);
+    assert!(budget["device"]["copies"].as_u64().unwrap_or(0) > 0, "{}", budget["device"]);
+    let cached = run(&["--device", "cuda", "--memory-budget", "200MiB", "--gpu-budget", "40%"], &[]);
+    let unified = run(&["--device", "cuda", "--memory-budget", "200MiB", "--unified"], &[]);
+    let integrated = run(&["--device", "cuda", "--memory-budget", "200MiB"], &[("MOERUN_EMU_INTEGRATED", "1")]);
+    let cpu_moe = run(&["--device", "cuda", "--cpu-moe"], &[]);
+    for (name, r) in [
+        ("--gpu-budget 40%", &budget),
+        ("+ expert cache", &cached),
+        ("--unified", &unified),
+        ("integrated", &integrated),
+    ] {
+        assert_eq!(r["ids"], gpu["ids"], "{name}: tokens");
+        assert_eq!(r["top_logits"], gpu["top_logits"], "{name}: logits, bit for bit");
+    }
+    assert_eq!(unified["device"]["copies"], 0, "read in place: {}", unified["device"]);
+    assert_eq!(integrated["device"]["copies"], 0, "read in place: {}", integrated["device"]);
+    assert_eq!(cpu_moe["ids"], cpu["ids"], "--cpu-moe: tokens");
+    assert!(cpu_moe["device"]["host_computed"].as_u64().unwrap_or(0) > 0, "{}", cpu_moe["device"]);
+}
+
+/// The front door's device choice: `--device cuda` on a machine without the driver fails naming
+/// it; the default falls back to the CPU with one line.
+#[test]
+fn without_a_driver_the_default_is_the_cpu_and_cuda_asked_for_fails() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let gen = ["generate", "-p", "Hi", "-n", "1", "--temp", "0"];
+    let asked = moerun(empty.path(), &[&gen[..], &["--device", "cuda"]].concat(), &[]);
+    let err = String::from_utf8_lossy(&asked.stderr);
+    if library("cuda").is_ok() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    assert!(!asked.status.success() && err.contains("--device cuda:0") && err.contains("driver"), "{err}");
+    let default = moerun(empty.path(), &gen, &[]);
+    let err = String::from_utf8_lossy(&default.stderr);
+    assert!(default.status.success(), "{err}");
+    assert!(err.contains("running on the CPU"), "{err}");
+}
+
+/// llama.cpp's reference cases on the (emulated) GPU: every random-weight fixture, each family
+/// being added included (`moerun device --oracle`, as a lent GPU runs it). The trained model's
+/// greedy continuations are checked above against the CPU (its eight long references take the
+/// emulation minutes).
+#[test]
+fn the_fixtures_match_llama_cpp_on_the_emulated_device() {
+    let fixtures = root().join("../shared/fixtures");
+    if !fixtures.is_dir() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs {}", fixtures.display());
+        eprintln!("skipped: {} not found", fixtures.display());
+        return;
+    }
+    let Some(d) = driver() else { return };
+    let mut args = vec!["device".to_string(), "--kernel-cache".into(), d.kernel_cache.clone()];
+    for dir in ["mixtral-tiny", "qwen3moe-tiny"] {
+        args.extend(["--oracle".into(), fixtures.join(dir).display().to_string()]);
+    }
+    args.extend(["--oracle".into(), fixtures.join("../fixtures-next").display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = moerun(&d.path, &args, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(" 0 failed") && text.contains("deepseek2-tiny") && text.contains("gptoss-tiny"), "{text}");
+}
