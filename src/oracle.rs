@@ -102,10 +102,12 @@ pub const KERNELS: Tolerance = Tolerance { logit: 0.02, margin: 0.01, trained_lo
 /// within 0.5.
 pub const PLAIN: Tolerance = Tolerance { logit: 0.02, margin: 0.01, trained_logit: 0.25, trained_margin: 0.5 };
 
-/// The CUDA backend: activations stay f32 into every mat-mul (llama.cpp's CPU rounds them to the
-/// weight's 8-bit `vec_dot_type` first), attention accumulates in f32 with an online softmax.
-/// More exact than the reference, so not the same: logits within 0.05 on the random-weight
-/// models, the trained model held as the plain backend is.
+/// The CUDA backend: inputs rounded to each weight's `vec_dot_type` as llama.cpp's CPU rounds
+/// them, but its own summation order and `exp`, and attention accumulated in f32 (llama.cpp's CPU
+/// accumulates values in f16 for batches under 64 rows). On the emulated device the random-weight
+/// fixtures land within 0.017 and rustdoc-moe within 0.05–0.18 (its greedy continuations
+/// intact), as the plain backend's f64 sums do; so the plain backend's pair for the trained model,
+/// and 0.05 elsewhere.
 pub const DEVICE: Tolerance = Tolerance { logit: 0.05, margin: 0.02, trained_logit: 0.25, trained_margin: 0.5 };
 
 /// The CUDA backend on `llama-dense-tiny`, the fixture built to amplify (8 dense layers, init
@@ -197,6 +199,12 @@ pub fn check<B: Backend>(
     Ok(worst)
 }
 
+/// Whether a fixture file is the trained model (held to its greedy continuations, with the
+/// trained tolerances).
+pub fn is_trained(file_name: &str) -> bool {
+    file_name.starts_with("rustdoc-moe")
+}
+
 /// Every case of every `(gguf, ref)` pair on a fresh backend from `make` per file (only
 /// rustdoc-moe, the trained model, is held to its greedy continuations).
 pub fn check_pairs<B: Backend>(
@@ -207,7 +215,7 @@ pub fn check_pairs<B: Backend>(
     let mut out = Outcome::default();
     for (gguf, r) in pairs {
         let name = gguf.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let trained = name.starts_with("rustdoc-moe");
+        let trained = is_trained(&name);
         let mut eng = match make().and_then(|b| engine(&gguf, b)) {
             Ok(e) => e,
             Err(e) => {

@@ -166,8 +166,8 @@ fn oracle(a: &Args, cache: Option<&std::path::Path>) -> anyhow::Result<()> {
         }
     }
     println!(
-        "oracle: {checked} llama.cpp reference cases on the device (logits within {} of llama.cpp's; the trained model's greedy continuations), {failed} failed",
-        DEVICE.logit
+        "oracle: {checked} llama.cpp reference cases on the device (logits within {} of llama.cpp's, {} on the trained model, and its greedy continuations), {failed} failed",
+        DEVICE.logit, DEVICE.trained_logit
     );
     anyhow::ensure!(failed == 0, "{failed} reference cases differ from llama.cpp");
     Ok(())
