@@ -35,6 +35,15 @@ extern "C" __global__ void add_bias_f32(float* x, long stride, int col, const fl
     if (i < n) x[(long)blockIdx.y * stride + col + i] += b[i];
 }
 
+// Row (rows ? rows[j] : j) of x gets job j's bias: x[..][i] += ((const float*)bs[j])[i] for i < n;
+// grid (n / blockDim.x, jobs).
+extern "C" __global__ void add_bias_grouped_f32(float* x, long stride, const int* rows, const unsigned long long* bs,
+                                                int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int j = blockIdx.y;
+    if (i < n) x[(long)(rows ? rows[j] : j) * stride + i] += ((const float*)bs[j])[i];
+}
+
 // out[r] = x[ids[r]] (rows of `cols`, x rows `x_stride` apart); grid (cols / blockDim.x, n).
 extern "C" __global__ void gather_rows_f32(const float* x, long x_stride, const int* ids, float* out, int cols) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;

@@ -32,3 +32,23 @@
     }
 
 MR_FOR_EACH_TYPE(MR_MATVEC)
+
+// Decode's routed experts in one launch: job j (grid y) multiplies weight ws[j] (a device
+// address per job, all of one type) by input row x + j * x_job_stride (0: every job reads the same
+// row) into row (rows_out ? rows_out[j] : j) of y. One warp per weight row, as matvec_*.
+#define MR_MATVEC_GROUPED(name, B, QKV)                                                           \
+    extern "C" __global__ void matvec_grouped_##name(const unsigned long long* ws, const float* x, \
+                                                     long x_job_stride, float* y, const int* rows_out, \
+                                                     long y_stride, int rows, int cols) {          \
+        const int row = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);                                \
+        const int lane = threadIdx.x & 31, j = blockIdx.y;                                         \
+        if (row >= rows) return;                                                                   \
+        const B* wr = (const B*)ws[j] + (long)row * (cols / QKV);                                  \
+        const float* xj = x + (long)j * x_job_stride;                                              \
+        float acc = 0.0f;                                                                          \
+        for (int c = lane; c < cols; c += 32) acc += dq_##name(wr + c / QKV, c % QKV) * xj[c];      \
+        acc = warp_sum(acc);                                                                       \
+        if (lane == 0) y[(long)(rows_out ? rows_out[j] : j) * y_stride + row] = acc;               \
+    }
+
+MR_FOR_EACH_TYPE(MR_MATVEC_GROUPED)

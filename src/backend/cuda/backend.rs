@@ -331,6 +331,7 @@ struct Registered {
 struct Kernels {
     named: HashMap<String, CudaFunction>,
     matvec: HashMap<GgmlType, CudaFunction>,
+    matvec_grouped: HashMap<GgmlType, CudaFunction>,
     matmul: HashMap<GgmlType, CudaFunction>,
     get_rows: HashMap<GgmlType, CudaFunction>,
 }
@@ -429,8 +430,13 @@ impl CudaBackend {
                 .filter_map(|t| Some((kernels::ggml_type(t)?, named.get(&format!("{prefix}_{t}"))?.clone())))
                 .collect::<HashMap<_, _>>()
         };
-        let k =
-            Kernels { matvec: per_type("matvec"), matmul: per_type("matmul"), get_rows: per_type("get_rows"), named };
+        let k = Kernels {
+            matvec: per_type("matvec"),
+            matvec_grouped: per_type("matvec_grouped"),
+            matmul: per_type("matmul"),
+            get_rows: per_type("get_rows"),
+            named,
+        };
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
         let copy = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
         let stages = (0..STAGES)
@@ -852,6 +858,128 @@ impl CudaBackend {
             &[Arg::P(o.ptr()), int(d_out), Arg::P(rows), Arg::P(y.ptr()), long(y.cols)],
         );
         (self.xg, self.g, self.u, self.o) = (xg, g, u, o);
+    }
+
+    /// Decode's routed experts in six launches instead of eight per expert: when every job is the
+    /// same one token through experts of one type and shape, gate and up run as one grouped
+    /// mat-vec each (a weight address per expert), the GLU once over all of them, and down
+    /// writes each expert's row of `y` directly. Returns false (nothing done) where that does not
+    /// apply: the caller runs the jobs one by one.
+    fn fused_decode(&mut self, x: &CudaAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) -> bool {
+        let Some(first) = jobs.first() else { return false };
+        let [g0, u0, d0] = first.mats;
+        let same = |j: &&ExpertJob<'_, '_, Self>| {
+            let [g, u, d] = j.mats;
+            j.tokens.len() == 1
+                && j.tokens == first.tokens
+                && j.glu == first.glu
+                && j.bias.is_some() == first.bias.is_some()
+                && (g.ty, g.rows, g.cols, u.ty, u.rows, u.cols, d.ty, d.rows, d.cols)
+                    == (g0.ty, g0.rows, g0.cols, u0.ty, u0.rows, u0.cols, d0.ty, d0.rows, d0.cols)
+        };
+        let n = jobs.len();
+        let fits = self.arena.as_ref().is_none_or(|a| 3 * n <= a.owner.len());
+        let kernels = [g0.ty, u0.ty, d0.ty].iter().all(|t| self.k.matvec_grouped.contains_key(t));
+        if n < 2 || !fits || !kernels || !jobs.iter().all(same) {
+            return false;
+        }
+        let mats: Vec<CudaMat<'_>> = jobs.iter().flat_map(|j| j.mats).collect();
+        let mut keep = Vec::with_capacity(mats.len());
+        let Some(p) = self.addrs(&mats, &mut keep) else { return true };
+        self.rounded = None;
+        let (d, ff, d_out) = (g0.cols, g0.rows, d0.rows);
+        let (mut g, mut u) = (std::mem::take(&mut self.g), std::mem::take(&mut self.u));
+        self.ensure(&mut g, n, ff);
+        self.ensure(&mut u, n, ff);
+        let ptrs = |k: usize| p.iter().skip(k).step_by(3).copied().collect::<Vec<DevPtr>>();
+        let (wg, wu, wd) = (ptrs(0), ptrs(1), ptrs(2));
+        let (wg, wu, wd) = (self.upload(&wg), self.upload(&wu), self.upload(&wd));
+        let xrow = x.at(first.tokens[0] as usize * x.cols);
+        let (xi, _) = self.round_input(xrow, x.cols, 1, d, g0.ty);
+        self.grouped(g0.ty, wg, xi, 0, g.ptr(), 0, ff, ff, d, n);
+        let (xi, _) = self.round_input(xrow, x.cols, 1, d, u0.ty);
+        self.grouped(u0.ty, wu, xi, 0, u.ptr(), 0, ff, ff, d, n);
+        let biases = first.bias.map(|_| {
+            let per = |k: usize| jobs.iter().filter_map(|j| j.bias.map(|b| b[k].ptr)).collect::<Vec<DevPtr>>();
+            [per(0), per(1), per(2)]
+        });
+        let rows: Vec<i32> = jobs.iter().map(|j| j.out_rows[0] as i32).collect();
+        let rows = self.upload(&rows);
+        if let Some([bg, bu, _]) = &biases {
+            let (bg, bu) = (self.upload(bg), self.upload(bu));
+            self.bias_grouped(&g, 0, bg, ff, n);
+            self.bias_grouped(&u, 0, bu, ff, n);
+        }
+        let (kind, alpha, limit) = match first.glu {
+            Glu::SwiGlu => (0, 0.0, 0.0),
+            Glu::SwiGluOai { alpha, limit } => (1, alpha, limit),
+        };
+        self.elementwise(
+            "glu_f32",
+            n * ff,
+            &[
+                Arg::P(g.ptr()),
+                Arg::P(u.ptr()),
+                Arg::P(g.ptr()),
+                long(n * ff),
+                Arg::I(kind),
+                Arg::F(alpha),
+                Arg::F(limit),
+            ],
+        );
+        let (ai, a_stride) = self.round_input(g.ptr(), ff, n, ff, d0.ty);
+        self.grouped(d0.ty, wd, ai, a_stride, y.ptr(), rows, y.cols, d_out, ff, n);
+        if let Some([_, _, bd]) = &biases {
+            let bd = self.upload(bd);
+            self.bias_grouped(y, rows, bd, d_out, n);
+        }
+        self.release(&keep);
+        (self.g, self.u) = (g, u);
+        true
+    }
+
+    /// `y[rows_out[j] or j] = ws[j] · x[j]` for `n` jobs (`x` rows `x_job_stride` apart; 0: one
+    /// row for all), one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped(
+        &mut self,
+        ty: GgmlType,
+        ws: DevPtr,
+        x: DevPtr,
+        x_job_stride: usize,
+        y: DevPtr,
+        rows_out: DevPtr,
+        y_stride: usize,
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) {
+        let Some(f) = self.k.matvec_grouped.get(&ty).cloned() else { return };
+        self.launch(
+            &f,
+            (rows.div_ceil(8), n, 1),
+            256,
+            &[
+                Arg::P(ws),
+                Arg::P(x),
+                long(x_job_stride),
+                Arg::P(y),
+                Arg::P(rows_out),
+                long(y_stride),
+                int(rows),
+                int(cols),
+            ],
+        );
+    }
+
+    /// Job j's bias (addresses `bs`) added to row `rows[j]` (or j, `rows` 0) of `x`.
+    fn bias_grouped(&mut self, x: &CudaAct, rows: DevPtr, bs: DevPtr, n: usize, jobs: usize) {
+        self.launch_named(
+            "add_bias_grouped_f32",
+            (n.div_ceil(256), jobs, 1),
+            256,
+            &[Arg::P(x.ptr()), long(x.cols), Arg::P(rows), Arg::P(bs), int(n)],
+        );
     }
 
     fn bias(&mut self, x: &CudaAct, col: usize, n: usize, b: DevPtr) {
@@ -1354,8 +1482,10 @@ impl Backend for CudaBackend {
             })
         };
         let (host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
-        for j in dev {
-            self.expert_job(x, j, y);
+        if !self.fused_decode(x, &dev, y) {
+            for j in dev {
+                self.expert_job(x, j, y);
+            }
         }
         if !host.is_empty() {
             self.expert_jobs_on_cpu(x, &host, y);

@@ -67,7 +67,11 @@ impl KernelFile {
 
 /// Every kernel file.
 pub const FILES: &[KernelFile] = &[
-    KernelFile { file: "matvec.cu", source: include_str!("../../../kernels/matvec.cu"), entries: &["matvec_{type}"] },
+    KernelFile {
+        file: "matvec.cu",
+        source: include_str!("../../../kernels/matvec.cu"),
+        entries: &["matvec_{type}", "matvec_grouped_{type}"],
+    },
     KernelFile { file: "matmul.cu", source: include_str!("../../../kernels/matmul.cu"), entries: &["matmul_{type}"] },
     KernelFile { file: "norm.cu", source: include_str!("../../../kernels/norm.cu"), entries: &["rms_norm_f32"] },
     KernelFile {
@@ -78,6 +82,7 @@ pub const FILES: &[KernelFile] = &[
             "scale_f32",
             "glu_f32",
             "add_bias_f32",
+            "add_bias_grouped_f32",
             "gather_rows_f32",
             "scatter_rows_f32",
             "combine_f32",
