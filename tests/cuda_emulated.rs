@@ -12,6 +12,8 @@
 //! loading them: the emulated driver ignores the PTX) and a C++17 compiler.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -19,17 +21,6 @@ use moerun::backend::cuda::{kernels, library};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn nvrtc_or_skip() -> bool {
-    match library("nvrtc") {
-        Ok(_) => true,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipped: no NVRTC ({why})");
-            false
-        }
-        Err(why) => panic!("CI needs NVRTC: {why}"),
-    }
 }
 
 /// Builds the emulated driver into `dir` (as `libcuda.so`): one translation unit per kernel
@@ -88,7 +79,7 @@ struct Driver {
 }
 
 fn driver() -> Option<Driver> {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -175,12 +166,7 @@ fn without_a_driver_the_default_is_the_cpu_and_cuda_asked_for_fails() {
 /// emulation minutes).
 #[test]
 fn the_fixtures_match_llama_cpp_on_the_emulated_device() {
-    let fixtures = root().join("../shared/fixtures");
-    if !fixtures.is_dir() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs {}", fixtures.display());
-        eprintln!("skipped: {} not found", fixtures.display());
-        return;
-    }
+    let Some(fixtures) = common::fixtures() else { return };
     let Some(d) = driver() else { return };
     let mut args = vec!["device".to_string(), "--kernel-cache".into(), d.kernel_cache.clone()];
     for dir in ["mixtral-tiny", "qwen3moe-tiny"] {

@@ -5,22 +5,13 @@
 //! (`.ci/run` installs it). Without NVRTC the test says so and passes, except under CI.
 #![cfg(feature = "cuda")]
 
-use moerun::backend::cuda::{kernels, library, probe, CudaError};
+mod common;
 
-fn nvrtc_or_skip() -> bool {
-    match library("nvrtc") {
-        Ok(_) => true,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipped: no NVRTC ({why})");
-            false
-        }
-        Err(why) => panic!("CI needs NVRTC: {why}"),
-    }
-}
+use moerun::backend::cuda::{kernels, probe, CudaError};
 
 #[test]
 fn every_kernel_compiles_for_every_ci_architecture_with_its_entries() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     for arch in kernels::CI_ARCHS {
@@ -38,7 +29,7 @@ fn every_kernel_compiles_for_every_ci_architecture_with_its_entries() {
 
 #[test]
 fn compiled_kernels_are_cached_by_source_arch_and_nvrtc_version() {
-    if !nvrtc_or_skip() {
+    if !common::nvrtc_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -20,6 +20,20 @@ pub fn fixtures() -> Option<PathBuf> {
 
 pub use moerun::oracle::RefFile;
 
+/// Whether NVRTC opens (the CUDA tests need it to compile kernels); without it a test says it
+/// skipped, except under CI, where it fails.
+#[cfg(feature = "cuda")]
+pub fn nvrtc_or_skip() -> bool {
+    match moerun::backend::cuda::library("nvrtc") {
+        Ok(_) => true,
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: no NVRTC ({why})");
+            false
+        }
+        Err(why) => panic!("CI needs NVRTC: {why}"),
+    }
+}
+
 /// Every `(gguf, ref)` pair under the fixtures folder, sorted.
 pub fn ref_pairs(root: &Path) -> Vec<(PathBuf, RefFile)> {
     moerun::oracle::ref_pairs(root).unwrap_or_else(|e| panic!("{e}"))

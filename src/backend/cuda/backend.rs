@@ -828,23 +828,7 @@ impl CudaBackend {
             self.bias(&g, 0, ff, bg.ptr);
             self.bias(&u, 0, ff, bu.ptr);
         }
-        let (kind, alpha, limit) = match j.glu {
-            Glu::SwiGlu => (0, 0.0, 0.0),
-            Glu::SwiGluOai { alpha, limit } => (1, alpha, limit),
-        };
-        self.elementwise(
-            "glu_f32",
-            n * ff,
-            &[
-                Arg::P(g.ptr()),
-                Arg::P(u.ptr()),
-                Arg::P(g.ptr()),
-                long(n * ff),
-                Arg::I(kind),
-                Arg::F(alpha),
-                Arg::F(limit),
-            ],
-        );
+        self.glu(&g, &u, n * ff, j.glu);
         self.mat_mul(p[2], down.ty, d_out, ff, g.ptr(), ff, n, o.ptr(), d_out);
         if let Some([_, _, bd]) = j.bias {
             self.bias(&o, 0, d_out, bd.ptr);
@@ -910,23 +894,7 @@ impl CudaBackend {
             self.bias_grouped(&g, 0, bg, ff, n);
             self.bias_grouped(&u, 0, bu, ff, n);
         }
-        let (kind, alpha, limit) = match first.glu {
-            Glu::SwiGlu => (0, 0.0, 0.0),
-            Glu::SwiGluOai { alpha, limit } => (1, alpha, limit),
-        };
-        self.elementwise(
-            "glu_f32",
-            n * ff,
-            &[
-                Arg::P(g.ptr()),
-                Arg::P(u.ptr()),
-                Arg::P(g.ptr()),
-                long(n * ff),
-                Arg::I(kind),
-                Arg::F(alpha),
-                Arg::F(limit),
-            ],
-        );
+        self.glu(&g, &u, n * ff, first.glu);
         let (ai, a_stride) = self.round_input(g.ptr(), ff, n, ff, d0.ty);
         self.grouped(d0.ty, wd, ai, a_stride, y.ptr(), rows, y.cols, d_out, ff, n);
         if let Some([_, _, bd]) = &biases {
@@ -979,6 +947,19 @@ impl CudaBackend {
             (n.div_ceil(256), jobs, 1),
             256,
             &[Arg::P(x.ptr()), long(x.cols), Arg::P(rows), Arg::P(bs), int(n)],
+        );
+    }
+
+    /// `g = glu(g, u)` over the first `n` values.
+    fn glu(&mut self, g: &CudaAct, u: &CudaAct, n: usize, glu: Glu) {
+        let (kind, alpha, limit) = match glu {
+            Glu::SwiGlu => (0, 0.0, 0.0),
+            Glu::SwiGluOai { alpha, limit } => (1, alpha, limit),
+        };
+        self.elementwise(
+            "glu_f32",
+            n,
+            &[Arg::P(g.ptr()), Arg::P(u.ptr()), Arg::P(g.ptr()), long(n), Arg::I(kind), Arg::F(alpha), Arg::F(limit)],
         );
     }
 
