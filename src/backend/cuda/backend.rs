@@ -393,6 +393,10 @@ pub struct CudaBackend {
     cpu: Option<CpuBackend>,
     /// Copy-stream timing: (start, end) event pairs since the last sync.
     copy_timing: Vec<(Event, Event)>,
+    /// Whether the last pair of `copy_timing` waits for its end (copies of the current job).
+    timing_open: bool,
+    /// Recorded on the copy stream after a job's copies; the compute stream waits on it.
+    copy_done: Event,
     stats: DeviceStats,
     error: RefCell<Option<CudaError>>,
 }
@@ -444,6 +448,7 @@ impl CudaBackend {
             .collect::<Result<Vec<_>, DriverError>>()
             .map_err(err)?;
         let up_host = PinnedBuf::new(&ctx, UPLOAD_BYTES, 0).map_err(err)?;
+        let copy_done = Event::new(false).map_err(err)?;
         let up_dev = DeviceBuf::new(&ctx, UPLOAD_BYTES).map_err(err)?;
         let cpu = opts.cpu_moe.then(|| CpuBackend::new(opts.threads.max(1)));
         let mut opts = opts;
@@ -478,6 +483,8 @@ impl CudaBackend {
             o: CudaAct::default(),
             cpu,
             copy_timing: Vec::new(),
+            timing_open: false,
+            copy_done,
             stats: DeviceStats::default(),
             error: RefCell::new(None),
         })
@@ -667,6 +674,7 @@ impl CudaBackend {
             if let (Ok(a), Ok(b)) = (Event::new(true), Event::new(true)) {
                 self.check("timing a copy", a.record(self.copy));
                 self.copy_timing.push((a, b));
+                self.timing_open = true;
             }
         }
         for (i, piece) in bytes.chunks(STAGE_BYTES).enumerate() {
@@ -700,14 +708,18 @@ impl CudaBackend {
 
     /// After a job's copies were queued: the compute stream waits for them.
     fn join_copies(&mut self) {
-        if let Some((_, end)) = self.copy_timing.last() {
-            let r = end.record(self.copy);
-            // SAFETY: live stream and event of this context.
-            let r2 = unsafe {
-                result::stream::wait_event(self.stream, end.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-            };
-            self.check("ordering compute after a copy", r.and(r2));
+        if std::mem::take(&mut self.timing_open) {
+            if let Some((_, end)) = self.copy_timing.last() {
+                let r = end.record(self.copy);
+                self.check("timing a copy", r);
+            }
         }
+        let r = self.copy_done.record(self.copy);
+        // SAFETY: live stream and event of this context.
+        let r2 = unsafe {
+            result::stream::wait_event(self.stream, self.copy_done.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+        };
+        self.check("ordering compute after a copy", r.and(r2));
     }
 
     /// After the kernels reading `slots` were queued: mark when they ran.
