@@ -179,3 +179,14 @@ fn the_fixtures_match_llama_cpp_on_the_emulated_device() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(" 0 failed") && text.contains("deepseek2-tiny") && text.contains("gptoss-tiny"), "{text}");
 }
+
+/// A GPU budget too small for one layer's experts fails before anything runs, naming the flag
+/// and what it holds.
+#[test]
+fn a_gpu_budget_too_small_for_one_layer_is_refused_naming_the_flag() {
+    let Some(d) = driver() else { return };
+    let out = moerun(&d.path, &["generate", "-p", "Hi", "-n", "1", "--device", "cuda", "--gpu-budget", "512KiB"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--gpu-budget of 524288 bytes holds 3 expert slots") && err.contains("need 6"), "{err}");
+}
