@@ -67,6 +67,17 @@ run)
     for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/*/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu; do
         [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     done
+    # cudarc looks for libnvrtc.so, .so.12, .so.11 …: a CUDA 13 install may have only
+    # libnvrtc.so.13, so link the newest one found under that name.
+    if ! ldconfig -p | grep -q 'libnvrtc\.so '; then
+        mkdir -p /tmp/nvlib
+        nv=$(ls /usr/local/cuda*/lib64/libnvrtc.so.* /usr/local/cuda*/targets/*/lib/libnvrtc.so.* \
+            /usr/lib/x86_64-linux-gnu/libnvrtc.so.* 2>/dev/null | grep -v builtins | sort -V | tail -1 || true)
+        if [ -n "$nv" ]; then
+            ln -sf "$nv" /tmp/nvlib/libnvrtc.so
+            export LD_LIBRARY_PATH="/tmp/nvlib:$(dirname "$nv")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        fi
+    fi
     step() { # name, seconds, command...: output into $out/<name>.txt, never stops the script
         local name=$1 secs=$2
         shift 2
@@ -96,21 +107,23 @@ run)
     # Speed on models at real layer shapes, written here.
     mkdir -p /tmp/synth
     step synth 240 sh -c "$bin synth --preset qwen3moe --layers 8 -o /tmp/synth/qwen3moe.gguf && $bin synth --preset mixtral --layers 4 -o /tmp/synth/mixtral.gguf"
-    bench() { # model, name, flags...
-        local m=$1 name=$2
-        shift 2
-        timeout 100 "$bin" bench -m "/tmp/synth/$m.gguf" -p 512 -n 64 -r 3 --profile off --json "$out/bench-$m-$name.json" "$@" \
+    bench() { # model, name, generated tokens, repeats, flags...
+        local m=$1 name=$2 n=$3 r=$4
+        shift 4
+        echo "-- $m $name" >>"$out/bench.txt"
+        timeout 100 "$bin" bench -m "/tmp/synth/$m.gguf" -p 512 -n "$n" -r "$r" --profile off --json "$out/bench-$m-$name.json" "$@" \
             >>"$out/bench.txt" 2>&1 || echo "bench $m $name failed ($?)" | tee -a "$out/bench.txt"
     }
     echo "== bench"
     for m in qwen3moe mixtral; do
         [ -f "/tmp/synth/$m.gguf" ] || continue
-        bench "$m" resident --device cuda
-        bench "$m" gpu25-ram --device cuda --gpu-budget 25%
-        bench "$m" gpu25-disk --device cuda --gpu-budget 25% --expert-budget 10%
-        bench "$m" unified --device cuda --unified --expert-budget 25%
-        bench "$m" cpu-moe --device cuda --cpu-moe
-        bench "$m" cpu --device cpu -t 16
+        bench "$m" resident 64 3 --device cuda
+        bench "$m" gpu25-ram 64 3 --device cuda --gpu-budget 25%
+        # Misses from disk (1.6 GB/s there): a Mixtral-shaped token may read 2 GB, so fewer tokens.
+        bench "$m" gpu25-disk 16 1 --device cuda --gpu-budget 25% --expert-budget 10%
+        bench "$m" unified 32 1 --device cuda --unified --expert-budget 25%
+        bench "$m" cpu-moe 32 1 --device cuda --cpu-moe
+        bench "$m" cpu 32 1 --device cpu -t 16
     done
     if command -v python3 >/dev/null; then
         python3 benches/device_table.py "$out" | tee "$out/table.md"
