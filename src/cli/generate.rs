@@ -112,12 +112,11 @@ fn generate_on<B: Backend>(mut a: Args, backend: B) -> anyhow::Result<()> {
             g.timings.generated_tokens,
             g.timings.decode_tok_s()
         );
+        let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
         if let Some(d) = engine.device_stats() {
-            let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
             eprintln!("[{}]", super::device_args::device_line(&d, steps));
         }
         if let Some(st) = engine.offload_stats() {
-            let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
             eprintln!(
                 "[expert cache: hit rate {:.1}%, {:.2} MiB read per token (high {:.2}, low {:.2}), {:.1} ms stall per token, {} skipped]",
                 100.0 * st.hit_rate,

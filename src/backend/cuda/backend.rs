@@ -374,6 +374,8 @@ pub struct CudaBackend {
     opts: CudaOptions,
     k: Kernels,
     arena: Option<Arena>,
+    /// Bytes of an arena slot: the model's largest expert matrix (set when the weights are taken).
+    expert_slot: usize,
     stages: Vec<(PinnedBuf, Event)>,
     next_stage: usize,
     /// Small uploads: pinned bytes and their device twin, bump-allocated between syncs.
@@ -469,6 +471,7 @@ impl CudaBackend {
             opts,
             k,
             arena: None,
+            expert_slot: 0,
             stages,
             next_stage: 0,
             up_host,
@@ -540,12 +543,17 @@ impl CudaBackend {
         for (s, a) in slots.iter_mut().zip(args) {
             *s = a.slot();
         }
-        let mut ptrs: Vec<*mut c_void> = slots[..args.len()].iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); 20];
+        for (p, s) in ptrs.iter_mut().zip(slots.iter_mut()) {
+            *p = s as *mut u64 as *mut c_void;
+        }
         let g = (grid.0 as u32, grid.1 as u32, grid.2 as u32);
         // SAFETY: every caller passes the arguments of the kernel's signature in order (device
         // addresses of buffers this backend owns, sized for the launch); each slot outlives the
         // call, which copies the parameters before returning.
-        let r = unsafe { result::launch_kernel(f.cu_function(), g, (block as u32, 1, 1), 0, self.stream, &mut ptrs) };
+        let r = unsafe {
+            result::launch_kernel(f.cu_function(), g, (block as u32, 1, 1), 0, self.stream, &mut ptrs[..args.len()])
+        };
         self.stats.launches += 1;
         self.check("kernel launch", r);
     }
@@ -620,6 +628,13 @@ impl CudaBackend {
         }
     }
 
+    /// The device address of host bytes inside memory registered for the device (unified).
+    fn mapped(&self, bytes: &[u8]) -> Option<DevPtr> {
+        let h = bytes.as_ptr() as usize;
+        let r = self.registered.iter().find(|r| h >= r.host && h + bytes.len() <= r.host + r.len)?;
+        Some(r.dev + (h - r.host) as u64)
+    }
+
     /// The device address of `m`'s bytes: its own, a registered host range's, or an arena slot's
     /// (copied now on a miss; the slot joins `keep` so the same job does not evict it). `copied`
     /// is set when a copy was queued.
@@ -628,15 +643,14 @@ impl CudaBackend {
             At::Device(p) => return Some(p),
             At::Host(b, k) => (b, k),
         };
-        let h = bytes.as_ptr() as usize;
-        if let Some(r) = self.registered.iter().find(|r| h >= r.host && h + bytes.len() <= r.host + r.len) {
-            return Some(r.dev + (h - r.host) as u64);
+        if let Some(p) = self.mapped(bytes) {
+            return Some(p);
         }
         self.stats.expert_lookups += 1;
         if self.arena.is_none() {
             // Host-held experts with everything resident (an expert cache was put on top): a
-            // small arena, three layers' experts.
-            let slot = bytes.len();
+            // small arena of slots for the model's largest expert matrix.
+            let slot = self.expert_slot.max(bytes.len().next_multiple_of(256));
             if let Err(e) = Arena::new(&self.ctx, slot, 24).map(|a| self.arena = Some(a)) {
                 self.fail(self.driver_error("allocating the expert arena", e));
                 return None;
@@ -1014,9 +1028,10 @@ impl CudaBackend {
         self.stats.host_computed += cpu_jobs.len() as u64;
         let rows: Vec<u32> = jobs.iter().flat_map(|j| j.out_rows.iter().copied()).collect();
         let packed: Vec<f32> = rows.iter().flat_map(|&r| yh.row(r as usize).iter().copied()).collect();
-        let mut src = CudaAct::default();
+        let mut src = std::mem::take(&mut self.o);
         self.ensure(&mut src, rows.len(), y.cols);
         if !self.enter() {
+            self.o = src;
             return;
         }
         // SAFETY: `src` holds rows.len() × cols f32; the host vector lives through the call
@@ -1030,7 +1045,8 @@ impl CudaBackend {
             256,
             &[Arg::P(src.ptr()), int(y.cols), Arg::P(ids), Arg::P(y.ptr()), long(y.cols)],
         );
-        // `src` is freed after a sync (its Drop), so the scatter reads it first.
+        // Stream order: the next write into the scratch comes after this scatter.
+        self.o = src;
     }
 
     /// Register `bytes` (host memory the backend was handed) for the device to read in place.
@@ -1151,8 +1167,9 @@ impl Backend for CudaBackend {
             if all { "every expert resident" } else { "experts held by the host" }
         );
         self.stats.weight_bytes = total + n_vec as u64 * 4;
+        self.expert_slot = largest_expert_matrix(model).next_multiple_of(256) as usize;
         if !all && experts > 0 && !self.opts.cpu_moe {
-            let slot = largest_expert_matrix(model).next_multiple_of(256) as usize;
+            let slot = self.expert_slot;
             let budget = budget.unwrap_or_else(|| free.saturating_sub(total + HEADROOM));
             let n = (budget / slot.max(1) as u64) as usize;
             let need = 3 * model.hp.n_expert_used.max(1);
@@ -1465,14 +1482,9 @@ impl Backend for CudaBackend {
         if !self.enter() {
             return;
         }
+        // With --cpu-moe: an expert whose matrices the host holds (and the device cannot read).
         let on_host = |j: &ExpertJob<'_, '_, Self>| {
-            j.mats.iter().any(|m| match m.at {
-                At::Host(b, _) => {
-                    let h = b.as_ptr() as usize;
-                    !self.registered.iter().any(|r| h >= r.host && h + b.len() <= r.host + r.len)
-                }
-                At::Device(_) => false,
-            })
+            j.mats.iter().all(|m| matches!(m.at, At::Host(b, _) if self.mapped(b).is_none()))
         };
         let (host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
         if !self.fused_decode(x, &dev, y) {
@@ -1490,16 +1502,21 @@ impl Backend for CudaBackend {
         if !self.enter() {
             return;
         }
+        // Each token's computed assignments, in assignment order (a counting sort by token).
         let mut starts = vec![0i32; n_tok + 1];
-        let (mut rows, mut weights) = (Vec::new(), Vec::new());
+        for (&(t, _), _) in assign.iter().zip(done).filter(|(_, &d)| d) {
+            starts[t as usize + 1] += 1;
+        }
         for t in 0..n_tok {
-            for (a, &(tok, w)) in assign.iter().enumerate() {
-                if tok as usize == t && done[a] {
-                    rows.push(a as i32);
-                    weights.push(w);
-                }
-            }
-            starts[t + 1] = rows.len() as i32;
+            starts[t + 1] += starts[t];
+        }
+        let mut next = starts.clone();
+        let total = starts[n_tok] as usize;
+        let (mut rows, mut weights) = (vec![0i32; total], vec![0f32; total]);
+        for (a, (&(t, w), _)) in assign.iter().zip(done).enumerate().filter(|(_, (_, &d))| d) {
+            let i = next[t as usize] as usize;
+            (rows[i], weights[i]) = (a as i32, w);
+            next[t as usize] += 1;
         }
         let (s, r, w) = (self.upload(&starts), self.upload(&rows), self.upload(&weights));
         self.launch_named(

@@ -260,7 +260,9 @@ fn bench_on<B: Backend>(mut a: Args, backend: B, device: String) -> anyhow::Resu
     let cache = engine.offload_stats();
     let gpu = engine.device_stats();
     let memory = Memory::of(rss, cache.as_ref().map(|c| c.budget_bytes), resident_bytes, engine.session_kv_bytes());
-    let tokens_run = ((prompt.len() + a.n_gen) * (a.repeats + 1)) as f64;
+    // The warm-up and the repeats, and the decode-alone run where there was one.
+    let runs = a.repeats + 1 + gpu_decode.is_some() as usize;
+    let tokens_run = ((prompt.len() + a.n_gen) * runs) as f64;
     drop(engine);
     let llama_side = run_llama.then(|| Side {
         name: "llama.cpp",
