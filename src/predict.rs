@@ -203,7 +203,8 @@ impl Predictor {
 
     /// Scores of the routers of `targets` (side by side, `n_expert` each) for the one token of
     /// layer `from`: route each as its layer would, remember the prediction, prefetch its
-    /// candidates nearest layer first, each in score order.
+    /// candidates nearest layer first, each in score order. Returns each target's confident
+    /// candidates (those the provider was offered), for a backend's own cache to move ahead.
     pub fn predict<'m, B: crate::backend::Backend>(
         &mut self,
         targets: &[(usize, usize)],
@@ -211,7 +212,8 @@ impl Predictor {
         hp: &HParams,
         selection_bias: impl Fn(usize) -> Option<&'m [f32]>,
         provider: &mut dyn ExpertProvider<B>,
-    ) {
+    ) -> Vec<(usize, Vec<u16>)> {
+        let mut offered = Vec::with_capacity(targets.len());
         let (n_expert, router) = (hp.n_expert, &hp.router);
         let width = if self.cfg.width == 0 { hp.n_expert_used } else { self.cfg.width.min(n_expert) };
         for (&(target, dist), logits) in targets.iter().zip(scores.chunks_exact_mut(n_expert)) {
@@ -240,7 +242,9 @@ impl Predictor {
             };
             let experts = r.experts.iter().map(|&e| e as u16).collect();
             self.pending.push(Pending { target, dist, experts, prefetch });
+            offered.push((target, cands.iter().map(|c| c.expert).collect()));
         }
+        offered
     }
 
     /// How often predictions at `dist` and `rank` were right so far (Laplace-smoothed: an

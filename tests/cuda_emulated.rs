@@ -4,9 +4,10 @@
 //! barriers and warp shuffles), and the real `moerun` binary loads it in place of NVIDIA's. What
 //! runs is the product's code: cudarc, the backend's buffers, launches (every argument in the
 //! order the kernel takes it), the expert arena and staging copies, unified-memory
-//! registration, `--cpu-moe`. What the emulation cannot show is speed and the ordering between
-//! streams (every call is synchronous); a lent GPU machine runs `benches/device-check.sh` for
-//! those.
+//! registration, `--cpu-moe`. With `MOERUN_EMU_DEFER_COPIES` it also checks the ordering between
+//! streams for copies out of page-locked memory (each runs as late as CUDA allows: a kernel not
+//! ordered after its copy reads stale bytes); kernels themselves run at once. What the emulation
+//! cannot show is speed; a lent GPU machine runs `benches/device-check.sh` for that.
 //!
 //! Built with `--features cuda` only; needs NVRTC (the backend compiles its kernels before
 //! loading them: the emulated driver ignores the PTX) and a C++17 compiler.
@@ -78,9 +79,15 @@ struct Driver {
     kernel_cache: String,
 }
 
+/// The emulated driver, built for this test. With `MOERUN_EMU_DIR` set it is also built there and
+/// kept, to run `moerun` under it by hand (`LD_LIBRARY_PATH=$MOERUN_EMU_DIR:…`).
 fn driver() -> Option<Driver> {
     if !common::nvrtc_or_skip() {
         return None;
+    }
+    if let Some(keep) = std::env::var_os("MOERUN_EMU_DIR") {
+        std::fs::create_dir_all(&keep).expect("MOERUN_EMU_DIR");
+        build_driver(Path::new(&keep));
     }
     let dir = tempfile::tempdir().expect("tempdir");
     build_driver(dir.path());
@@ -104,8 +111,9 @@ fn the_self_test_passes_on_the_emulated_device() {
 }
 
 /// The trained bundled model: greedy tokens on the (emulated) GPU are the CPU's; and bit for bit
-/// the same logits whatever the GPU budget, with an expert cache in RAM, read in place
-/// (`--unified`) or on a device that says it is integrated.
+/// the same logits whatever the GPU budget (with its predicted copies ahead of need), with an
+/// expert cache in RAM (copied straight from its page-locked slots), read in place (`--unified`)
+/// or on a device that says it is integrated.
 #[test]
 fn greedy_tokens_match_the_cpu_and_every_gpu_memory_setting_gives_the_same_logits() {
     let Some(d) = driver() else { return };
@@ -120,15 +128,27 @@ fn greedy_tokens_match_the_cpu_and_every_gpu_memory_setting_gives_the_same_logit
     assert_eq!(gpu["ids"], cpu["ids"], "greedy tokens, cuda vs cpu");
     assert_eq!(gpu["device"]["device"], "cuda:0 moerun emulated device");
     assert_eq!(gpu["device"]["copies"], 0, "every expert resident");
-    let budget = run(&["--device", "cuda", "--gpu-budget", "40%"], &[]);
-    assert!(budget["device"]["copies"].as_u64().unwrap_or(0) > 0, "{}", budget["device"]);
-    let cached = run(&["--device", "cuda", "--memory-budget", "200MiB", "--gpu-budget", "40%"], &[]);
+    // Copies out of page-locked memory run as late as CUDA allows, so a kernel queued without
+    // waiting for its copy (a prefetch on another stream) reads a stale slot, and host bytes
+    // rewritten under a pending copy abort the run.
+    let late = [("MOERUN_EMU_DEFER_COPIES", "1")];
+    let budget = run(&["--device", "cuda", "--gpu-budget", "40%"], &late);
+    let dev = &budget["device"];
+    assert!(dev["copies"].as_u64().unwrap_or(0) > 0, "{dev}");
+    // The predictor is on by default with a GPU budget, and its copies get used.
+    assert!(dev["prefetch_copies"].as_u64().unwrap_or(0) > 0, "{dev}");
+    assert!(dev["prefetch_used"].as_u64().unwrap_or(0) > 0, "{dev}");
+    let cached = run(&["--device", "cuda", "--memory-budget", "200MiB", "--gpu-budget", "40%"], &late);
+    let dev = &cached["device"];
+    assert_eq!(dev["direct_copies"], dev["copies"], "copies straight from the page-locked cache: {dev}");
+    let tight = run(&["--device", "cuda", "--expert-budget", "30%", "--gpu-budget", "20%", "--profile", "off"], &late);
     let unified = run(&["--device", "cuda", "--memory-budget", "200MiB", "--unified"], &[]);
     let integrated = run(&["--device", "cuda", "--memory-budget", "200MiB"], &[("MOERUN_EMU_INTEGRATED", "1")]);
     let cpu_moe = run(&["--device", "cuda", "--cpu-moe"], &[]);
     for (name, r) in [
         ("--gpu-budget 40%", &budget),
         ("+ expert cache", &cached),
+        ("a small expert cache and GPU budget", &tight),
         ("--unified", &unified),
         ("integrated", &integrated),
     ] {

@@ -77,6 +77,14 @@ pub struct DeviceStats {
     pub bytes_copied: u64,
     /// Time the copy stream spent copying.
     pub copy_busy_s: f64,
+    /// Copies made ahead of need on a prediction (counted in `copies` too), their bytes, and how
+    /// many of them a later lookup used.
+    pub prefetch_copies: u64,
+    pub prefetch_bytes: u64,
+    pub prefetch_used: u64,
+    /// Copies that went straight from page-locked host memory (an expert cache's slots), with
+    /// no staging.
+    pub direct_copies: u64,
     /// Expert jobs computed on the CPU (`--cpu-moe`).
     pub host_computed: u64,
     /// Kernel launches.
@@ -388,12 +396,31 @@ pub trait Backend: 'static {
         Self::host_mat(w, bytes)
     }
 
-    /// Host memory the backend may keep reading in place (an expert cache's slot arenas, as
-    /// (address, length)): a device with unified memory maps it instead of copying from it.
-    /// The caller keeps it alive as long as the backend; bytes are viewed through `host_mat`
-    /// only once landed, and rewritten only after a `read` (the forward pass's sync points).
+    /// Host memory experts will be viewed in (an expert cache's slot arenas, as (address,
+    /// length)): a device with unified memory maps it and reads it in place; a discrete one
+    /// page-locks it, so copies out of it go straight to the device. The caller keeps it alive
+    /// as long as the backend; bytes are viewed through `host_mat` only once landed, and
+    /// rewritten only after [`Backend::release_host_bytes`].
     fn use_host_memory(&mut self, regions: &[(*const u8, usize)]) {
         let _ = regions;
+    }
+
+    /// Return once nothing queued still reads host bytes handed to an operation (a device
+    /// copying or reading them in place, asynchronously): after it, the caller may rewrite them.
+    /// The forward pass calls it before every provider call that may refill an expert slot.
+    fn release_host_bytes(&mut self) {}
+
+    /// Whether this backend keeps host-held experts in a cache of its own (a GPU's slot arena
+    /// under a budget), so that [`Backend::prefetch`] can move them ahead of need.
+    fn caches_experts(&self) -> bool {
+        false
+    }
+
+    /// Start moving `mats` (predicted experts' matrices, in host memory) into the backend's own
+    /// expert cache, behind the work already queued and never in its way; returns at once. A
+    /// backend without such a cache ignores it. Never changes an answer.
+    fn prefetch(&mut self, mats: &[Self::Mat<'_>]) {
+        let _ = mats;
     }
 
     /// The first error the device met since the last call (an operation cannot fail where it

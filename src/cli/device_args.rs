@@ -105,10 +105,13 @@ impl DeviceArgs {
 pub fn device_line(d: &moerun::backend::DeviceStats, steps: f64) -> String {
     let hit = if d.expert_lookups > 0 { 100.0 * d.expert_hits as f64 / d.expert_lookups as f64 } else { 100.0 };
     format!(
-        "{}: expert hit rate {hit:.1}% ({} lookups), {:.2} MiB copied per token, copy stream busy {:.2} ms per token, {:.0} kernel launches per token, {} experts on the CPU, {:.0} MiB of GPU memory in use (weights {:.0}, expert arena {:.0})",
+        "{}: expert hit rate {hit:.1}% ({} lookups), {:.2} MiB copied per token ({} copies ahead of need, {} of them used; {} straight from page-locked memory), copy stream busy {:.2} ms per token, {:.0} kernel launches per token, {} experts on the CPU, {:.0} MiB of GPU memory in use (weights {:.0}, expert arena {:.0})",
         d.device,
         d.expert_lookups,
         d.bytes_copied as f64 / steps / 1048576.0,
+        d.prefetch_copies,
+        d.prefetch_used,
+        d.direct_copies,
         1000.0 * d.copy_busy_s / steps,
         d.launches as f64 / steps,
         d.host_computed,

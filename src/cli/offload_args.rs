@@ -57,8 +57,9 @@ pub struct OffloadArgs {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Predict the experts of the next N MoE layers (1–3) from each layer's hidden state and
-    /// prefetch them; `off` to disable. Default: on (1) when experts are budgeted, else off
-    /// (with every expert in memory, `--predict N` only measures the predictions).
+    /// prefetch them; `off` to disable. Default: on (1) when experts are budgeted (a RAM cache,
+    /// or a GPU's under `--gpu-budget`), else off (with every expert in memory, `--predict N`
+    /// only measures the predictions).
     #[arg(long, value_name = "N|off")]
     pub predict: Option<String>,
     /// The routing profile: which experts this model's routers choose, kept across runs to warm
@@ -220,7 +221,11 @@ impl OffloadArgs {
         if let Some(off) = offload {
             engine.set_offload(off);
         }
-        engine.set_predictor(self.predict_config()?);
+        let mut predict = self.predict_config()?;
+        if self.predict.is_none() && engine.backend().caches_experts() {
+            predict = Some(PredictConfig::default());
+        }
+        engine.set_predictor(predict);
         if let Some(t) = &self.trace {
             engine.trace_to(t).with_context(|| format!("cannot write the trace {}", t.display()))?;
         }

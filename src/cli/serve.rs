@@ -57,6 +57,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         engine,
         offload,
         predict: a.offload.predict_config()?,
+        predict_auto: a.offload.predict.is_none(),
         shutdown_grace: std::time::Duration::try_from_secs_f64(a.shutdown_grace)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace {}: {e}", a.shutdown_grace))?,
     };

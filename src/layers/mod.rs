@@ -186,10 +186,11 @@ impl<B: Backend> Forward<'_, B> {
             }
         }
         for (l, layer) in m.layers.iter().enumerate() {
-            if n == 1 {
-                self.predict(l, s);
-            }
+            let ahead = if n == 1 { self.predict(l, s) } else { Vec::new() };
             self.attention(l, layer, pos0, n, kv, s);
+            // Behind the attention just queued: a device with its own expert cache moves the
+            // predicted experts it lacks while that runs.
+            self.prefetch_to_backend(&ahead);
             self.ffn(l, layer, pos0, n, s, obs)?;
         }
         // Final norm and head over the requested rows.
@@ -370,6 +371,8 @@ impl<B: Backend> Forward<'_, B> {
                 let mut done = vec![false; assign.len()];
                 self.backend.resize(&mut s.ydown, assign.len(), d);
                 for wave in self.experts.schedule(l, &routes) {
+                    // The fetch may refill expert slots the device still reads from.
+                    self.backend.release_host_bytes();
                     self.experts.fetch(l, &wave, &routes)?;
                     // Experts already in place are computed while the misses load.
                     // Then each miss as it lands (reads go out most-shared first), until the
@@ -419,16 +422,17 @@ impl<B: Backend> Forward<'_, B> {
 
     /// Predict the experts of the next MoE layers from layer `l`'s input (`s.x`, one token,
     /// before attention): for each target layer, that state normed as the target's router input
-    /// is normed, through the target's router; then prefetch them.
-    fn predict(&mut self, l: usize, s: &mut Scratch<B>) {
+    /// is normed, through the target's router; then prefetch them. Returns the confident
+    /// predictions per target layer.
+    fn predict(&mut self, l: usize, s: &mut Scratch<B>) -> Vec<(usize, Vec<u16>)> {
         let (m, w) = (self.model, self.weights);
-        let Some(p) = self.predictor.as_deref_mut() else { return };
+        let Some(p) = self.predictor.as_deref_mut() else { return Vec::new() };
         let targets = p.targets(l, m.layers.len(), |t| m.experts(t).is_some());
         let ne = m.hp.n_expert;
         let mut scores = Vec::with_capacity(targets.len() * ne);
         for &(t, _) in &targets {
             let layer = &m.layers[t];
-            let Ffn::Moe { router, router_bias, .. } = &layer.ffn else { return };
+            let Ffn::Moe { router, router_bias, .. } = &layer.ffn else { return Vec::new() };
             self.backend.rms_norm(&s.x, B::vector(w, layer.ffn_norm), m.hp.rms_eps, &mut s.pred_h);
             self.backend.matmul(&s.pred_h, &[B::mat(w, router)], &mut s.pred);
             if let Some(b) = router_bias {
@@ -440,7 +444,28 @@ impl<B: Backend> Forward<'_, B> {
             Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v)),
             _ => None,
         };
-        p.predict(&targets, &mut scores, &m.hp, sel, self.experts);
+        // The provider's prefetches may refill expert slots the device still reads from.
+        self.backend.release_host_bytes();
+        p.predict(&targets, &mut scores, &m.hp, sel, self.experts)
+    }
+
+    /// Hand the backend's own expert cache the predicted experts whose bytes the provider holds
+    /// (`Backend::prefetch`; a backend without one has nothing to do).
+    fn prefetch_to_backend(&mut self, ahead: &[(usize, Vec<u16>)]) {
+        if ahead.is_empty() || !self.backend.caches_experts() {
+            return;
+        }
+        let mut mats = Vec::new();
+        for (t, experts) in ahead {
+            for &e in experts {
+                if self.experts.state(*t, e) == ExpertState::Ready {
+                    if let Some(v) = self.experts.view(*t, e) {
+                        mats.extend(v);
+                    }
+                }
+            }
+        }
+        self.backend.prefetch(&mats);
     }
 
     /// A dense FFN (all tokens, one expert): into `s.moe` when `into_moe`, else into `s.shared`,

@@ -45,8 +45,11 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     /// Serve routed experts from a budgeted cache (`None`: all resident).
     pub offload: Option<crate::engine::offload::OffloadConfig>,
-    /// Predict and prefetch the next layers' experts (`None`: off).
+    /// Predict and prefetch the next layers' experts (`None`: off, unless `predict_auto`).
     pub predict: Option<crate::predict::PredictConfig>,
+    /// With `predict` off because nobody asked: predict anyway where the backend keeps experts in
+    /// a cache of its own (a GPU's arena under `--gpu-budget`).
+    pub predict_auto: bool,
     /// After shutdown begins, how long answers already accepted may still run; then a running
     /// one is cut and the queued ones are refused (503 `shutting_down`).
     pub shutdown_grace: std::time::Duration,
@@ -67,6 +70,7 @@ impl Default for ServerConfig {
             engine: EngineConfig::default(),
             offload: None,
             predict: None,
+            predict_auto: false,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
@@ -148,7 +152,8 @@ impl Server {
         if let Some(off) = offload {
             engine.set_offload(off);
         }
-        engine.set_predictor(cfg.predict);
+        let auto = cfg.predict_auto && engine.backend().caches_experts();
+        engine.set_predictor(cfg.predict.or(auto.then(crate::predict::PredictConfig::default)));
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
         let sess = engine.new_session()?;
         let stats = SharedStats::default();

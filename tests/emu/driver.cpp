@@ -3,10 +3,18 @@
 // synchronous (streams and events are orderings that already hold), and kernels run by the fiber
 // emulation of cuda_emu.h from the host build of kernels/*.cu (each entry registered by name; a
 // module's PTX is ignored). MOERUN_EMU_INTEGRATED=1 reports an integrated GPU (shared memory).
+//
+// MOERUN_EMU_DEFER_COPIES=1 makes asynchronous host-to-device copies out of page-locked memory
+// (allocated or registered) as late as CUDA allows: each waits on its stream until something
+// must see it (a launch, copy or synchronize on that stream; any event wait or synchronize; a
+// free), and aborts naming the address if its source bytes changed meanwhile, which is a caller
+// rewriting host bytes a copy has not read yet. Copies out of pageable memory are taken at the
+// call, as the real driver stages them.
 #include <ucontext.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -202,7 +210,57 @@ static std::mutex lock;
 static std::map<CUdeviceptr, size_t> allocations;
 static size_t in_use = 0;
 static const size_t TOTAL = size_t(8) << 30;
-static int dummy_ctx, dummy_module, dummy_stream, dummy_event;
+static int dummy_ctx, dummy_module, dummy_event;
+static int streams[64];
+static int next_stream = 0;
+
+// ---- deferred copies (MOERUN_EMU_DEFER_COPIES) -------------------------------------------------
+struct PendingCopy {
+    void* stream;
+    CUdeviceptr dst;
+    const void* src;
+    size_t n;
+    unsigned long long sum;
+};
+static std::vector<PendingCopy> pending;
+static std::map<unsigned long long, size_t> page_locked;  // host address -> length
+
+static bool deferring() {
+    static const bool d = std::getenv("MOERUN_EMU_DEFER_COPIES") != nullptr;
+    return d;
+}
+
+static unsigned long long checksum(const void* p, size_t n) {
+    unsigned long long h = 1469598103934665603ull;
+    const unsigned char* b = (const unsigned char*)p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+static bool is_page_locked(const void* p, size_t n) {
+    unsigned long long a = (unsigned long long)p;
+    auto it = page_locked.upper_bound(a);
+    if (it == page_locked.begin()) return false;
+    --it;
+    return a >= it->first && a + n <= it->first + it->second;
+}
+
+// Carry out the pending copies of `stream` (nullptr: of every stream), in order.
+static void flush(void* stream) {
+    std::vector<PendingCopy> keep;
+    for (const PendingCopy& c : pending) {
+        if (stream && c.stream != stream) {
+            keep.push_back(c);
+            continue;
+        }
+        if (checksum(c.src, c.n) != c.sum) {
+            std::fprintf(stderr, "emulated driver: the host bytes at %p (%zu) changed before their copy ran\n", c.src, c.n);
+            std::abort();
+        }
+        std::memcpy((void*)c.dst, c.src, c.n);
+    }
+    pending.swap(keep);
+}
 
 static CUresult alloc(CUdeviceptr* p, size_t n) {
     std::lock_guard<std::mutex> g(lock);
@@ -217,6 +275,7 @@ static CUresult alloc(CUdeviceptr* p, size_t n) {
 
 static CUresult release(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(lock);
+    flush(nullptr);
     auto it = allocations.find(p);
     if (it == allocations.end()) return INVALID_VALUE;
     in_use -= it->second;
@@ -255,7 +314,15 @@ CUresult cuCtxSetCurrent(void*) { return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = &dummy_ctx; return OK; }
 CUresult cuCtxPushCurrent_v2(void*) { return OK; }
 CUresult cuCtxPopCurrent_v2(void** ctx) { *ctx = &dummy_ctx; return OK; }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() {
+    flush(nullptr);
+    return OK;
+}
+CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    *least = 0;
+    *greatest = -5;
+    return OK;
+}
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> g(lock);
     *free_bytes = TOTAL - in_use;
@@ -268,50 +335,106 @@ CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     *p = std::aligned_alloc(4096, (n + 4095) / 4096 * 4096);
-    return *p ? OK : OUT_OF_MEMORY;
+    if (!*p) return OUT_OF_MEMORY;
+    page_locked[(unsigned long long)*p] = n;
+    return OK;
 }
 CUresult cuMemAllocHost_v2(void** p, size_t n) { return cuMemHostAlloc(p, n, 0); }
 CUresult cuMemFreeHost(void* p) {
+    flush(nullptr);
+    page_locked.erase((unsigned long long)p);
     std::free(p);
     return OK;
 }
-CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return OK; }
-CUresult cuMemHostUnregister(void*) { return OK; }
+CUresult cuMemHostRegister_v2(void* p, size_t n, unsigned) {
+    page_locked[(unsigned long long)p] = n;
+    return OK;
+}
+CUresult cuMemHostUnregister(void* p) {
+    flush(nullptr);
+    page_locked.erase((unsigned long long)p);
+    return OK;
+}
 CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned) {
     *d = (CUdeviceptr)p;
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    flush(nullptr);
     std::memcpy((void*)d, s, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    flush(nullptr);
     std::memcpy(d, (const void*)s, n);
     return OK;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    flush(nullptr);
     std::memmove((void*)d, (const void*)s, n);
     return OK;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { return cuMemcpyHtoD_v2(d, s, n); }
-CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoH_v2(d, s, n); }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void* st) {
+    flush(st);
+    if (deferring() && is_page_locked(s, n)) {
+        pending.push_back(PendingCopy{st, d, s, n, checksum(s, n)});
+        return OK;
+    }
+    std::memcpy((void*)d, s, n);
+    return OK;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void* st) {
+    flush(st);
+    std::memcpy(d, (const void*)s, n);
+    return OK;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    flush(st);
+    std::memmove((void*)d, (const void*)s, n);
+    return OK;
+}
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    flush(nullptr);
     std::memset((void*)d, v, n);
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
-CUresult cuStreamCreate(void** s, unsigned) { *s = &dummy_stream; return OK; }
-CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = &dummy_stream; return OK; }
-CUresult cuStreamDestroy_v2(void*) { return OK; }
-CUresult cuStreamSynchronize(void*) { return OK; }
-CUresult cuStreamQuery(void*) { return OK; }
-CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
+    flush(st);
+    std::memset((void*)d, v, n);
+    return OK;
+}
+CUresult cuStreamCreate(void** s, unsigned) {
+    *s = &streams[next_stream++ % 64];
+    return OK;
+}
+CUresult cuStreamCreateWithPriority(void** s, unsigned f, int) { return cuStreamCreate(s, f); }
+CUresult cuStreamDestroy_v2(void* s) {
+    flush(s);
+    return OK;
+}
+CUresult cuStreamSynchronize(void* s) {
+    flush(s);
+    return OK;
+}
+CUresult cuStreamQuery(void* s) {
+    flush(s);
+    return OK;
+}
+CUresult cuStreamWaitEvent(void*, void*, unsigned) {
+    flush(nullptr);
+    return OK;
+}
 CUresult cuEventCreate(void** e, unsigned) { *e = &dummy_event; return OK; }
 CUresult cuEventRecord(void*, void*) { return OK; }
 CUresult cuEventRecordWithFlags(void*, void*, unsigned) { return OK; }
-CUresult cuEventSynchronize(void*) { return OK; }
-CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventSynchronize(void*) {
+    flush(nullptr);
+    return OK;
+}
+CUresult cuEventQuery(void*) {
+    flush(nullptr);
+    return OK;
+}
 CUresult cuEventDestroy_v2(void*) { return OK; }
 CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 0.001f; return OK; }
 CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0.001f; return OK; }
@@ -324,8 +447,9 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
     return OK;
 }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned, void*, void** params, void**) {
+                        unsigned, void* st, void** params, void**) {
     std::lock_guard<std::mutex> g(lock);
+    flush(st);
     (*(emu::Launcher*)f)(params, emu_uint3{gx, gy, gz}, emu_uint3{bx, by, bz});
     return OK;
 }

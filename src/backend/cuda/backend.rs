@@ -275,20 +275,29 @@ struct Arena {
     stamp: Vec<u64>,
     /// Recorded on the compute stream after the last kernel that read the slot.
     read_done: Vec<Event>,
+    /// Recorded on the prefetch stream after a prefetch filled the slot; `fill_pending` while
+    /// neither the compute nor the copy stream has waited on it yet.
+    filled: Vec<Event>,
+    fill_pending: Vec<bool>,
+    /// Filled by a prefetch and not looked up since.
+    prefetched: Vec<bool>,
     clock: u64,
 }
 
 impl Arena {
     fn new(ctx: &Arc<CudaContext>, slot_bytes: usize, n: usize) -> Result<Arena, DriverError> {
         let mem = DeviceBuf::new(ctx, slot_bytes * n)?;
-        let read_done = (0..n).map(|_| Event::new(false)).collect::<Result<Vec<_>, _>>()?;
+        let events = || (0..n).map(|_| Event::new(false)).collect::<Result<Vec<_>, _>>();
         Ok(Arena {
             _mem: mem,
             slot_bytes,
             owner: vec![None; n],
             map: HashMap::new(),
             stamp: vec![0; n],
-            read_done,
+            read_done: events()?,
+            filled: events()?,
+            fill_pending: vec![false; n],
+            prefetched: vec![false; n],
             clock: 0,
         })
     }
@@ -317,14 +326,16 @@ impl Arena {
         self.map.insert(k, slot);
         self.clock += 1;
         self.stamp[slot] = self.clock;
+        self.prefetched[slot] = false;
     }
 }
 
-/// Host memory registered for the device to read in place (unified memory).
+/// Host memory registered with the driver: page-locked, so copies out of it go straight to the
+/// device; with `dev`, also mapped for the kernels to read in place (unified memory).
 struct Registered {
     host: usize,
     len: usize,
-    dev: DevPtr,
+    dev: Option<DevPtr>,
 }
 
 /// The named kernels, and the per-type ones by type.
@@ -369,7 +380,15 @@ fn long(v: usize) -> Arg {
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: sys::CUstream,
+    /// Copies of the experts a job needs now (the highest priority the device offers).
     copy: sys::CUstream,
+    /// Copies ahead of need, on a prediction (the lowest priority).
+    prefetch: sys::CUstream,
+    /// Whether work queued on the compute stream (or the copy stream it waits on), or on the
+    /// prefetch stream, reads host bytes handed to an operation: mapped memory read in place,
+    /// or a copy straight out of page-locked memory (`release_host_bytes` waits for them).
+    host_reads: bool,
+    prefetch_host_reads: bool,
     info: DeviceInfo,
     opts: CudaOptions,
     k: Kernels,
@@ -444,7 +463,15 @@ impl CudaBackend {
             named,
         };
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
-        let copy = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(err)?;
+        // Demand copies before prefetches where the device orders them (priorities are a hint).
+        let (mut least, mut greatest) = (0i32, 0i32);
+        // SAFETY: two out-parameters, the context bound above.
+        let r = unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }.result();
+        if r.is_err() {
+            (least, greatest) = (0, 0);
+        }
+        let copy = new_stream(greatest).map_err(err)?;
+        let prefetch = new_stream(least).map_err(err)?;
         let stages = (0..STAGES)
             .map(|_| Ok((PinnedBuf::new(&ctx, STAGE_BYTES, sys::CU_MEMHOSTALLOC_WRITECOMBINED)?, Event::new(false)?)))
             .collect::<Result<Vec<_>, DriverError>>()
@@ -467,6 +494,9 @@ impl CudaBackend {
             ctx,
             stream,
             copy,
+            prefetch,
+            host_reads: false,
+            prefetch_host_reads: false,
             info,
             opts,
             k,
@@ -613,26 +643,83 @@ impl CudaBackend {
         dst
     }
 
-    /// Wait for the device; the upload ring starts over and the copy timings are summed.
+    /// Wait for the device; the upload ring starts over and the copy timings that completed
+    /// are summed (a prefetch's may still be running: it is kept for a later sync).
     fn sync(&mut self) {
         // SAFETY: our own stream.
         let r = unsafe { result::stream::synchronize(self.stream) };
         self.check("synchronizing", r);
         self.up_at = 0;
-        for (a, b) in self.copy_timing.drain(..) {
-            // SAFETY: both events were recorded on the copy stream, which the compute stream
-            // waited on, so they completed.
-            if let Ok(ms) = unsafe { result::event::elapsed(a.0, b.0) } {
-                self.stats.copy_busy_s += ms as f64 / 1e3;
+        self.host_reads = false;
+        let mut busy = 0.0;
+        self.copy_timing.retain(|(a, b)| {
+            // SAFETY: live events of this context; one not yet reached reports an error (not
+            // ready) and is kept.
+            match unsafe { result::event::elapsed(a.0, b.0) } {
+                Ok(ms) => {
+                    busy += ms as f64 / 1e3;
+                    false
+                }
+                Err(_) => true,
             }
+        });
+        self.stats.copy_busy_s += busy;
+        if self.copy_timing.len() > 256 {
+            // Pairs that never complete (a failed recording) are dropped, not summed.
+            let drop = self.copy_timing.len() - 256;
+            self.copy_timing.drain(..drop);
         }
     }
 
-    /// The device address of host bytes inside memory registered for the device (unified).
-    fn mapped(&self, bytes: &[u8]) -> Option<DevPtr> {
+    /// The registered range holding `bytes`, if any.
+    fn registered(&self, bytes: &[u8]) -> Option<&Registered> {
         let h = bytes.as_ptr() as usize;
-        let r = self.registered.iter().find(|r| h >= r.host && h + bytes.len() <= r.host + r.len)?;
-        Some(r.dev + (h - r.host) as u64)
+        self.registered.iter().find(|r| h >= r.host && h + bytes.len() <= r.host + r.len)
+    }
+
+    /// The device address of host bytes inside memory mapped for the device (unified).
+    fn mapped(&self, bytes: &[u8]) -> Option<DevPtr> {
+        let r = self.registered(bytes)?;
+        Some(r.dev? + (bytes.as_ptr() as usize - r.host) as u64)
+    }
+
+    /// Queue a copy of `bytes` to `dst` on `stream`: straight out of page-locked memory (true:
+    /// the device reads the host bytes later), else through the pinned staging ring (the bytes
+    /// are taken now). None after an error (kept).
+    fn copy_to_device(&mut self, dst: DevPtr, bytes: &[u8], stream: sys::CUstream) -> Option<bool> {
+        if self.registered(bytes).is_some() {
+            // SAFETY: page-locked host bytes that are not rewritten before `release_host_bytes`
+            // (the trait's contract), which waits for this copy; the destination has room for
+            // them (an arena slot at least as large, checked by the caller).
+            let r = unsafe { result::memcpy_htod_async(dst, bytes, stream) };
+            self.check("copying an expert", r);
+            self.stats.direct_copies += 1;
+            return self.error.borrow().is_none().then_some(true);
+        }
+        for (i, piece) in bytes.chunks(STAGE_BYTES).enumerate() {
+            let (buf, done) = &mut self.stages[self.next_stage];
+            self.next_stage = (self.next_stage + 1) % STAGES;
+            // The previous copy out of this staging buffer must have finished.
+            // SAFETY: a live event.
+            let r = unsafe { result::event::synchronize(done.0) };
+            if let Err(e) = r {
+                self.fail(self.driver_error("waiting for a staging buffer", e));
+                return None;
+            }
+            buf.write(0, piece);
+            // SAFETY: the pinned bytes 0..len are not written again before `done` fires (checked
+            // above on the next use); the destination has room for the whole weight.
+            let r = unsafe {
+                result::memcpy_htod_async(
+                    dst + (i * STAGE_BYTES) as u64,
+                    std::slice::from_raw_parts(buf.ptr, piece.len()),
+                    stream,
+                )
+            };
+            let r2 = done.record(stream);
+            self.check("copying an expert", r.and(r2));
+        }
+        self.error.borrow().is_none().then_some(false)
     }
 
     /// The device address of `m`'s bytes: its own, a registered host range's, or an arena slot's
@@ -644,6 +731,7 @@ impl CudaBackend {
             At::Host(b, k) => (b, k),
         };
         if let Some(p) = self.mapped(bytes) {
+            self.host_reads = true;
             return Some(p);
         }
         self.stats.expert_lookups += 1;
@@ -659,8 +747,22 @@ impl CudaBackend {
         let arena = self.arena.as_mut()?;
         if let Some(s) = arena.hit(&key) {
             self.stats.expert_hits += 1;
+            self.stats.prefetch_used += u64::from(std::mem::take(&mut arena.prefetched[s]));
             keep.push(s);
-            return Some(arena.addr(s));
+            let addr = arena.addr(s);
+            if std::mem::take(&mut arena.fill_pending[s]) {
+                // A prefetch filled the slot and may still be copying.
+                // SAFETY: live stream and event of this context.
+                let r = unsafe {
+                    result::stream::wait_event(
+                        self.stream,
+                        arena.filled[s].0,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                };
+                self.check("ordering compute after a prefetch", r);
+            }
+            return Some(addr);
         }
         if bytes.len() > arena.slot_bytes {
             let msg = format!("a weight of {} bytes is larger than an expert slot ({})", bytes.len(), arena.slot_bytes);
@@ -672,15 +774,17 @@ impl CudaBackend {
             return None;
         };
         let dst = arena.addr(slot);
-        // The copy may not overwrite the slot before the kernels reading its last occupant ran.
-        // SAFETY: live stream and event of this context.
-        let r = unsafe {
-            result::stream::wait_event(
-                self.copy,
-                arena.read_done[slot].0,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
+        // The copy may not overwrite the slot before the kernels reading its last occupant ran,
+        // nor before a prefetch into it (never used) finished writing.
+        let copy = self.copy;
+        let wait = |ev: &Event| {
+            // SAFETY: live stream and event of this context.
+            unsafe { result::stream::wait_event(copy, ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
         };
+        let mut r = wait(&arena.read_done[slot]);
+        if std::mem::take(&mut arena.fill_pending[slot]) {
+            r = r.and(wait(&arena.filled[slot]));
+        }
         arena.fill(slot, key);
         keep.push(slot);
         self.check("ordering a copy", r);
@@ -691,29 +795,7 @@ impl CudaBackend {
                 self.timing_open = true;
             }
         }
-        for (i, piece) in bytes.chunks(STAGE_BYTES).enumerate() {
-            let (buf, done) = &mut self.stages[self.next_stage];
-            self.next_stage = (self.next_stage + 1) % STAGES;
-            // The previous copy out of this staging buffer must have finished.
-            // SAFETY: a live event.
-            let r = unsafe { result::event::synchronize(done.0) };
-            if let Err(e) = r {
-                self.fail(self.driver_error("waiting for a staging buffer", e));
-                return None;
-            }
-            buf.write(0, piece);
-            // SAFETY: the pinned bytes 0..len are not written again before `done` fires (checked
-            // above on the next use); the slot has room for the whole weight.
-            let r = unsafe {
-                result::memcpy_htod_async(
-                    dst + (i * STAGE_BYTES) as u64,
-                    std::slice::from_raw_parts(buf.ptr, piece.len()),
-                    self.copy,
-                )
-            };
-            let r2 = done.record(self.copy);
-            self.check("copying an expert", r.and(r2));
-        }
+        self.host_reads |= self.copy_to_device(dst, bytes, self.copy)?;
         self.stats.copies += 1;
         self.stats.bytes_copied += bytes.len() as u64;
         *copied = true;
@@ -1049,21 +1131,40 @@ impl CudaBackend {
         self.o = src;
     }
 
-    /// Register `bytes` (host memory the backend was handed) for the device to read in place.
-    fn register(&mut self, host: usize, len: usize) -> Result<(), DriverError> {
+    /// Register host memory the backend was handed: page-locked, and with `map` also mapped
+    /// for the device to read in place.
+    fn register(&mut self, host: usize, len: usize, map: bool) -> Result<(), DriverError> {
         if len == 0 || self.registered.iter().any(|r| r.host == host) {
             return Ok(());
         }
         self.ctx.bind_to_thread()?;
-        let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        let flags = match map {
+            true => sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY,
+            false => 0,
+        };
         // SAFETY: `host..host + len` is live host memory that outlives the backend's use of it (the expert
-        // cache's slots live as long as the engine); registration only pins and maps it.
+        // cache's slots live as long as the engine); registration only pins (and maps) it.
         unsafe { sys::cuMemHostRegister_v2(host as *mut c_void, len, flags) }.result()?;
         let mut dev: DevPtr = 0;
-        // SAFETY: `host` was registered above with DEVICEMAP.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) }.result()?;
-        self.registered.push(Registered { host, len, dev });
+        if map {
+            // SAFETY: `host` was registered above with DEVICEMAP.
+            let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) }.result();
+            if let Err(e) = r {
+                // SAFETY: registered just above, unregistered once.
+                let _ = unsafe { sys::cuMemHostUnregister(host as *mut c_void) }.result();
+                return Err(e);
+            }
+        }
+        self.registered.push(Registered { host, len, dev: map.then_some(dev) });
         Ok(())
+    }
+
+    /// Wait for the prefetch stream (its copies read host bytes, or the slots are freed).
+    fn sync_prefetch(&mut self) {
+        // SAFETY: our own stream.
+        let r = unsafe { result::stream::synchronize(self.prefetch) };
+        self.check("synchronizing the prefetch stream", r);
+        self.prefetch_host_reads = false;
     }
 
     fn budget_bytes(&self, model: &Model) -> Option<u64> {
@@ -1085,7 +1186,17 @@ impl Drop for CudaBackend {
         // SAFETY: our streams, idle, destroyed once.
         let _ = unsafe { result::stream::destroy(self.stream) };
         let _ = unsafe { result::stream::destroy(self.copy) };
+        let _ = unsafe { result::stream::destroy(self.prefetch) };
     }
+}
+
+/// A non-blocking stream of the bound context with `priority` (lower numbers first).
+fn new_stream(priority: i32) -> Result<sys::CUstream, DriverError> {
+    let mut s: sys::CUstream = std::ptr::null_mut();
+    let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+    // SAFETY: an out-parameter; the caller bound the context.
+    unsafe { sys::cuStreamCreateWithPriority(&mut s, flags, priority) }.result()?;
+    Ok(s)
 }
 
 /// The largest matrix of any routed expert (an arena slot's size).
@@ -1214,13 +1325,108 @@ impl Backend for CudaBackend {
     }
 
     fn use_host_memory(&mut self, regions: &[(*const u8, usize)]) {
-        if !self.opts.unified {
+        let map = self.opts.unified;
+        if !map && self.opts.cpu_moe {
+            // The CPU computes what the device does not hold: nothing is copied out of them.
             return;
         }
+        let t0 = std::time::Instant::now();
+        let mut locked = 0;
         for &(p, len) in regions {
-            if let Err(e) = self.register(p as usize, len) {
-                tracing::warn!("cuda: cannot map {len} bytes of host memory for the device ({e}); copying instead");
+            match self.register(p as usize, len, map) {
+                Ok(()) => locked += len,
+                Err(e) if map => {
+                    tracing::warn!("cuda: cannot map {len} bytes of host memory for the device ({e}); copying instead")
+                }
+                Err(e) => tracing::warn!(
+                    "cuda: cannot page-lock {len} bytes of the expert cache ({e}); copies go through the staging ring"
+                ),
             }
+        }
+        if locked > 0 {
+            tracing::info!(
+                "cuda: {:.1} MiB of the expert cache {} in {:.2} s",
+                locked as f64 / 1048576.0,
+                if map { "mapped for the device" } else { "page-locked for direct copies" },
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn release_host_bytes(&mut self) {
+        if !self.host_reads && !self.prefetch_host_reads {
+            return;
+        }
+        // Even after a kept error: copies queued before it may still be reading.
+        let _ = self.ctx.bind_to_thread();
+        if self.host_reads {
+            self.sync();
+        }
+        if self.prefetch_host_reads {
+            self.sync_prefetch();
+        }
+    }
+
+    fn caches_experts(&self) -> bool {
+        self.arena.is_some()
+    }
+
+    fn prefetch(&mut self, mats: &[CudaMat<'_>]) {
+        if self.arena.is_none() || !self.enter() {
+            return;
+        }
+        let mut keep: Vec<usize> = Vec::with_capacity(mats.len());
+        let mut timing: Option<(Event, Event)> = None;
+        for m in mats {
+            let At::Host(bytes, key) = m.at else { continue };
+            if self.mapped(bytes).is_some() {
+                continue;
+            }
+            let pf = self.prefetch;
+            let Some(arena) = self.arena.as_mut() else { return };
+            if arena.map.contains_key(&key) || bytes.len() > arena.slot_bytes {
+                continue;
+            }
+            // The least recently used slot, never one a prefetch filled and nothing used yet
+            // (predictions do not evict each other): when none is left, the rest wait for need.
+            let Some(slot) = (0..arena.owner.len())
+                .filter(|&s| !arena.prefetched[s] && !keep.contains(&s))
+                .min_by_key(|&s| (arena.owner[s].is_some(), arena.stamp[s]))
+            else {
+                break;
+            };
+            // SAFETY: live stream and event of this context.
+            let r = unsafe {
+                result::stream::wait_event(pf, arena.read_done[slot].0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+            };
+            // A slot left pending is never a prefetch's (those are skipped above) or was waited
+            // on already; this stream's own earlier fills come first anyway.
+            arena.fill_pending[slot] = false;
+            arena.fill(slot, key);
+            arena.prefetched[slot] = true;
+            keep.push(slot);
+            let dst = arena.addr(slot);
+            self.check("ordering a prefetch", r);
+            if timing.is_none() {
+                if let (Ok(a), Ok(b)) = (Event::new(true), Event::new(true)) {
+                    self.check("timing a copy", a.record(pf));
+                    timing = Some((a, b));
+                }
+            }
+            let Some(direct) = self.copy_to_device(dst, bytes, pf) else { return };
+            self.prefetch_host_reads |= direct;
+            let Some(arena) = self.arena.as_mut() else { return };
+            let r = arena.filled[slot].record(pf);
+            arena.fill_pending[slot] = true;
+            self.check("recording a prefetch", r);
+            self.stats.copies += 1;
+            self.stats.bytes_copied += bytes.len() as u64;
+            self.stats.prefetch_copies += 1;
+            self.stats.prefetch_bytes += bytes.len() as u64;
+        }
+        if let Some((a, b)) = timing {
+            self.check("timing a copy", b.record(self.prefetch));
+            self.copy_timing.push((a, b));
         }
     }
 

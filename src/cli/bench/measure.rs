@@ -102,6 +102,13 @@ pub(super) struct DecodeCopies {
     pub lookups_per_token: f64,
     pub hit_rate: Option<f64>,
     pub launches_per_token: f64,
+    /// Copies made ahead of need on a prediction, and the share of them a lookup then used.
+    pub prefetch_copies_per_token: f64,
+    pub prefetch_used: Option<f64>,
+    /// The share of copies that went straight from page-locked host memory (no staging).
+    pub direct_copies: Option<f64>,
+    /// The predictor's next-layer recall, where one runs.
+    pub predictor_recall: Option<f64>,
 }
 
 pub(super) fn decode_copies<B: Backend>(
@@ -120,6 +127,7 @@ pub(super) fn decode_copies<B: Backend>(
     let secs = t.elapsed().as_secs_f64();
     let after = engine.device_stats().unwrap_or_default();
     let n = n_gen.max(1) as f64;
+    let share = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
     let lookups = after.expert_lookups - before.expert_lookups;
     Ok(Some(DecodeCopies {
         decode_tok_s: n / secs.max(1e-9),
@@ -128,6 +136,13 @@ pub(super) fn decode_copies<B: Backend>(
         lookups_per_token: lookups as f64 / n,
         hit_rate: (lookups > 0).then(|| (after.expert_hits - before.expert_hits) as f64 / lookups as f64),
         launches_per_token: (after.launches - before.launches) as f64 / n,
+        prefetch_copies_per_token: (after.prefetch_copies - before.prefetch_copies) as f64 / n,
+        prefetch_used: share(
+            after.prefetch_used - before.prefetch_used,
+            after.prefetch_copies - before.prefetch_copies,
+        ),
+        direct_copies: share(after.direct_copies - before.direct_copies, after.copies - before.copies),
+        predictor_recall: engine.predictor().map(|p| p.stats(0).recall),
     }))
 }
 

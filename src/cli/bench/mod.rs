@@ -301,15 +301,23 @@ fn bench_on<B: Backend>(mut a: Args, backend: B, device: String) -> anyhow::Resu
     if let Some(d) = &gpu {
         println!("{}", super::device_args::device_line(d, tokens_run));
     }
+    let pct = |v: Option<f64>| v.map_or("-".into(), |h| format!("{:.1}%", 100.0 * h));
     if let Some(g) = &gpu_decode {
         println!(
             "decode alone: {:.1} tok/s, {:.2} MiB copied per token ({:.1} lookups, hit rate {}), copy stream busy {:.2} ms per token, {:.0} kernel launches per token",
             g.decode_tok_s,
             g.bytes_copied_per_token / 1048576.0,
             g.lookups_per_token,
-            g.hit_rate.map_or("-".into(), |h| format!("{:.1}%", 100.0 * h)),
+            pct(g.hit_rate),
             g.copy_busy_ms_per_token,
             g.launches_per_token
+        );
+        println!(
+            "              {:.1} copies per token ahead of need ({} of them used; predictor recall {}), {} of copies straight from page-locked memory",
+            g.prefetch_copies_per_token,
+            pct(g.prefetch_used),
+            pct(g.predictor_recall),
+            pct(g.direct_copies)
         );
     }
     if run_ours {
