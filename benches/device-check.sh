@@ -18,8 +18,10 @@
 #   4. the bundled model's greedy answer on the CPU and on the GPU under every memory setting
 #      (tokens must match the CPU's; logits bit for bit across GPU settings);
 #   5. speed: Qwen3-30B-A3B- and Mixtral-8x7B-shaped synthetic models written there (`moerun
-#      synth`), decode and prefill all resident, with --gpu-budget 25% fed from RAM and from disk
-#      (an expert cache of 10% in RAM, misses read with io_uring and O_DIRECT), --unified, experts
+#      synth`), decode and prefill all resident, with --gpu-budget 25% fed from RAM (the file
+#      mapping through the staging ring, with and without the predictor's copies ahead of need;
+#      and an expert cache holding every expert in page-locked RAM) and from disk (an expert
+#      cache of 10% in RAM, misses read with io_uring and O_DIRECT), --unified, experts
 #      on the CPU (--cpu-moe), and the CPU alone; one table with each figure's fraction of its
 #      physical bound (bytes per token over 4.3 TB/s HBM all resident, over 55 GB/s PCIe for the
 #      bytes copied per token).
@@ -119,6 +121,12 @@ run)
         [ -f "/tmp/synth/$m.gguf" ] || continue
         bench "$m" resident 64 3 --device cuda
         bench "$m" gpu25-ram 64 3 --device cuda --gpu-budget 25%
+        if [ "$m" = qwen3moe ]; then
+            # The same without the predictor's copies ahead of need; and fed from an expert cache
+            # holding every expert in page-locked RAM (copies straight to the device, no staging).
+            bench "$m" gpu25-ram-nopredict 64 3 --device cuda --gpu-budget 25% --predict off
+            bench "$m" gpu25-pinned 64 3 --device cuda --gpu-budget 25% --expert-budget 100%
+        fi
         # Misses from disk (1.6 GB/s there): a Mixtral-shaped token may read 2 GB, so fewer tokens.
         bench "$m" gpu25-disk 16 1 --device cuda --gpu-budget 25% --expert-budget 10%
         bench "$m" unified 32 1 --device cuda --unified --expert-budget 25%

@@ -46,16 +46,21 @@ def main(out):
             bound, what = PCIE / copied, "PCIe"
         else:
             bound, what = HBM / active, "HBM"
-        hit = g.get("hit_rate")
-        rows.append((model, mode, r["device"], pf, dec, hit, copied, g.get("launches_per_token"), bound, what))
-    print("| model | mode | device | prefill tok/s | decode tok/s | GPU hit rate | MiB copied / token | launches / token | bound tok/s | decode / bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for m, mode, dev, pf, dec, hit, copied, launches, bound, what in rows:
-        hit_s = "-" if hit is None else f"{100 * hit:.1f}%"
+        # The fraction of the bound is taken on the decode-alone run the copies were counted on.
+        alone = g.get("decode_tok_s") or dec
+        rows.append((model, mode, r["device"], pf, dec, g, copied, bound, what, alone))
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    print("| model | mode | device | prefill tok/s | decode tok/s | GPU hit rate | MiB copied / token | ahead of need (used) | direct copies | launches / token | bound tok/s | decode alone / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for m, mode, dev, pf, dec, g, copied, bound, what, alone in rows:
+        launches = g.get("launches_per_token")
         launch_s = "-" if launches is None else f"{launches:.0f}"
+        ahead = g.get("prefetch_copies_per_token")
+        ahead_s = "-" if not ahead else f"{ahead:.1f} ({pct(g.get('prefetch_used'))})"
         bound_s = "-" if bound is None else f"{bound:.1f} ({what})"
-        frac = "-" if bound is None else f"{dec / bound:.2f}"
-        print(f"| {m} | {mode} | {dev} | {pf:.1f} | {dec:.1f} | {hit_s} | {copied / 1048576:.2f} | {launch_s} | {bound_s} | {frac} |")
+        frac = "-" if bound is None else f"{alone / bound:.2f}"
+        print(f"| {m} | {mode} | {dev} | {pf:.1f} | {dec:.1f} | {pct(g.get('hit_rate'))} | {copied / 1048576:.2f} | "
+              f"{ahead_s} | {pct(g.get('direct_copies'))} | {launch_s} | {bound_s} | {frac} |")
     # Fidelity: the bundled model's greedy answer under every memory setting.
     gens = {os.path.basename(p)[4:-5]: load(p) for p in glob.glob(os.path.join(out, "gen-*.json"))}
     cpu, cuda = gens.get("cpu"), gens.get("cuda")
