@@ -313,8 +313,13 @@ impl<B: Backend> Forward<'_, B> {
             _ => {}
         }
         let rope = hp.rope(m.spec.rope);
-        b.rope(&mut s.qkv, 0, hp.n_head, hd, pos0, &rope);
-        b.rope(&mut s.qkv, qd, hp.n_head_kv, hd, pos0, &rope);
+        if qd == hp.n_head * hd {
+            // k's heads follow q's: one pass over both (each head is rotated on its own).
+            b.rope(&mut s.qkv, 0, hp.n_head + hp.n_head_kv, hd, pos0, &rope);
+        } else {
+            b.rope(&mut s.qkv, 0, hp.n_head, hd, pos0, &rope);
+            b.rope(&mut s.qkv, qd, hp.n_head_kv, hd, pos0, &rope);
+        }
         AttnShape {
             n_head: hp.n_head,
             n_head_kv: hp.n_head_kv,

@@ -57,6 +57,8 @@ const UPLOAD_BYTES: usize = 1 << 20;
 const HEADROOM: u64 = 2 << 30;
 /// Token rows from which a mat-mul takes the tiled kernel instead of the mat-vec.
 const TILED_FROM: usize = 17;
+/// Weight rows one mat-vec block takes (a warp each): a grouped job has at least as many.
+const MV_ROWS: usize = 8;
 
 /// How the CUDA backend is set up (`--device cuda[:N]`, `--gpu-budget`, `--unified`,
 /// `--cpu-moe`).
@@ -894,7 +896,7 @@ impl CudaBackend {
         let args = [Arg::P(w), Arg::P(x), Arg::P(y), int(rows), int(cols), int(n), long(xs), long(ys)];
         match tiled {
             true => self.launch(&f, (rows.div_ceil(64), n.div_ceil(64), 1), 256, &args),
-            false => self.launch(&f, (rows.div_ceil(8), n.div_ceil(8), 1), 256, &args),
+            false => self.launch(&f, (rows.div_ceil(MV_ROWS), n.div_ceil(8), 1), 256, &args),
         }
     }
 
@@ -936,7 +938,7 @@ impl CudaBackend {
             self.bias(&g, 0, ff, bg.ptr);
             self.bias(&u, 0, ff, bu.ptr);
         }
-        self.glu(&g, &u, n * ff, j.glu);
+        self.glu(g.ptr(), u.ptr(), n * ff, j.glu);
         self.mat_mul(p[2], down.ty, d_out, ff, g.ptr(), ff, n, o.ptr(), d_out);
         if let Some([_, _, bd]) = j.bias {
             self.bias(&o, 0, d_out, bd.ptr);
@@ -952,11 +954,12 @@ impl CudaBackend {
         (self.xg, self.g, self.u, self.o) = (xg, g, u, o);
     }
 
-    /// Decode's routed experts in six launches instead of eight per expert: when every job is the
-    /// same one token through experts of one type and shape, gate and up run as one grouped
-    /// mat-vec each (a weight address per expert), the GLU once over all of them, and down
-    /// writes each expert's row of `y` directly. Returns false (nothing done) where that does not
-    /// apply: the caller runs the jobs one by one.
+    /// Decode's routed experts in five launches instead of eight per expert: when every job is
+    /// the same one token through experts of one type and shape, gate and up run as one grouped
+    /// mat-vec (a weight address per expert and matrix; two where their types differ or biases
+    /// follow), the GLU once over all of them, and down writes each expert's row of `y` directly.
+    /// Returns false (nothing done) where that does not apply: the caller runs the jobs one by
+    /// one.
     fn fused_decode(&mut self, x: &CudaAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) -> bool {
         let Some(first) = jobs.first() else { return false };
         let [g0, u0, d0] = first.mats;
@@ -981,16 +984,29 @@ impl CudaBackend {
         self.rounded = None;
         let (d, ff, d_out) = (g0.cols, g0.rows, d0.rows);
         let (mut g, mut u) = (std::mem::take(&mut self.g), std::mem::take(&mut self.u));
-        self.ensure(&mut g, n, ff);
-        self.ensure(&mut u, n, ff);
         let ptrs = |k: usize| p.iter().skip(k).step_by(3).copied().collect::<Vec<DevPtr>>();
-        let (wg, wu, wd) = (ptrs(0), ptrs(1), ptrs(2));
-        let (wg, wu, wd) = (self.upload(&wg), self.upload(&wu), self.upload(&wd));
         let xrow = x.at(first.tokens[0] as usize * x.cols);
-        let (xi, _) = self.round_input(xrow, x.cols, 1, d, g0.ty);
-        self.grouped(g0.ty, wg, xi, 0, g.ptr(), 0, ff, ff, d, n);
-        let (xi, _) = self.round_input(xrow, x.cols, 1, d, u0.ty);
-        self.grouped(u0.ty, wu, xi, 0, u.ptr(), 0, ff, ff, d, n);
+        // Gate and up of one type without biases: one launch of 2n jobs, gates in rows 0..n of
+        // `g` and ups in rows n..2n.
+        let together = g0.ty == u0.ty && first.bias.is_none();
+        let (gp, up) = if together {
+            self.ensure(&mut g, 2 * n, ff);
+            let wgu: Vec<DevPtr> = ptrs(0).into_iter().chain(ptrs(1)).collect();
+            let wgu = self.upload(&wgu);
+            let (xi, _) = self.round_input(xrow, x.cols, 1, d, g0.ty);
+            self.grouped(g0.ty, wgu, xi, 0, g.ptr(), 0, ff, ff, d, 2 * n);
+            (g.ptr(), g.at(n * ff))
+        } else {
+            self.ensure(&mut g, n, ff);
+            self.ensure(&mut u, n, ff);
+            let (wg, wu) = (self.upload(&ptrs(0)), self.upload(&ptrs(1)));
+            let (xi, _) = self.round_input(xrow, x.cols, 1, d, g0.ty);
+            self.grouped(g0.ty, wg, xi, 0, g.ptr(), 0, ff, ff, d, n);
+            let (xi, _) = self.round_input(xrow, x.cols, 1, d, u0.ty);
+            self.grouped(u0.ty, wu, xi, 0, u.ptr(), 0, ff, ff, d, n);
+            (g.ptr(), u.ptr())
+        };
+        let wd = self.upload(&ptrs(2));
         let biases = first.bias.map(|_| {
             let per = |k: usize| jobs.iter().filter_map(|j| j.bias.map(|b| b[k].ptr)).collect::<Vec<DevPtr>>();
             [per(0), per(1), per(2)]
@@ -1002,8 +1018,8 @@ impl CudaBackend {
             self.bias_grouped(&g, 0, bg, ff, n);
             self.bias_grouped(&u, 0, bu, ff, n);
         }
-        self.glu(&g, &u, n * ff, first.glu);
-        let (ai, a_stride) = self.round_input(g.ptr(), ff, n, ff, d0.ty);
+        self.glu(gp, up, n * ff, first.glu);
+        let (ai, a_stride) = self.round_input(gp, ff, n, ff, d0.ty);
         self.grouped(d0.ty, wd, ai, a_stride, y.ptr(), rows, y.cols, d_out, ff, n);
         if let Some([_, _, bd]) = &biases {
             let bd = self.upload(bd);
@@ -1011,6 +1027,37 @@ impl CudaBackend {
         }
         self.release(&keep);
         (self.g, self.u) = (g, u);
+        true
+    }
+
+    /// One token through several weights of one type and width, outputs side by side (decode's
+    /// q, k and v): one grouped mat-vec launch instead of one per weight, each weight cut into
+    /// chunks of the rows they all divide into, each chunk a job writing its columns of `out`.
+    /// Returns false (nothing done) where that does not apply.
+    fn matvec_side_by_side(&mut self, x: &CudaAct, ws: &[CudaMat<'_>], p: &[DevPtr], out: &CudaAct) -> bool {
+        let Some(w0) = ws.first() else { return false };
+        if x.rows != 1 || ws.len() < 2 || ws.iter().any(|w| (w.ty, w.cols) != (w0.ty, w0.cols)) {
+            return false;
+        }
+        let chunk = ws.iter().fold(0, |g, w| gcd(g, w.rows));
+        let Some(row_bytes) = w0.ty.row_bytes(w0.cols as u64) else { return false };
+        let jobs: usize = ws.iter().map(|w| w.rows / chunk.max(1)).sum();
+        if chunk < MV_ROWS || jobs > 256 || !self.k.matvec_grouped.contains_key(&w0.ty) {
+            return false;
+        }
+        let (mut ptrs, mut cols) = (Vec::with_capacity(jobs), Vec::with_capacity(jobs));
+        let mut off = 0;
+        for (w, &base) in ws.iter().zip(p) {
+            for c in 0..w.rows / chunk {
+                ptrs.push(base + (c * chunk) as u64 * row_bytes);
+                cols.push((off + c * chunk) as i32);
+            }
+            off += w.rows;
+        }
+        let (ptrs, cols) = (self.upload(&ptrs), self.upload(&cols));
+        let (xi, _) = self.round_input(x.ptr(), x.cols, 1, w0.cols, w0.ty);
+        // Row `cols[j]` of a 1-wide y is column cols[j] of the one output row.
+        self.grouped(w0.ty, ptrs, xi, 0, out.ptr(), cols, 1, chunk, w0.cols, jobs);
         true
     }
 
@@ -1033,7 +1080,7 @@ impl CudaBackend {
         let Some(f) = self.k.matvec_grouped.get(&ty).cloned() else { return };
         self.launch(
             &f,
-            (rows.div_ceil(8), n, 1),
+            (rows.div_ceil(MV_ROWS), n, 1),
             256,
             &[
                 Arg::P(ws),
@@ -1059,7 +1106,7 @@ impl CudaBackend {
     }
 
     /// `g = glu(g, u)` over the first `n` values.
-    fn glu(&mut self, g: &CudaAct, u: &CudaAct, n: usize, glu: Glu) {
+    fn glu(&mut self, g: DevPtr, u: DevPtr, n: usize, glu: Glu) {
         let (kind, alpha, limit) = match glu {
             Glu::SwiGlu => (0, 0.0, 0.0),
             Glu::SwiGluOai { alpha, limit } => (1, alpha, limit),
@@ -1067,7 +1114,7 @@ impl CudaBackend {
         self.elementwise(
             "glu_f32",
             n,
-            &[Arg::P(g.ptr()), Arg::P(u.ptr()), Arg::P(g.ptr()), long(n), Arg::I(kind), Arg::F(alpha), Arg::F(limit)],
+            &[Arg::P(g), Arg::P(u), Arg::P(g), long(n), Arg::I(kind), Arg::F(alpha), Arg::F(limit)],
         );
     }
 
@@ -1197,6 +1244,14 @@ fn new_stream(priority: i32) -> Result<sys::CUstream, DriverError> {
     // SAFETY: an out-parameter; the caller bound the context.
     unsafe { sys::cuStreamCreateWithPriority(&mut s, flags, priority) }.result()?;
     Ok(s)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The largest matrix of any routed expert (an arena slot's size).
@@ -1568,10 +1623,12 @@ impl Backend for CudaBackend {
         let mut keep = Vec::new();
         let Some(p) = self.addrs(ws, &mut keep) else { return };
         self.rounded = None;
-        let mut off = 0;
-        for (w, &p) in ws.iter().zip(&p) {
-            self.mat_mul(p, w.ty, w.rows, w.cols, x.ptr(), x.cols, x.rows, out.at(off), width);
-            off += w.rows;
+        if !self.matvec_side_by_side(x, ws, &p, out) {
+            let mut off = 0;
+            for (w, &p) in ws.iter().zip(&p) {
+                self.mat_mul(p, w.ty, w.rows, w.cols, x.ptr(), x.cols, x.rows, out.at(off), width);
+                off += w.rows;
+            }
         }
         self.release(&keep);
     }
