@@ -99,6 +99,12 @@ fn generate_on<B: Backend>(mut a: Args, backend: B) -> anyhow::Result<()> {
             "decode_tok_s": g.timings.decode_tok_s(),
             "expert_cache": engine.offload_stats(),
             "device": engine.device_stats(),
+            // Without an expert cache (whose figures carry it), a predictor still runs for a
+            // GPU's own cache.
+            "predictor": match engine.offload_stats() {
+                Some(_) => None,
+                None => engine.predictor().map(|p| p.stats(0)),
+            },
             "memory": memory(&engine),
         });
         writeln!(stdout, "{out}")?;
@@ -115,6 +121,16 @@ fn generate_on<B: Backend>(mut a: Args, backend: B) -> anyhow::Result<()> {
         let steps = (g.timings.prompt_tokens + g.timings.generated_tokens).max(1) as f64;
         if let Some(d) = engine.device_stats() {
             eprintln!("[{}]", super::device_args::device_line(&d, steps));
+            if let (None, Some(p)) = (engine.offload_stats(), engine.predictor()) {
+                let p = p.stats(0);
+                eprintln!(
+                    "[predictor: next-layer recall {:.0}%, precision {:.0}%; {} of {} experts taken ahead of need used]",
+                    100.0 * p.recall,
+                    100.0 * p.precision,
+                    p.prefetched_used,
+                    p.prefetched
+                );
+            }
         }
         if let Some(st) = engine.offload_stats() {
             eprintln!(
