@@ -128,9 +128,12 @@ run)
         bench "$m" resident 64 3 --device cuda
         bench "$m" gpu25-ram 64 3 --device cuda --gpu-budget 25%
         if [ "$m" = qwen3moe ]; then
-            # The same without the predictor's copies ahead of need; and fed from an expert cache
-            # holding every expert in page-locked RAM (copies straight to the device, no staging).
+            # The same without the predictor's copies ahead of need, and with the predictor that
+            # reads the state entering each layer (one more read per layer; the default here is
+            # `fate`, from the router input); and fed from an expert cache holding every expert
+            # in page-locked RAM (copies straight to the device, no staging).
             bench "$m" gpu25-ram-nopredict 64 3 --device cuda --gpu-budget 25% --predict off
+            bench "$m" gpu25-ram-predict1 64 3 --device cuda --gpu-budget 25% --predict 1
             bench "$m" gpu25-pinned 64 3 --device cuda --gpu-budget 25% --expert-budget 100%
         fi
         # Misses from disk (1.6 GB/s there): a Mixtral-shaped token may read 2 GB, so fewer tokens.

@@ -31,6 +31,12 @@ pub struct PredictConfig {
     /// (`ExpertProvider::prefetch_bar`) to weigh; off, every prediction goes as certain (and
     /// `min_confidence` does not apply).
     pub cost_gate: bool,
+    /// Predict from each MoE layer's router input (Fate): the next `distance` MoE layers' routers
+    /// run in the same mat-mul as the layer's own and are read with it, so a device pays no
+    /// extra synchronization, and the copies start a layer earlier. Off: from the state entering
+    /// each layer, through its own and the next routers, before its attention (the better
+    /// recall on the CPU; a GPU pays one read per layer for it).
+    pub from_router_input: bool,
 }
 
 /// The default look-ahead when experts are budgeted (chosen by measurement: see the closing note
@@ -39,7 +45,13 @@ pub const DEFAULT_DISTANCE: usize = 1;
 
 impl Default for PredictConfig {
     fn default() -> Self {
-        PredictConfig { distance: DEFAULT_DISTANCE, width: 0, min_confidence: DEFAULT_MIN_CONFIDENCE, cost_gate: true }
+        PredictConfig {
+            distance: DEFAULT_DISTANCE,
+            width: 0,
+            min_confidence: DEFAULT_MIN_CONFIDENCE,
+            cost_gate: true,
+            from_router_input: false,
+        }
     }
 }
 
@@ -47,13 +59,21 @@ impl Default for PredictConfig {
 /// saves.
 pub const DEFAULT_MIN_CONFIDENCE: f32 = 0.5;
 
-/// `--predict N|off`: a distance of 1–3, or `off`.
+/// The predictor a backend with its own expert cache (a GPU) gets by default: from the router
+/// input, so predicting costs it no extra read.
+pub fn device_default() -> PredictConfig {
+    PredictConfig { from_router_input: true, ..Default::default() }
+}
+
+/// `--predict N|fate|off`: a distance of 1–3 (from the state entering each layer), `fate` (the
+/// next MoE layer from each layer's router input), or `off`.
 pub fn parse_predict(s: &str) -> Result<Option<PredictConfig>, String> {
     match s.trim() {
         "off" | "0" | "none" => Ok(None),
+        "fate" => Ok(Some(device_default())),
         t => match t.parse::<usize>() {
             Ok(d) if (1..=MAX_DISTANCE).contains(&d) => Ok(Some(PredictConfig { distance: d, ..Default::default() })),
-            _ => Err(format!("--predict '{s}': expected a distance of 1 to {MAX_DISTANCE}, or 'off'")),
+            _ => Err(format!("--predict '{s}': expected a distance of 1 to {MAX_DISTANCE}, 'fate' or 'off'")),
         },
     }
 }
@@ -151,6 +171,12 @@ impl Predictor {
     /// input differs from `l`'s input only by `l`'s attention).
     pub fn targets(&self, l: usize, n_layers: usize, is_moe: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
         (l..n_layers).filter(|&t| is_moe(t)).take(self.cfg.distance).enumerate().map(|(i, t)| (t, i + 1)).collect()
+    }
+
+    /// With [`PredictConfig::from_router_input`]: the MoE layers after `l` that a prediction made
+    /// from `l`'s router input covers, with their distance (1: the next MoE layer).
+    pub fn targets_after(&self, l: usize, n_layers: usize, is_moe: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+        (l + 1..n_layers).filter(|&t| is_moe(t)).take(self.cfg.distance).enumerate().map(|(i, t)| (t, i + 1)).collect()
     }
 
     /// A decode pass starts: predictions left from an unfinished pass are dropped.
@@ -293,6 +319,7 @@ mod tests {
         assert_eq!(parse_predict("off"), Ok(None));
         assert_eq!(parse_predict("2"), Ok(Some(PredictConfig { distance: 2, ..Default::default() })));
         assert!(parse_predict("4").is_err());
+        assert_eq!(parse_predict("fate"), Ok(Some(device_default())));
         assert!(parse_predict("x").is_err());
     }
 
@@ -302,5 +329,7 @@ mod tests {
         assert_eq!(p.targets(0, 6, |l| l != 1), vec![(0, 1), (2, 2), (3, 3)]);
         assert_eq!(p.targets(4, 6, |_| true), vec![(4, 1), (5, 2)]);
         assert!(p.targets(6, 6, |_| true).is_empty());
+        assert_eq!(p.targets_after(0, 6, |l| l != 1), vec![(2, 1), (3, 2), (4, 3)]);
+        assert!(p.targets_after(5, 6, |_| true).is_empty());
     }
 }

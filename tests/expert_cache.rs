@@ -71,12 +71,18 @@ fn check<B: Backend>(path: &Path, prompt: &[u32], pinned: usize, backend: impl F
     for (i, policy) in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Hobbit, PolicyKind::Fate].into_iter().enumerate()
     {
         for share in [0.10, 0.25, 0.50, 1.0] {
-            // Without a predictor; then with one looking 1–3 layers ahead that prefetches every
+            // Without a predictor; then with one looking 1–3 layers ahead (from the state entering
+            // each layer, or from the router input for every other policy) that prefetches every
             // prediction (no confidence or cost gate), and a routing profile: the first such run
             // records it, the repeat warms the cache from it.
             let profile = profiles.path().join(format!("{policy:?}-{share}.json"));
-            let predict =
-                PredictConfig { distance: 1 + i % 3, min_confidence: 0.0, cost_gate: false, ..Default::default() };
+            let predict = PredictConfig {
+                distance: 1 + i % 3,
+                min_confidence: 0.0,
+                cost_gate: false,
+                from_router_input: i % 2 == 1,
+                ..Default::default()
+            };
             for (predictor, prof) in [(None, None), (Some(predict), Some(&profile)), (Some(predict), Some(&profile))] {
                 let cfg = OffloadConfig {
                     budget: Budget::Share(share),

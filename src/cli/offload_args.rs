@@ -57,9 +57,10 @@ pub struct OffloadArgs {
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Predict the experts of the next N MoE layers (1–3) from each layer's hidden state and
-    /// prefetch them; `off` to disable. Default: on (1) when experts are budgeted (a RAM cache,
-    /// or a GPU's under `--gpu-budget`), else off (with every expert in memory, `--predict N`
-    /// only measures the predictions).
+    /// prefetch them; `fate` for the next MoE layer from each layer's router input (no extra
+    /// read on a GPU); `off` to disable. Default: on (1) with a RAM expert cache; `fate` with a
+    /// GPU's own cache alone (`--gpu-budget`); else off (with every expert in memory, `--predict
+    /// N` only measures the predictions).
     #[arg(long, value_name = "N|off")]
     pub predict: Option<String>,
     /// The routing profile: which experts this model's routers choose, kept across runs to warm
@@ -222,8 +223,9 @@ impl OffloadArgs {
             engine.set_offload(off);
         }
         let mut predict = self.predict_config()?;
-        if self.predict.is_none() && engine.backend().caches_experts() {
-            predict = Some(PredictConfig::default());
+        if predict.is_none() && self.predict.is_none() && engine.backend().caches_experts() {
+            // A GPU's own cache alone: predicting from the router input costs it no extra read.
+            predict = Some(moerun::predict::device_default());
         }
         engine.set_predictor(predict);
         if let Some(t) = &self.trace {

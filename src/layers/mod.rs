@@ -186,7 +186,7 @@ impl<B: Backend> Forward<'_, B> {
             }
         }
         for (l, layer) in m.layers.iter().enumerate() {
-            let ahead = if n == 1 { self.predict(l, s) } else { Vec::new() };
+            let ahead = if n == 1 && !self.predicts_from_router_input() { self.predict(l, s) } else { Vec::new() };
             self.attention(l, layer, pos0, n, kv, s);
             // Behind the attention just queued: a device with its own expert cache moves the
             // predicted experts it lacks while that runs.
@@ -347,18 +347,37 @@ impl<B: Backend> Forward<'_, B> {
             Ffn::Dense(e) => self.dense_expert(e, n, None, s, true),
             Ffn::Moe { router, router_bias, selection_bias, shared, .. } => {
                 let k = hp.n_expert_used;
-                self.backend.matmul(&s.h, &[B::mat(w, router)], &mut s.logits_r);
-                if let Some(bias) = router_bias {
-                    self.backend.add_bias(&mut s.logits_r, 0, B::vector(w, *bias));
+                let ne = hp.n_expert;
+                // Fate: the next MoE layers' routers on this router input, in the same mat-mul
+                // and the same read.
+                let targets = match (n, self.predicts_from_router_input(), self.predictor.as_deref()) {
+                    (1, true, Some(p)) => p.targets_after(l, m.layers.len(), |t| m.experts(t).is_some()),
+                    _ => Vec::new(),
+                };
+                let mut mats = vec![B::mat(w, router)];
+                let mut biases = vec![*router_bias];
+                for &(t, _) in &targets {
+                    if let Ffn::Moe { router, router_bias, .. } = &m.layers[t].ffn {
+                        mats.push(B::mat(w, router));
+                        biases.push(*router_bias);
+                    }
+                }
+                let targets = &targets[..mats.len() - 1];
+                self.backend.matmul(&s.h, &mats, &mut s.logits_r);
+                for (i, bias) in biases.iter().enumerate() {
+                    if let Some(bias) = bias {
+                        self.backend.add_bias(&mut s.logits_r, i * ne, B::vector(w, *bias));
+                    }
                 }
                 s.probs.clear();
                 s.probs.extend_from_slice(&self.backend.read(&s.logits_r));
+                let width = mats.len() * ne;
                 let routes: Vec<Route> = s
                     .probs
-                    .chunks_exact_mut(hp.n_expert)
+                    .chunks_exact_mut(width)
                     .enumerate()
                     .map(|(t, logits)| {
-                        let r = route(logits, k, &hp.router, selection_bias.map(|v| m.vector(v)));
+                        let r = route(&mut logits[..ne], k, &hp.router, selection_bias.map(|v| m.vector(v)));
                         obs.route(l, pos0 + t, &r);
                         r
                     })
@@ -366,6 +385,18 @@ impl<B: Backend> Forward<'_, B> {
                 if let (Some(p), [r]) = (self.predictor.as_deref_mut(), routes.as_slice()) {
                     p.observe(l, r, self.experts);
                 }
+                let ahead = match self.predictor.as_deref_mut() {
+                    Some(p) if !targets.is_empty() => {
+                        let sel = |t: usize| match &m.layers[t].ffn {
+                            Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v)),
+                            _ => None,
+                        };
+                        // The provider's prefetches may refill expert slots the device still reads.
+                        self.backend.release_host_bytes();
+                        p.predict(targets, &mut s.probs[ne..], hp, sel, self.experts)
+                    }
+                    _ => Vec::new(),
+                };
                 // Assignments (token, weight) in token-major, rank order, and their experts.
                 let assign: Vec<(u32, f32)> = routes
                     .iter()
@@ -409,6 +440,8 @@ impl<B: Backend> Forward<'_, B> {
                     self.experts.wait(l)?;
                     self.wave_outputs(l, &rest, &expert_of, &assign, &mut done, s);
                 }
+                // Behind this layer's experts: the predicted ones of the next layers.
+                self.prefetch_to_backend(&ahead);
                 self.backend.combine(&s.ydown, &assign, &done, n, &mut s.moe);
                 if let Some(sh) = shared {
                     // The shared expert's output, scaled per token by sigmoid(gate · h) if gated.
@@ -452,6 +485,10 @@ impl<B: Backend> Forward<'_, B> {
         // The provider's prefetches may refill expert slots the device still reads from.
         self.backend.release_host_bytes();
         p.predict(&targets, &mut scores, &m.hp, sel, self.experts)
+    }
+
+    fn predicts_from_router_input(&self) -> bool {
+        self.predictor.as_deref().is_some_and(|p| p.config().from_router_input)
     }
 
     /// Hand the backend's own expert cache the predicted experts whose bytes the provider holds

@@ -153,7 +153,7 @@ impl Server {
             engine.set_offload(off);
         }
         let auto = cfg.predict_auto && engine.backend().caches_experts();
-        engine.set_predictor(cfg.predict.or(auto.then(crate::predict::PredictConfig::default)));
+        engine.set_predictor(cfg.predict.or(auto.then(crate::predict::device_default)));
         let (n_ctx, threads) = (engine.n_ctx(), engine.threads());
         let sess = engine.new_session()?;
         let stats = SharedStats::default();
