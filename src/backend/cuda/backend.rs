@@ -346,6 +346,7 @@ struct Kernels {
     matvec: HashMap<GgmlType, CudaFunction>,
     matvec_grouped: HashMap<GgmlType, CudaFunction>,
     matmul: HashMap<GgmlType, CudaFunction>,
+    matmul_grouped: HashMap<GgmlType, CudaFunction>,
     get_rows: HashMap<GgmlType, CudaFunction>,
 }
 
@@ -461,6 +462,7 @@ impl CudaBackend {
             matvec: per_type("matvec"),
             matvec_grouped: per_type("matvec_grouped"),
             matmul: per_type("matmul"),
+            matmul_grouped: per_type("matmul_grouped"),
             get_rows: per_type("get_rows"),
             named,
         };
@@ -1059,6 +1061,139 @@ impl CudaBackend {
         // Row `cols[j]` of a 1-wide y is column cols[j] of the one output row.
         self.grouped(w0.ty, ptrs, xi, 0, out.ptr(), cols, 1, chunk, w0.cols, jobs);
         true
+    }
+
+    /// A batch's experts (prefill) in eight launches for as many experts as the arena holds at
+    /// once, instead of eight per expert: every job's tokens gathered side by side, rounded once,
+    /// gate and up each one grouped tiled mat-mul (`matmul_grouped_*`, a weight and a row range
+    /// per job), biases by row, the GLU once, down grouped, and one scatter into `y`. Applies
+    /// when every job runs experts of one type and shape; returns false (nothing done) otherwise.
+    fn grouped_batch(&mut self, x: &CudaAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) -> bool {
+        let Some(first) = jobs.first() else { return false };
+        let [g0, u0, d0] = first.mats;
+        let shape = |j: &&ExpertJob<'_, '_, Self>| {
+            let [g, u, d] = j.mats;
+            (g.ty, g.rows, g.cols, u.ty, u.rows, u.cols, d.ty, d.rows, d.cols, j.glu, j.bias.is_some())
+        };
+        let kernels = [g0.ty, u0.ty, d0.ty].iter().all(|t| self.k.matmul_grouped.contains_key(t));
+        if jobs.len() < 2 || !kernels || !jobs.iter().all(|j| shape(j) == shape(first)) {
+            return false;
+        }
+        // As many jobs at a time as the arena holds all three matrices of (every one when the
+        // experts are resident).
+        let per = self.arena.as_ref().map_or(jobs.len(), |a| a.owner.len() / 3).max(1);
+        for group in jobs.chunks(per) {
+            self.grouped_jobs(x, group, y);
+        }
+        true
+    }
+
+    /// [`Self::grouped_batch`] for jobs whose matrices the arena holds at once.
+    fn grouped_jobs(&mut self, x: &CudaAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) {
+        let [g0, u0, d0] = jobs[0].mats;
+        let (d, ff, d_out) = (g0.cols, g0.rows, d0.rows);
+        let mats: Vec<CudaMat<'_>> = jobs.iter().flat_map(|j| j.mats).collect();
+        let mut keep = Vec::with_capacity(mats.len());
+        let Some(p) = self.addrs(&mats, &mut keep) else { return };
+        self.rounded = None;
+        let (mut row0, mut counts, mut tokens, mut out_rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for j in jobs {
+            row0.push(tokens.len() as i32);
+            counts.push(j.tokens.len() as i32);
+            tokens.extend_from_slice(j.tokens);
+            out_rows.extend_from_slice(j.out_rows);
+        }
+        let total = tokens.len();
+        let widest = counts.iter().copied().max().unwrap_or(0) as usize;
+        if total == 0 {
+            self.release(&keep);
+            return;
+        }
+        let (mut xg, mut g, mut u, mut o) = (
+            std::mem::take(&mut self.xg),
+            std::mem::take(&mut self.g),
+            std::mem::take(&mut self.u),
+            std::mem::take(&mut self.o),
+        );
+        self.ensure(&mut xg, total, d);
+        self.ensure(&mut g, total, ff);
+        self.ensure(&mut u, total, ff);
+        self.ensure(&mut o, total, d_out);
+        let ids = self.upload(&tokens);
+        self.launch_named(
+            "gather_rows_f32",
+            (d.div_ceil(256), total, 1),
+            256,
+            &[Arg::P(x.ptr()), long(x.cols), Arg::P(ids), Arg::P(xg.ptr()), int(d)],
+        );
+        let (row0, counts) = (self.upload(&row0), self.upload(&counts));
+        let ptrs = |k: usize| p.iter().skip(k).step_by(3).copied().collect::<Vec<DevPtr>>();
+        let (wg, wu, wd) = (self.upload(&ptrs(0)), self.upload(&ptrs(1)), self.upload(&ptrs(2)));
+        let grid = |rows: usize| (rows.div_ceil(64), widest.div_ceil(64), jobs.len());
+        let (xi, xs) = self.round_input(xg.ptr(), d, total, d, g0.ty);
+        self.matmul_grouped(g0.ty, grid(ff), &[Arg::P(wg), Arg::P(xi), Arg::P(g.ptr())], (row0, counts), ff, d, xs, ff);
+        let (xi, xs) = self.round_input(xg.ptr(), d, total, d, u0.ty);
+        self.matmul_grouped(u0.ty, grid(ff), &[Arg::P(wu), Arg::P(xi), Arg::P(u.ptr())], (row0, counts), ff, d, xs, ff);
+        // Biases by row: row r gets its job's vector.
+        let by_row = |k: usize| -> Option<Vec<DevPtr>> {
+            let mut v = Vec::with_capacity(total);
+            for j in jobs {
+                let b = j.bias?[k].ptr;
+                v.extend(std::iter::repeat_n(b, j.tokens.len()));
+            }
+            Some(v)
+        };
+        let biases = jobs[0].bias.and_then(|_| Some([by_row(0)?, by_row(1)?, by_row(2)?]));
+        if let Some([bg, bu, _]) = &biases {
+            let (bg, bu) = (self.upload(bg), self.upload(bu));
+            self.bias_grouped(&g, 0, bg, ff, total);
+            self.bias_grouped(&u, 0, bu, ff, total);
+        }
+        self.glu(g.ptr(), u.ptr(), total * ff, jobs[0].glu);
+        let (ai, a_stride) = self.round_input(g.ptr(), ff, total, ff, d0.ty);
+        self.matmul_grouped(
+            d0.ty,
+            grid(d_out),
+            &[Arg::P(wd), Arg::P(ai), Arg::P(o.ptr())],
+            (row0, counts),
+            d_out,
+            ff,
+            a_stride,
+            d_out,
+        );
+        if let Some([_, _, bd]) = &biases {
+            let bd = self.upload(bd);
+            self.bias_grouped(&o, 0, bd, d_out, total);
+        }
+        self.release(&keep);
+        let rows = self.upload(&out_rows);
+        self.launch_named(
+            "scatter_rows_f32",
+            (d_out.div_ceil(256), total, 1),
+            256,
+            &[Arg::P(o.ptr()), int(d_out), Arg::P(rows), Arg::P(y.ptr()), long(y.cols)],
+        );
+        (self.xg, self.g, self.u, self.o) = (xg, g, u, o);
+    }
+
+    /// One `matmul_grouped_*` launch: `wxy` the weights' address array, the input and the
+    /// output; `jobs` the row-start and row-count arrays.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_grouped(
+        &mut self,
+        ty: GgmlType,
+        grid: (usize, usize, usize),
+        wxy: &[Arg; 3],
+        jobs: (DevPtr, DevPtr),
+        rows: usize,
+        cols: usize,
+        x_stride: usize,
+        y_stride: usize,
+    ) {
+        let Some(f) = self.k.matmul_grouped.get(&ty).cloned() else { return };
+        let [w, x, y] = *wxy;
+        let args = [w, x, y, Arg::P(jobs.0), Arg::P(jobs.1), int(rows), int(cols), long(x_stride), long(y_stride)];
+        self.launch(&f, grid, 256, &args);
     }
 
     /// `y[rows_out[j] or j] = ws[j] · x[j]` for `n` jobs (`x` rows `x_job_stride` apart; 0: one
@@ -1750,7 +1885,7 @@ impl Backend for CudaBackend {
             j.mats.iter().all(|m| matches!(m.at, At::Host(b, _) if self.mapped(b).is_none()))
         };
         let (host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
-        if !self.fused_decode(x, &dev, y) {
+        if !self.fused_decode(x, &dev, y) && !self.grouped_batch(x, &dev, y) {
             for j in dev {
                 self.expert_job(x, j, y);
             }

@@ -72,7 +72,11 @@ pub const FILES: &[KernelFile] = &[
         source: include_str!("../../../kernels/matvec.cu"),
         entries: &["matvec_{type}", "matvec_grouped_{type}"],
     },
-    KernelFile { file: "matmul.cu", source: include_str!("../../../kernels/matmul.cu"), entries: &["matmul_{type}"] },
+    KernelFile {
+        file: "matmul.cu",
+        source: include_str!("../../../kernels/matmul.cu"),
+        entries: &["matmul_{type}", "matmul_grouped_{type}"],
+    },
     KernelFile { file: "norm.cu", source: include_str!("../../../kernels/norm.cu"), entries: &["rms_norm_f32"] },
     KernelFile {
         file: "elementwise.cu",

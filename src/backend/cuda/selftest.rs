@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaModule, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::kernels::{self, ggml_type, FILES, TYPES};
 use super::{probe, CudaError};
@@ -155,6 +155,46 @@ fn check_type(dev: &Dev, rng: &mut SplitMix64, name: &str, ty: GgmlType) -> Resu
     .map_err(e)?;
     let got = s.clone_dtoh(&dyb).map_err(e)?;
     checks.push(check(format!("matmul_{name}"), rel_err(&got, &want_b, 1e-6), 1e-4));
+    // The grouped kernel: two "experts", the weight's rows 0..32 for input rows 0..40 and rows
+    // 32..64 for input rows 40..70, each output row `half` wide.
+    let half = rows / 2;
+    let (w0, _g) = dw.device_ptr(s);
+    let ws: Vec<u64> = vec![w0, w0 + (half * row_bytes) as u64];
+    let (row0, counts): (Vec<i32>, Vec<i32>) = (vec![0, 40], vec![40, n_big as i32 - 40]);
+    let want_g: Vec<f64> = (0..n_big)
+        .flat_map(|t| {
+            let first = if t < 40 { 0 } else { half };
+            want_b[t * rows + first..t * rows + first + half].to_vec()
+        })
+        .collect();
+    let (dws, drow0, dcounts) =
+        (s.clone_htod(&ws).map_err(e)?, s.clone_htod(&row0).map_err(e)?, s.clone_htod(&counts).map_err(e)?);
+    let mut dyg = s.alloc_zeros::<f32>(n_big * half).map_err(e)?;
+    let f = dev.function(&format!("matmul_grouped_{name}"))?;
+    let (hr, stride_g) = (half as i32, half as i64);
+    let cfg = LaunchConfig {
+        grid_dim: (half.div_ceil(64) as u32, 40usize.div_ceil(64) as u32, 2),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matmul_grouped_<type>(ws, x, y, row0, n, rows, cols, x_stride, y_stride): two
+    // weight addresses inside `dw` (`half` rows each), input and output rows 0..70.
+    unsafe {
+        s.launch_builder(&f)
+            .arg(&dws)
+            .arg(&dxb)
+            .arg(&mut dyg)
+            .arg(&drow0)
+            .arg(&dcounts)
+            .arg(&hr)
+            .arg(&c)
+            .arg(&stride_x)
+            .arg(&stride_g)
+            .launch(cfg)
+    }
+    .map_err(e)?;
+    let got = s.clone_dtoh(&dyg).map_err(e)?;
+    checks.push(check(format!("matmul_grouped_{name}"), rel_err(&got, &want_g, 1e-6), 1e-4));
     let ids: Vec<i32> = vec![3, 0, 63, 17];
     let dids = s.clone_htod(&ids).map_err(e)?;
     let mut drows = s.alloc_zeros::<f32>(ids.len() * cols).map_err(e)?;
