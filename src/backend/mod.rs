@@ -500,4 +500,10 @@ pub trait Backend: 'static {
     fn matmul_heads(&mut self, x: &Self::Act, from: Heads, ws: &[Self::Mat<'_>], out: &mut Self::Act, to: Heads);
     /// `x += y`.
     fn add(&mut self, x: &mut Self::Act, y: &Self::Act);
+    /// `x += y`, then `out = rms_norm(x) · w`: a residual add and the norm after it, which a
+    /// device does in one pass. The same values as `add` then `rms_norm`.
+    fn add_rms_norm(&mut self, x: &mut Self::Act, y: &Self::Act, w: Self::Vector<'_>, eps: f32, out: &mut Self::Act) {
+        self.add(x, y);
+        self.rms_norm(x, w, eps, out);
+    }
 }

@@ -237,7 +237,7 @@ impl<B: Backend> Forward<'_, B> {
         if let Some(bo) = layer.bo {
             b.add_bias(&mut s.o, 0, B::vector(w, bo));
         }
-        b.add(&mut s.x, &s.o);
+        // The residual `x += o` is added by `ffn`, with its norm.
     }
 
     /// MLA's fused attention input `[n, n_head·(kv_lora + rope) | kv_lora + rope]`: per head the
@@ -342,7 +342,8 @@ impl<B: Backend> Forward<'_, B> {
         let (m, w) = (self.model, self.weights);
         let hp = &m.hp;
         let d = hp.n_embd;
-        self.backend.rms_norm(&s.x, B::vector(w, layer.ffn_norm), hp.rms_eps, &mut s.h);
+        // The attention's residual, and the norm of the sum.
+        self.backend.add_rms_norm(&mut s.x, &s.o, B::vector(w, layer.ffn_norm), hp.rms_eps, &mut s.h);
         match &layer.ffn {
             Ffn::Dense(e) => self.dense_expert(e, n, None, s, true),
             Ffn::Moe { router, router_bias, selection_bias, shared, .. } => {

@@ -1961,6 +1961,28 @@ impl Backend for CudaBackend {
         self.release(&keep);
     }
 
+    fn add_rms_norm(&mut self, x: &mut CudaAct, y: &CudaAct, w: CudaVector<'_>, eps: f32, out: &mut CudaAct) {
+        self.ensure(out, x.rows, x.cols);
+        if !self.enter() {
+            return;
+        }
+        self.launch_named(
+            "add_rms_norm_f32",
+            (1, x.rows, 1),
+            256,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(y.ptr()),
+                long(x.cols),
+                Arg::P(w.ptr),
+                Arg::P(out.ptr()),
+                long(out.cols),
+                int(x.cols),
+                Arg::F(eps),
+            ],
+        );
+    }
+
     fn add(&mut self, x: &mut CudaAct, y: &CudaAct) {
         if !self.enter() {
             return;

@@ -77,7 +77,11 @@ pub const FILES: &[KernelFile] = &[
         source: include_str!("../../../kernels/matmul.cu"),
         entries: &["matmul_{type}", "matmul_grouped_{type}"],
     },
-    KernelFile { file: "norm.cu", source: include_str!("../../../kernels/norm.cu"), entries: &["rms_norm_f32"] },
+    KernelFile {
+        file: "norm.cu",
+        source: include_str!("../../../kernels/norm.cu"),
+        entries: &["rms_norm_f32", "add_rms_norm_f32"],
+    },
     KernelFile {
         file: "elementwise.cu",
         source: include_str!("../../../kernels/elementwise.cu"),
