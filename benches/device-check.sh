@@ -140,6 +140,12 @@ run)
         bench "$m" gpu25-disk 16 1 --device cuda --gpu-budget 25% --expert-budget 10%
         bench "$m" unified 32 1 --device cuda --unified --expert-budget 25%
         bench "$m" cpu-moe 32 1 --device cuda --cpu-moe
+        # The same 25% of the experts on the GPU as gpu25-*, but a fixed quarter of the layers
+        # resident and the rest computed on the CPU (llama.cpp's --n-cpu-moe), side by side.
+        case $m in
+        qwen3moe) bench "$m" n-cpu-moe-75 32 1 --device cuda --n-cpu-moe 6 ;;
+        mixtral) bench "$m" n-cpu-moe-75 32 1 --device cuda --n-cpu-moe 3 ;;
+        esac
         bench "$m" cpu 32 1 --device cpu -t 16
     done
     if command -v python3 >/dev/null; then

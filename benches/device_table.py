@@ -40,7 +40,7 @@ def main(out):
         g = r.get("gpu_decode") or {}
         copied = g.get("bytes_copied_per_token") or 0.0
         active = r["moe"]["active_bytes_per_token"]
-        if r["device"] == "cpu" or mode == "cpu-moe":
+        if r["device"] == "cpu" or mode.startswith("cpu-moe") or mode.startswith("n-cpu-moe"):
             bound, what = None, "-"
         elif copied > 0:
             bound, what = PCIE / copied, "PCIe"

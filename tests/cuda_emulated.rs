@@ -159,6 +159,13 @@ fn greedy_tokens_match_the_cpu_and_every_gpu_memory_setting_gives_the_same_logit
     assert_eq!(integrated["device"]["copies"], 0, "read in place: {}", integrated["device"]);
     assert_eq!(cpu_moe["ids"], cpu["ids"], "--cpu-moe: tokens");
     assert!(cpu_moe["device"]["host_computed"].as_u64().unwrap_or(0) > 0, "{}", cpu_moe["device"]);
+    // The first three layers' experts on the CPU, the rest resident on the device.
+    let split = run(&["--device", "cuda", "--n-cpu-moe", "3"], &[]);
+    let dev = &split["device"];
+    assert_eq!(split["ids"], cpu["ids"], "--n-cpu-moe 3: tokens");
+    assert!(dev["host_computed"].as_u64().unwrap_or(0) > 0, "{dev}");
+    assert_eq!(dev["copies"], 0, "the other layers' experts are resident: {dev}");
+    assert!(dev["weight_bytes"].as_u64() < gpu["device"]["weight_bytes"].as_u64(), "{dev}");
 }
 
 /// The front door's device choice: `--device cuda` on a machine without the driver fails naming

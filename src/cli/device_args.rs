@@ -22,6 +22,10 @@ pub struct DeviceArgs {
     /// `--cpu-moe`).
     #[arg(long)]
     pub cpu_moe: bool,
+    /// Keep the routed experts of the first N layers on the CPU and compute them there; the GPU
+    /// holds (or caches, under `--gpu-budget`) the rest (llama.cpp's `--n-cpu-moe`).
+    #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "cpu_moe")]
+    pub n_cpu_moe: usize,
 }
 
 /// A resolved device.
@@ -45,11 +49,11 @@ impl DeviceArgs {
     /// The device the flags name; with none named, CUDA when it is there, else the CPU with one
     /// line saying why.
     pub fn resolve(&self, threads: usize) -> anyhow::Result<Device> {
-        let gpu_flags = self.gpu_budget.is_some() || self.unified || self.cpu_moe;
+        let gpu_flags = self.gpu_budget.is_some() || self.unified || self.cpu_moe || self.n_cpu_moe > 0;
         let asked = self.device.as_deref().map(str::trim);
         let ordinal = match asked {
             Some("cpu") => {
-                anyhow::ensure!(!gpu_flags, "--gpu-budget, --unified and --cpu-moe need --device cuda");
+                anyhow::ensure!(!gpu_flags, "--gpu-budget, --unified, --cpu-moe and --n-cpu-moe need --device cuda");
                 return Ok(Device::Cpu);
             }
             Some(d) if d == "cuda" || d.starts_with("cuda:") => match d.strip_prefix("cuda:") {
@@ -94,6 +98,7 @@ impl DeviceArgs {
             gpu_budget,
             unified: self.unified,
             cpu_moe: self.cpu_moe,
+            n_cpu_moe: self.n_cpu_moe,
             threads,
             kernel_cache: moerun::backend::cuda::kernels::default_cache(),
         }))

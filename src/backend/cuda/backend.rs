@@ -72,6 +72,9 @@ pub struct CudaOptions {
     pub unified: bool,
     /// Compute experts the device does not hold on the CPU instead of copying them.
     pub cpu_moe: bool,
+    /// Keep the routed experts of the first N layers on the CPU and compute them there; the
+    /// device holds (or caches) the rest (llama.cpp's `--n-cpu-moe N`). 0: none.
+    pub n_cpu_moe: usize,
     /// CPU threads for `cpu_moe`.
     pub threads: usize,
     /// Where compiled kernels are cached (`None`: compile every start).
@@ -405,6 +408,8 @@ pub struct CudaBackend {
     up_dev: DeviceBuf,
     up_at: usize,
     registered: Vec<Registered>,
+    /// File offsets of the expert matrices `--n-cpu-moe` keeps on the CPU.
+    cpu_experts: std::collections::HashSet<u64>,
     /// An input rounded to a weight's `vec_dot_type`, and which input and type it holds (reset
     /// by every operation: the input's bytes change between them).
     xr: CudaAct,
@@ -483,7 +488,7 @@ impl CudaBackend {
         let up_host = PinnedBuf::new(&ctx, UPLOAD_BYTES, 0).map_err(err)?;
         let copy_done = Event::new(false).map_err(err)?;
         let up_dev = DeviceBuf::new(&ctx, UPLOAD_BYTES).map_err(err)?;
-        let cpu = opts.cpu_moe.then(|| CpuBackend::new(opts.threads.max(1)));
+        let cpu = (opts.cpu_moe || opts.n_cpu_moe > 0).then(|| CpuBackend::new(opts.threads.max(1)));
         let mut opts = opts;
         opts.unified |= info.integrated;
         tracing::info!(
@@ -512,6 +517,7 @@ impl CudaBackend {
             up_dev,
             up_at: 0,
             registered: Vec::new(),
+            cpu_experts: Default::default(),
             xr: CudaAct::default(),
             rounded: None,
             xg: CudaAct::default(),
@@ -1421,18 +1427,32 @@ impl Backend for CudaBackend {
         ctx.bind_to_thread().map_err(|_| alloc("binding the device", 0))?;
         let dense = resident_set(model, Resident::Dense);
         let dense_bytes: u64 = dense.iter().map(|w| w.bytes).sum();
-        let experts = model.expert_bytes();
+        // The experts of the first `n_cpu_moe` layers stay with the CPU; the device takes the rest.
+        let on_cpu = |l: usize| self.opts.cpu_moe || l < self.opts.n_cpu_moe;
+        let gpu_experts: Vec<WeightDesc> = (0..model.layers.len())
+            .filter(|&l| !on_cpu(l))
+            .filter_map(|l| model.experts(l))
+            .flat_map(|es| es.iter().flat_map(|e| [e.gate, e.up, e.down]))
+            .collect();
+        self.cpu_experts = (0..model.layers.len())
+            .filter(|&l| on_cpu(l))
+            .filter_map(|l| model.experts(l))
+            .flat_map(|es| es.iter().flat_map(|e| [e.gate.offset, e.up.offset, e.down.offset]))
+            .collect();
+        let experts: u64 = gpu_experts.iter().map(|w| w.bytes).sum();
         let free = ctx.mem_get_info().map(|(f, _)| f as u64).unwrap_or(self.info.memory_bytes);
         let wants_experts = !matches!(residency.which, Resident::Dense | Resident::None);
         let budget = self.budget_bytes(model);
         let all = experts > 0
             && wants_experts
-            && !self.opts.cpu_moe
             && match budget {
                 Some(b) => b >= experts,
                 None => dense_bytes + experts + HEADROOM <= free,
             };
-        let ws = if all || experts == 0 { resident_set(model, Resident::All) } else { dense };
+        let ws = match all {
+            true => dense.into_iter().chain(gpu_experts).collect(),
+            false => dense,
+        };
         // Each weight 256-byte aligned, as the kernels' block loads like.
         let total: u64 = ws.iter().map(|w| w.bytes.next_multiple_of(256)).sum();
         let t0 = std::time::Instant::now();
@@ -1469,7 +1489,7 @@ impl Backend for CudaBackend {
         );
         self.stats.weight_bytes = total + n_vec as u64 * 4;
         self.expert_slot = largest_expert_matrix(model).next_multiple_of(256) as usize;
-        if !all && experts > 0 && !self.opts.cpu_moe {
+        if !all && experts > 0 {
             let slot = self.expert_slot;
             let budget = budget.unwrap_or_else(|| free.saturating_sub(total + HEADROOM));
             let n = (budget / slot.max(1) as u64) as usize;
@@ -1482,7 +1502,8 @@ impl Backend for CudaBackend {
             self.stats.arena_bytes = (slot * n) as u64;
             self.arena = Some(arena);
         }
-        let resident = if all || experts == 0 { Resident::All } else { Resident::Dense };
+        let resident =
+            if self.cpu_experts.is_empty() && (all || experts == 0) { Resident::All } else { Resident::Dense };
         Ok(CudaWeights {
             model: Arc::clone(model),
             _mem: mem,
@@ -1880,9 +1901,15 @@ impl Backend for CudaBackend {
         if !self.enter() {
             return;
         }
-        // With --cpu-moe: an expert whose matrices the host holds (and the device cannot read).
+        // With --cpu-moe: an expert whose matrices the host holds (and the device cannot read);
+        // with --n-cpu-moe, one of the layers kept on the CPU.
         let on_host = |j: &ExpertJob<'_, '_, Self>| {
-            j.mats.iter().all(|m| matches!(m.at, At::Host(b, _) if self.mapped(b).is_none()))
+            j.mats.iter().all(|m| match m.at {
+                At::Host(b, k) => {
+                    self.mapped(b).is_none() && (self.opts.cpu_moe || self.cpu_experts.contains(&k.offset))
+                }
+                At::Device(_) => false,
+            })
         };
         let (host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
         if !self.fused_decode(x, &dev, y) && !self.grouped_batch(x, &dev, y) {
