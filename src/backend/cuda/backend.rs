@@ -1202,6 +1202,21 @@ impl CudaBackend {
         self.launch(&f, grid, 256, &args);
     }
 
+    /// `out = rms_norm(x) · w` over whole rows; with `residual`, `x += residual` first (the
+    /// kernel writes x back).
+    fn norm_rows(&mut self, x: &CudaAct, residual: Option<&CudaAct>, w: CudaVector<'_>, eps: f32, out: &mut CudaAct) {
+        self.ensure(out, x.rows, x.cols);
+        if !self.enter() {
+            return;
+        }
+        let (name, mut args) = match residual {
+            Some(r) => ("add_rms_norm_f32", vec![Arg::P(x.ptr()), Arg::P(r.ptr())]),
+            None => ("rms_norm_f32", vec![Arg::P(x.ptr())]),
+        };
+        args.extend([long(x.cols), Arg::P(w.ptr), Arg::P(out.ptr()), long(out.cols), int(x.cols), Arg::F(eps)]);
+        self.launch_named(name, (1, x.rows, 1), 256, &args);
+    }
+
     /// `y[rows_out[j] or j] = ws[j] · x[j]` for `n` jobs (`x` rows `x_job_stride` apart; 0: one
     /// row for all), one launch.
     #[allow(clippy::too_many_arguments)]
@@ -1729,24 +1744,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&mut self, x: &CudaAct, w: CudaVector<'_>, eps: f32, out: &mut CudaAct) {
-        self.ensure(out, x.rows, x.cols);
-        if !self.enter() {
-            return;
-        }
-        self.launch_named(
-            "rms_norm_f32",
-            (1, x.rows, 1),
-            256,
-            &[
-                Arg::P(x.ptr()),
-                long(x.cols),
-                Arg::P(w.ptr),
-                Arg::P(out.ptr()),
-                long(out.cols),
-                int(x.cols),
-                Arg::F(eps),
-            ],
-        );
+        self.norm_rows(x, None, w, eps, out);
     }
 
     fn rms_norm_heads(
@@ -1989,25 +1987,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_rms_norm(&mut self, x: &mut CudaAct, y: &CudaAct, w: CudaVector<'_>, eps: f32, out: &mut CudaAct) {
-        self.ensure(out, x.rows, x.cols);
-        if !self.enter() {
-            return;
-        }
-        self.launch_named(
-            "add_rms_norm_f32",
-            (1, x.rows, 1),
-            256,
-            &[
-                Arg::P(x.ptr()),
-                Arg::P(y.ptr()),
-                long(x.cols),
-                Arg::P(w.ptr),
-                Arg::P(out.ptr()),
-                long(out.cols),
-                int(x.cols),
-                Arg::F(eps),
-            ],
-        );
+        self.norm_rows(x, Some(y), w, eps, out);
     }
 
     fn add(&mut self, x: &mut CudaAct, y: &CudaAct) {
