@@ -912,6 +912,45 @@ impl CudaBackend {
         self.launch_named(name, (n.div_ceil(256), 1, 1), 256, args);
     }
 
+    /// The expert-FFN scratch (gathered inputs, gate, up, down outputs) taken out of the backend
+    /// and sized for `n` rows; the caller puts it back.
+    fn take_scratch(&mut self, n: usize, d: usize, ff: usize, d_out: usize) -> [CudaAct; 4] {
+        let mut s = [
+            std::mem::take(&mut self.xg),
+            std::mem::take(&mut self.g),
+            std::mem::take(&mut self.u),
+            std::mem::take(&mut self.o),
+        ];
+        for (a, cols) in s.iter_mut().zip([d, ff, ff, d_out]) {
+            self.ensure(a, n, cols);
+        }
+        s
+    }
+
+    /// Rows `ids` of `x` (their first `out.cols` values) into `out`, side by side.
+    fn gather_rows(&mut self, x: &CudaAct, ids: &[u32], out: &CudaAct) {
+        let n = ids.len();
+        let ids = self.upload(ids);
+        self.launch_named(
+            "gather_rows_f32",
+            (out.cols.div_ceil(256), n, 1),
+            256,
+            &[Arg::P(x.ptr()), long(x.cols), Arg::P(ids), Arg::P(out.ptr()), int(out.cols)],
+        );
+    }
+
+    /// Row i of `src` (its first `src.cols` values) into row `rows[i]` of `y`.
+    fn scatter_rows(&mut self, src: &CudaAct, rows: &[u32], y: &CudaAct) {
+        let n = rows.len();
+        let ids = self.upload(rows);
+        self.launch_named(
+            "scatter_rows_f32",
+            (src.cols.div_ceil(256), n, 1),
+            256,
+            &[Arg::P(src.ptr()), int(src.cols), Arg::P(ids), Arg::P(y.ptr()), long(y.cols)],
+        );
+    }
+
     /// One expert job on the device: gather, gate and up, GLU, down, scatter into `y`.
     fn expert_job(&mut self, x: &CudaAct, j: &ExpertJob<'_, '_, Self>, y: &mut CudaAct) {
         let n = j.tokens.len();
@@ -923,23 +962,8 @@ impl CudaBackend {
         let mut keep = Vec::with_capacity(3);
         let Some(p) = self.addrs(&j.mats, &mut keep) else { return };
         let (d, ff, d_out) = (gate.cols, gate.rows, down.rows);
-        let (mut xg, mut g, mut u, mut o) = (
-            std::mem::take(&mut self.xg),
-            std::mem::take(&mut self.g),
-            std::mem::take(&mut self.u),
-            std::mem::take(&mut self.o),
-        );
-        self.ensure(&mut xg, n, d);
-        self.ensure(&mut g, n, ff);
-        self.ensure(&mut u, n, ff);
-        self.ensure(&mut o, n, d_out);
-        let ids = self.upload(j.tokens);
-        self.launch_named(
-            "gather_rows_f32",
-            (d.div_ceil(256), n, 1),
-            256,
-            &[Arg::P(x.ptr()), long(x.cols), Arg::P(ids), Arg::P(xg.ptr()), int(d)],
-        );
+        let [xg, g, u, o] = self.take_scratch(n, d, ff, d_out);
+        self.gather_rows(x, j.tokens, &xg);
         self.mat_mul(p[0], gate.ty, ff, d, xg.ptr(), d, n, g.ptr(), ff);
         self.mat_mul(p[1], up.ty, ff, d, xg.ptr(), d, n, u.ptr(), ff);
         if let Some([bg, bu, _]) = j.bias {
@@ -952,13 +976,7 @@ impl CudaBackend {
             self.bias(&o, 0, d_out, bd.ptr);
         }
         self.release(&keep);
-        let rows = self.upload(j.out_rows);
-        self.launch_named(
-            "scatter_rows_f32",
-            (d_out.div_ceil(256), n, 1),
-            256,
-            &[Arg::P(o.ptr()), int(d_out), Arg::P(rows), Arg::P(y.ptr()), long(y.cols)],
-        );
+        self.scatter_rows(&o, j.out_rows, y);
         (self.xg, self.g, self.u, self.o) = (xg, g, u, o);
     }
 
@@ -1115,23 +1133,8 @@ impl CudaBackend {
             self.release(&keep);
             return;
         }
-        let (mut xg, mut g, mut u, mut o) = (
-            std::mem::take(&mut self.xg),
-            std::mem::take(&mut self.g),
-            std::mem::take(&mut self.u),
-            std::mem::take(&mut self.o),
-        );
-        self.ensure(&mut xg, total, d);
-        self.ensure(&mut g, total, ff);
-        self.ensure(&mut u, total, ff);
-        self.ensure(&mut o, total, d_out);
-        let ids = self.upload(&tokens);
-        self.launch_named(
-            "gather_rows_f32",
-            (d.div_ceil(256), total, 1),
-            256,
-            &[Arg::P(x.ptr()), long(x.cols), Arg::P(ids), Arg::P(xg.ptr()), int(d)],
-        );
+        let [xg, g, u, o] = self.take_scratch(total, d, ff, d_out);
+        self.gather_rows(x, &tokens, &xg);
         let (row0, counts) = (self.upload(&row0), self.upload(&counts));
         let ptrs = |k: usize| p.iter().skip(k).step_by(3).copied().collect::<Vec<DevPtr>>();
         let (wg, wu, wd) = (self.upload(&ptrs(0)), self.upload(&ptrs(1)), self.upload(&ptrs(2)));
@@ -1172,13 +1175,7 @@ impl CudaBackend {
             self.bias_grouped(&o, 0, bd, d_out, total);
         }
         self.release(&keep);
-        let rows = self.upload(&out_rows);
-        self.launch_named(
-            "scatter_rows_f32",
-            (d_out.div_ceil(256), total, 1),
-            256,
-            &[Arg::P(o.ptr()), int(d_out), Arg::P(rows), Arg::P(y.ptr()), long(y.cols)],
-        );
+        self.scatter_rows(&o, &out_rows, y);
         (self.xg, self.g, self.u, self.o) = (xg, g, u, o);
     }
 
@@ -1323,13 +1320,7 @@ impl CudaBackend {
         // (a pageable copy is staged before the call returns).
         let r = unsafe { result::memcpy_htod_async(src.ptr(), &packed, self.stream) };
         self.check("uploading expert outputs", r);
-        let ids = self.upload(&rows);
-        self.launch_named(
-            "scatter_rows_f32",
-            (y.cols.div_ceil(256), rows.len(), 1),
-            256,
-            &[Arg::P(src.ptr()), int(y.cols), Arg::P(ids), Arg::P(y.ptr()), long(y.cols)],
-        );
+        self.scatter_rows(&src, &rows, y);
         // Stream order: the next write into the scratch comes after this scatter.
         self.o = src;
     }
