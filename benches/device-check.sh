@@ -107,6 +107,7 @@ run)
     gen cache --device cuda --gpu-budget 25% --memory-budget 1GiB
     gen unified --device cuda --unified --memory-budget 1GiB
     gen cpumoe --device cuda --cpu-moe
+    gen cpumiss --device cuda --gpu-budget 25% --cpu-misses always
     # Speed on models at real layer shapes, written here.
     mkdir -p /tmp/synth
     step synth 240 sh -c "$bin synth --preset qwen3moe --layers 8 -o /tmp/synth/qwen3moe.gguf && $bin synth --preset mixtral --layers 4 -o /tmp/synth/mixtral.gguf"
@@ -135,6 +136,8 @@ run)
             bench "$m" gpu25-ram-nopredict 64 3 --device cuda --gpu-budget 25% --predict off
             bench "$m" gpu25-ram-predict1 64 3 --device cuda --gpu-budget 25% --predict 1
             bench "$m" gpu25-pinned 64 3 --device cuda --gpu-budget 25% --expert-budget 100%
+            # The planner: each layer's misses split between the link and the CPU by measured rate.
+            bench "$m" gpu25-cpumiss 64 3 --device cuda --gpu-budget 25% --cpu-misses auto
         fi
         # Misses from disk (1.6 GB/s there): a Mixtral-shaped token may read 2 GB, so fewer tokens.
         bench "$m" gpu25-disk 16 1 --device cuda --gpu-budget 25% --expert-budget 10%

@@ -70,7 +70,8 @@ def main(out):
         for name, g in sorted(gens.items()):
             if name in ("cpu", "cuda") or not g:
                 continue
-            same_ids = g["ids"] == (cpu if name == "cpumoe" else cuda)["ids"]
+            # Experts computed on the CPU sum in the CPU's order: their tokens are the CPU's.
+            same_ids = g["ids"] == (cpu if name in ("cpumoe", "cpumiss") else cuda)["ids"]
             same_logits = g["top_logits"] == cuda["top_logits"]
             print(f"  {name}: tokens {'identical' if same_ids else 'DIFFERENT'}; logits vs all-resident cuda "
                   f"{'bit for bit' if same_logits else 'differ'}")

@@ -166,6 +166,17 @@ fn greedy_tokens_match_the_cpu_and_every_gpu_memory_setting_gives_the_same_logit
     assert!(dev["host_computed"].as_u64().unwrap_or(0) > 0, "{dev}");
     assert_eq!(dev["copies"], 0, "the other layers' experts are resident: {dev}");
     assert!(dev["weight_bytes"].as_u64() < gpu["device"]["weight_bytes"].as_u64(), "{dev}");
+    // The arena's misses computed on the CPU while the device runs the hits: only predicted
+    // experts are copied; and the planner's split by measured rates.
+    let misses = run(&["--device", "cuda", "--gpu-budget", "40%", "--cpu-misses", "always"], &late);
+    let dev = &misses["device"];
+    assert_eq!(misses["ids"], cpu["ids"], "--cpu-misses always: tokens");
+    assert!(dev["cpu_misses"].as_u64().unwrap_or(0) > 0, "{dev}");
+    assert_eq!(dev["host_computed"], dev["cpu_misses"], "{dev}");
+    assert_eq!(dev["copies"], dev["prefetch_copies"], "no demand copies: {dev}");
+    assert!(dev["expert_hits"].as_u64().unwrap_or(0) > 0, "prefetched experts are hits: {dev}");
+    let auto = run(&["--device", "cuda", "--gpu-budget", "40%", "--cpu-misses", "auto"], &late);
+    assert_eq!(auto["ids"], cpu["ids"], "--cpu-misses auto: tokens");
 }
 
 /// The front door's device choice: `--device cuda` on a machine without the driver fails naming

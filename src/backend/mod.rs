@@ -85,8 +85,11 @@ pub struct DeviceStats {
     /// Copies that went straight from page-locked host memory (an expert cache's slots), with
     /// no staging.
     pub direct_copies: u64,
-    /// Expert jobs computed on the CPU (`--cpu-moe`).
+    /// Expert jobs computed on the CPU (`--cpu-moe`, `--n-cpu-moe`, `--cpu-misses`).
     pub host_computed: u64,
+    /// Of those, misses of the arena the planner sent to the CPU instead of copying them
+    /// (`--cpu-misses`; counted as lookups that missed).
+    pub cpu_misses: u64,
     /// Kernel launches.
     pub launches: u64,
 }

@@ -26,6 +26,20 @@ pub struct DeviceArgs {
     /// holds (or caches, under `--gpu-budget`) the rest (llama.cpp's `--n-cpu-moe`).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "cpu_moe")]
     pub n_cpu_moe: usize,
+    /// Compute misses of the GPU's expert cache on the CPU, from the host's copy, instead of
+    /// copying them: `auto` splits each layer's misses between the link and the CPU by their
+    /// measured speeds (what ends the layer soonest), `always` sends every miss to the CPU. Off
+    /// by default: tokens can then differ at near-ties from an all-resident run (the CPU sums in
+    /// another order), as llama.cpp's `--cpu-moe` does from its full offload.
+    #[arg(long, value_name = "auto|always", conflicts_with = "cpu_moe")]
+    pub cpu_misses: Option<CpuMissesArg>,
+}
+
+/// `--cpu-misses`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMissesArg {
+    Auto,
+    Always,
 }
 
 /// A resolved device.
@@ -49,11 +63,18 @@ impl DeviceArgs {
     /// The device the flags name; with none named, CUDA when it is there, else the CPU with one
     /// line saying why.
     pub fn resolve(&self, threads: usize) -> anyhow::Result<Device> {
-        let gpu_flags = self.gpu_budget.is_some() || self.unified || self.cpu_moe || self.n_cpu_moe > 0;
+        let gpu_flags = self.gpu_budget.is_some()
+            || self.unified
+            || self.cpu_moe
+            || self.n_cpu_moe > 0
+            || self.cpu_misses.is_some();
         let asked = self.device.as_deref().map(str::trim);
         let ordinal = match asked {
             Some("cpu") => {
-                anyhow::ensure!(!gpu_flags, "--gpu-budget, --unified, --cpu-moe and --n-cpu-moe need --device cuda");
+                anyhow::ensure!(
+                    !gpu_flags,
+                    "--gpu-budget, --unified, --cpu-moe, --n-cpu-moe and --cpu-misses need --device cuda"
+                );
                 return Ok(Device::Cpu);
             }
             Some(d) if d == "cuda" || d.starts_with("cuda:") => match d.strip_prefix("cuda:") {
@@ -99,6 +120,11 @@ impl DeviceArgs {
             unified: self.unified,
             cpu_moe: self.cpu_moe,
             n_cpu_moe: self.n_cpu_moe,
+            cpu_misses: match self.cpu_misses {
+                None => moerun::backend::cuda::CpuMisses::Off,
+                Some(CpuMissesArg::Auto) => moerun::backend::cuda::CpuMisses::Auto,
+                Some(CpuMissesArg::Always) => moerun::backend::cuda::CpuMisses::Always,
+            },
             threads,
             kernel_cache: moerun::backend::cuda::kernels::default_cache(),
         }))
@@ -110,7 +136,7 @@ impl DeviceArgs {
 pub fn device_line(d: &moerun::backend::DeviceStats, steps: f64) -> String {
     let hit = if d.expert_lookups > 0 { 100.0 * d.expert_hits as f64 / d.expert_lookups as f64 } else { 100.0 };
     format!(
-        "{}: expert hit rate {hit:.1}% ({} lookups), {:.2} MiB copied per token ({} copies ahead of need, {} of them used; {} straight from page-locked memory), copy stream busy {:.2} ms per token, {:.0} kernel launches per token, {} experts on the CPU, {:.0} MiB of GPU memory in use (weights {:.0}, expert arena {:.0})",
+        "{}: expert hit rate {hit:.1}% ({} lookups), {:.2} MiB copied per token ({} copies ahead of need, {} of them used; {} straight from page-locked memory), copy stream busy {:.2} ms per token, {:.0} kernel launches per token, {} experts on the CPU ({} of them misses), {:.0} MiB of GPU memory in use (weights {:.0}, expert arena {:.0})",
         d.device,
         d.expert_lookups,
         d.bytes_copied as f64 / steps / 1048576.0,
@@ -120,6 +146,7 @@ pub fn device_line(d: &moerun::backend::DeviceStats, steps: f64) -> String {
         1000.0 * d.copy_busy_s / steps,
         d.launches as f64 / steps,
         d.host_computed,
+        d.cpu_misses,
         d.memory_in_use_bytes as f64 / 1048576.0,
         d.weight_bytes as f64 / 1048576.0,
         d.arena_bytes as f64 / 1048576.0

@@ -131,6 +131,60 @@ impl CostModel {
     }
 }
 
+/// The live rates a device's planner splits one layer's misses by (`split_misses`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MissRates {
+    /// Seconds per byte copied host to device, and fixed seconds per copy.
+    pub copy_s_per_byte: f64,
+    pub copy_fixed_s: f64,
+    /// Seconds per weight byte and token of the host computing an expert from its host copy,
+    /// and fixed seconds per layer that computes any (reading the input back, uploading the
+    /// outputs).
+    pub host_s_per_byte: f64,
+    pub host_fixed_s: f64,
+}
+
+/// One expert a layer needs that the device does not hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Miss {
+    /// Bytes (and copies) the device lacks: its matrices not in the device's cache.
+    pub copy_bytes: u64,
+    pub copies: u32,
+    /// Bytes the host reads to compute it (all its matrices), and the tokens it serves; `None`
+    /// where the host cannot compute it.
+    pub host_bytes: Option<u64>,
+    pub tokens: u32,
+}
+
+/// Which of one layer's misses to compute on the host instead of copying them: the split that
+/// ends the layer's expert work soonest, the copies running one after another on the link while
+/// the host computes its share (and the device its hits, which both wait for). Greedy: the
+/// costliest copy moves to the host while that shortens `max(copies, host)`; deterministic for
+/// given rates (ties go to the later miss).
+pub fn split_misses(misses: &[Miss], rates: &MissRates) -> Vec<bool> {
+    let copy = |m: &Miss| m.copies as f64 * rates.copy_fixed_s + m.copy_bytes as f64 * rates.copy_s_per_byte;
+    let host = |m: &Miss, b: u64| b as f64 * rates.host_s_per_byte * m.tokens.max(1) as f64;
+    let mut on_host = vec![false; misses.len()];
+    let mut link: f64 = misses.iter().map(copy).sum();
+    let mut cpu = 0.0;
+    loop {
+        let best = (0..misses.len())
+            .filter(|&i| !on_host[i] && misses[i].host_bytes.is_some())
+            .max_by(|&a, &b| copy(&misses[a]).total_cmp(&copy(&misses[b])).then(a.cmp(&b)));
+        let Some(i) = best else { break };
+        let m = &misses[i];
+        let Some(b) = m.host_bytes else { break };
+        let fixed = if cpu == 0.0 { rates.host_fixed_s } else { 0.0 };
+        let (link2, cpu2) = (link - copy(m), cpu + fixed + host(m, b));
+        if link2.max(cpu2) >= link.max(cpu) {
+            break;
+        }
+        (link, cpu) = (link2, cpu2);
+        on_host[i] = true;
+    }
+    on_host
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +242,37 @@ mod tests {
         // Computing a miss on the host (10 ms) beats reading it from disk (100 ms).
         let t = big.token(&[LayerWork { hits: 1, loads_high: 1, ..Default::default() }]);
         assert!(t.stall_s < 0.01, "{t:?}");
+    }
+
+    fn miss(bytes: u64) -> Miss {
+        Miss { copy_bytes: bytes, copies: 3, host_bytes: Some(bytes), tokens: 1 }
+    }
+
+    #[test]
+    fn misses_split_between_the_link_and_the_host_by_rate() {
+        // 1 MB experts; the link moves one in 40 µs + 3 × 20 µs, the host computes one in 200 µs.
+        let rates =
+            MissRates { copy_s_per_byte: 4e-11, copy_fixed_s: 2e-5, host_s_per_byte: 2e-10, host_fixed_s: 5e-5 };
+        // One miss: copying (100 µs) beats the host (250 µs).
+        assert_eq!(split_misses(&[miss(1_000_000)], &rates), [false]);
+        // Eight misses: 800 µs of copies; the host takes one (250 µs) then a second (450 µs),
+        // leaving 600 µs of copies; a third would make the host the longer side (650 µs).
+        let eight = [miss(1_000_000); 8];
+        let split = split_misses(&eight, &rates);
+        assert_eq!(split.iter().filter(|&&h| h).count(), 2, "{split:?}");
+        assert_eq!(split, [false, false, false, false, false, false, true, true], "ties go to the later miss");
+        // A fast host takes most; a host that cannot compute a miss never gets it.
+        let fast = MissRates { host_s_per_byte: 1e-11, ..rates };
+        let mut mixed = eight;
+        mixed[7].host_bytes = None;
+        let split = split_misses(&mixed, &fast);
+        assert!(!split[7] && split.iter().filter(|&&h| h).count() >= 5, "{split:?}");
+        // A miss serving many tokens costs the host per token: it stays on the link.
+        let batch = [Miss { tokens: 64, ..miss(1_000_000) }; 4];
+        assert_eq!(split_misses(&batch, &fast), [false; 4]);
+        // Partly cached: only the missing matrix is copied, so the link wins.
+        let partial = [Miss { copy_bytes: 300_000, copies: 1, ..miss(1_000_000) }; 2];
+        assert_eq!(split_misses(&partial, &rates), [false; 2]);
+        assert!(split_misses(&[], &rates).is_empty());
     }
 }

@@ -388,13 +388,9 @@ impl<B: Backend> Forward<'_, B> {
                 }
                 let ahead = match self.predictor.as_deref_mut() {
                     Some(p) if !targets.is_empty() => {
-                        let sel = |t: usize| match &m.layers[t].ffn {
-                            Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v)),
-                            _ => None,
-                        };
                         // The provider's prefetches may refill expert slots the device still reads.
                         self.backend.release_host_bytes();
-                        p.predict(targets, &mut s.probs[ne..], hp, sel, self.experts)
+                        p.predict(targets, &mut s.probs[ne..], hp, |t| m.selection_bias(t), self.experts)
                     }
                     _ => Vec::new(),
                 };
@@ -479,13 +475,9 @@ impl<B: Backend> Forward<'_, B> {
             }
             scores.extend_from_slice(&self.backend.read(&s.pred));
         }
-        let sel = |t: usize| match &m.layers[t].ffn {
-            Ffn::Moe { selection_bias: Some(v), .. } => Some(m.vector(*v)),
-            _ => None,
-        };
         // The provider's prefetches may refill expert slots the device still reads from.
         self.backend.release_host_bytes();
-        p.predict(&targets, &mut scores, &m.hp, sel, self.experts)
+        p.predict(&targets, &mut scores, &m.hp, |t| m.selection_bias(t), self.experts)
     }
 
     fn predicts_from_router_input(&self) -> bool {

@@ -441,6 +441,14 @@ impl Model {
         &self.vectors[v.index()]
     }
 
+    /// Layer `l`'s selection-only router bias (DeepSeek-V3's `exp_probs_b`), if it has one.
+    pub fn selection_bias(&self, l: usize) -> Option<&[f32]> {
+        match &self.layers.get(l)?.ffn {
+            Ffn::Moe { selection_bias: Some(v), .. } => Some(self.vector(*v)),
+            _ => None,
+        }
+    }
+
     /// Every vector, indexed by [`VecRef::index`].
     pub fn vectors(&self) -> &[Vec<f32>] {
         &self.vectors

@@ -39,6 +39,7 @@ use crate::backend::{
     AttnShape, Backend, BackendError, DeviceStats, ExpertJob, Heads, HostAct, KvConfig, KvType, Op, Rope, Values,
 };
 use crate::engine::offload::Budget;
+use crate::experts::costmodel::{split_misses, Miss, MissRates};
 use crate::gguf::GgmlType;
 use crate::model::{resident_set, Model, Residency, Resident, VecRef, WeightDesc};
 
@@ -75,10 +76,29 @@ pub struct CudaOptions {
     /// Keep the routed experts of the first N layers on the CPU and compute them there; the
     /// device holds (or caches) the rest (llama.cpp's `--n-cpu-moe N`). 0: none.
     pub n_cpu_moe: usize,
-    /// CPU threads for `cpu_moe`.
+    /// Compute some misses of the expert arena on the CPU, from the host's copy, instead of
+    /// copying them (`--cpu-misses`).
+    pub cpu_misses: CpuMisses,
+    /// CPU threads for `cpu_moe`, `n_cpu_moe` and `cpu_misses`.
     pub threads: usize,
     /// Where compiled kernels are cached (`None`: compile every start).
     pub kernel_cache: Option<PathBuf>,
+}
+
+/// Which misses of the expert arena the CPU computes from the host's copy instead of the device
+/// copying them. Off by default: a miss computed on the CPU sums in another order than on the
+/// device, so tokens can differ from an all-resident run at near-ties, as llama.cpp's `--cpu-moe`
+/// does from its full offload; with it off, every budget gives the same tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CpuMisses {
+    #[default]
+    Off,
+    /// Per layer, the split of its misses between the link and the CPU that ends soonest
+    /// (`experts::costmodel::split_misses`), from the copy stream's measured rate and the CPU's.
+    Auto,
+    /// Every miss the host holds (Fiddler's choice: the arena keeps what prefetches and earlier
+    /// loads put there).
+    Always,
 }
 
 /// Whether the CUDA backend runs `op` on `ty`: every type `dequant.cuh` knows.
@@ -420,6 +440,8 @@ pub struct CudaBackend {
     u: CudaAct,
     o: CudaAct,
     cpu: Option<CpuBackend>,
+    /// The CPU's measured expert time: seconds and weight bytes × tokens (`--cpu-misses auto`).
+    host_timing: (f64, f64),
     /// Copy-stream timing: (start, end) event pairs since the last sync.
     copy_timing: Vec<(Event, Event)>,
     /// Whether the last pair of `copy_timing` waits for its end (copies of the current job).
@@ -488,7 +510,8 @@ impl CudaBackend {
         let up_host = PinnedBuf::new(&ctx, UPLOAD_BYTES, 0).map_err(err)?;
         let copy_done = Event::new(false).map_err(err)?;
         let up_dev = DeviceBuf::new(&ctx, UPLOAD_BYTES).map_err(err)?;
-        let cpu = (opts.cpu_moe || opts.n_cpu_moe > 0).then(|| CpuBackend::new(opts.threads.max(1)));
+        let cpu = (opts.cpu_moe || opts.n_cpu_moe > 0 || opts.cpu_misses != CpuMisses::Off)
+            .then(|| CpuBackend::new(opts.threads.max(1)));
         let mut opts = opts;
         opts.unified |= info.integrated;
         tracing::info!(
@@ -525,6 +548,7 @@ impl CudaBackend {
             u: CudaAct::default(),
             o: CudaAct::default(),
             cpu,
+            host_timing: (0.0, 0.0),
             copy_timing: Vec::new(),
             timing_open: false,
             copy_done,
@@ -1281,9 +1305,68 @@ impl CudaBackend {
     }
 
     /// Expert jobs on the CPU (`--cpu-moe`): their inputs read back, their outputs uploaded.
-    fn expert_jobs_on_cpu(&mut self, x: &CudaAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) {
+    /// `--cpu-misses`: which of `jobs` (bound for the device) the CPU computes instead. A job is
+    /// a miss when a matrix of it is neither on the device nor in the arena; `Auto` splits the
+    /// misses by the measured rates (priors until there are some), `Always` takes every miss the
+    /// host holds.
+    fn plan_misses(&self, jobs: &[&ExpertJob<'_, '_, Self>]) -> Vec<bool> {
+        if self.opts.cpu_misses == CpuMisses::Off || self.cpu.is_none() {
+            return vec![false; jobs.len()];
+        }
+        let cached = |k: &Key| self.arena.as_ref().is_some_and(|a| a.map.contains_key(k));
+        let misses: Vec<Miss> = jobs
+            .iter()
+            .map(|j| {
+                let mut m = Miss { copy_bytes: 0, copies: 0, host_bytes: Some(0), tokens: j.tokens.len() as u32 };
+                for w in j.mats {
+                    match w.at {
+                        At::Host(b, k) if self.mapped(b).is_none() => {
+                            if !cached(&k) {
+                                (m.copy_bytes, m.copies) = (m.copy_bytes + b.len() as u64, m.copies + 1);
+                            }
+                            m.host_bytes = m.host_bytes.map(|h| h + b.len() as u64);
+                        }
+                        _ => m.host_bytes = None,
+                    }
+                }
+                m
+            })
+            .collect();
+        let is_miss = |m: &Miss| m.copies > 0 && m.host_bytes.is_some();
+        if self.opts.cpu_misses == CpuMisses::Always {
+            return misses.iter().map(is_miss).collect();
+        }
+        let (idx, list): (Vec<usize>, Vec<Miss>) =
+            misses.iter().enumerate().filter(|(_, m)| is_miss(m)).map(|(i, m)| (i, *m)).unzip();
+        let mut out = vec![false; jobs.len()];
+        for (i, h) in idx.into_iter().zip(split_misses(&list, &self.miss_rates())) {
+            out[i] = h;
+        }
+        out
+    }
+
+    /// The planner's rates: the copy stream's measured seconds per demand-copied byte (fixed
+    /// costs folded in) and the CPU's per weight byte and token, each a prior until 16 MiB
+    /// were measured (PCIe 4 ×16 at 25 GB/s with 20 µs a copy; 3 GB/s a CPU thread).
+    fn miss_rates(&self) -> MissRates {
+        const MEASURED: f64 = (16 << 20) as f64;
+        let demand = self.stats.bytes_copied.saturating_sub(self.stats.prefetch_bytes) as f64;
+        let (copy_s_per_byte, copy_fixed_s) = match demand >= MEASURED && self.stats.copy_busy_s > 0.0 {
+            true => (self.stats.copy_busy_s / demand, 0.0),
+            false => (1.0 / 25e9, 20e-6),
+        };
+        let host_s_per_byte = match self.host_timing.1 >= MEASURED {
+            true => self.host_timing.0 / self.host_timing.1,
+            false => 1.0 / (3e9 * self.opts.threads.clamp(1, 8) as f64),
+        };
+        MissRates { copy_s_per_byte, copy_fixed_s, host_s_per_byte, host_fixed_s: 30e-6 }
+    }
+
+    /// `jobs` on the CPU from the host's copies of their weights, `xh` the input read back
+    /// before the device's jobs were queued (the CPU computes while the device runs them); the
+    /// outputs are uploaded into their rows of `y`.
+    fn expert_jobs_on_cpu(&mut self, xh: HostAct, jobs: &[&ExpertJob<'_, '_, Self>], y: &mut CudaAct) {
         let Some(mut cpu) = self.cpu.take() else { return };
-        let xh = HostAct { data: self.read(x).into_owned(), rows: x.rows, cols: x.cols };
         let mut yh = HostAct::default();
         yh.resize(y.rows, y.cols);
         let descs: Vec<[(WeightDesc, &[u8]); 3]> = jobs
@@ -1305,7 +1388,12 @@ impl CudaBackend {
                 out_rows: j.out_rows,
             })
             .collect();
+        let started = std::time::Instant::now();
         cpu.expert_ffn(&xh, &cpu_jobs, &mut yh);
+        let work: usize =
+            descs.iter().zip(jobs).map(|(d, j)| d.iter().map(|m| m.1.len()).sum::<usize>() * j.tokens.len()).sum();
+        self.host_timing.0 += started.elapsed().as_secs_f64();
+        self.host_timing.1 += work as f64;
         self.cpu = Some(cpu);
         self.stats.host_computed += cpu_jobs.len() as u64;
         let rows: Vec<u32> = jobs.iter().flat_map(|j| j.out_rows.iter().copied()).collect();
@@ -1900,14 +1988,25 @@ impl Backend for CudaBackend {
                 At::Device(_) => false,
             })
         };
-        let (host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
+        let (mut host, dev): (Vec<_>, Vec<_>) = jobs.iter().partition(|j| self.cpu.is_some() && on_host(j));
+        let split = self.plan_misses(&dev);
+        let (planned, dev): (Vec<_>, Vec<_>) = dev.into_iter().zip(split).partition(|(_, h)| *h);
+        let dev: Vec<_> = dev.into_iter().map(|(j, _)| j).collect();
+        if !planned.is_empty() {
+            self.stats.cpu_misses += planned.len() as u64;
+            self.stats.expert_lookups += planned.iter().map(|(j, _)| j.mats.len() as u64).sum::<u64>();
+            host.extend(planned.into_iter().map(|(j, _)| j));
+        }
+        // The input comes back before the device's jobs are queued, so that the CPU computes
+        // its jobs while the device runs those.
+        let xh = (!host.is_empty()).then(|| HostAct { data: self.read(x).into_owned(), rows: x.rows, cols: x.cols });
         if !self.fused_decode(x, &dev, y) && !self.grouped_batch(x, &dev, y) {
             for j in dev {
                 self.expert_job(x, j, y);
             }
         }
-        if !host.is_empty() {
-            self.expert_jobs_on_cpu(x, &host, y);
+        if let Some(xh) = xh {
+            self.expert_jobs_on_cpu(xh, &host, y);
         }
     }
 

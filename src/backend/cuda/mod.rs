@@ -14,7 +14,7 @@ pub mod backend;
 pub mod kernels;
 pub mod selftest;
 
-pub use backend::{CudaBackend, CudaOptions};
+pub use backend::{CpuMisses, CudaBackend, CudaOptions};
 
 use std::ffi::CString;
 use std::path::PathBuf;

@@ -322,7 +322,8 @@ fn check_elementwise(dev: &Dev, rng: &mut SplitMix64) -> Result<Vec<Check>, Cuda
 /// The CUDA backend on whole models (`backend::conformance`) against the CPU and plain
 /// backends: every case all-resident, and a subset with experts held by the host — copied into
 /// an arena of half the experts (`--gpu-budget 50%`), read in place (`--unified`), and computed
-/// on the CPU (`--cpu-moe`, and for the first layer only, `--n-cpu-moe 1`). A case that fails to
+/// on the CPU (`--cpu-moe`; for the first layer only, `--n-cpu-moe 1`; the arena's misses,
+/// `--cpu-misses always`). A case that fails to
 /// run is a failed check naming why.
 pub fn backend_checks(ordinal: usize, cache: Option<&std::path::Path>) -> Result<Vec<Check>, CudaError> {
     use crate::backend::conformance::{self, Case};
@@ -339,7 +340,12 @@ pub fn backend_checks(ordinal: usize, cache: Option<&std::path::Path>) -> Result
         (" [--gpu-budget 50%]", super::CudaOptions { gpu_budget: half, ..base.clone() }, subset.clone()),
         (" [--unified]", super::CudaOptions { unified: true, gpu_budget: half, ..base.clone() }, subset.clone()),
         (" [--cpu-moe]", super::CudaOptions { cpu_moe: true, ..base.clone() }, subset.clone()),
-        (" [--n-cpu-moe 1]", super::CudaOptions { n_cpu_moe: 1, ..base.clone() }, subset),
+        (" [--n-cpu-moe 1]", super::CudaOptions { n_cpu_moe: 1, ..base.clone() }, subset.clone()),
+        (
+            " [--gpu-budget 50% --cpu-misses always]",
+            super::CudaOptions { gpu_budget: half, cpu_misses: super::CpuMisses::Always, ..base.clone() },
+            subset,
+        ),
     ];
     let mut out = Vec::new();
     for (label, opts, cases) in variants {
