@@ -1,9 +1,12 @@
 // Attention over a KV cache in GPU memory: `kv_store_*` writes a batch's keys and values, `attn_*`
 // attends each query head of each token over its positions.
 //
-// The cache of one layer is [n_ctx][kv_dim] keys (and as many values), f16 or f32; kv head j's
-// columns are j * head_dim ... With values that are key prefixes (DeepSeek's MLA: the key is
-// [latent | k_pe], the value the latent) the values are read from the keys.
+// The cache of one layer is [ring][kv_dim] keys (and as many values), f16 or f32, position p in
+// row p % ring: `ring` is the context length, or for a sliding-window layer its window plus the
+// largest batch (llama.cpp's SWA cache: a batch stores every row before any attends, so no row it
+// writes is one an earlier row of it still needs). Kv head j's columns are j * head_dim ... With
+// values that are key prefixes (DeepSeek's MLA: the key is [latent | k_pe], the value the latent)
+// the values are read from the keys.
 
 MR_FN float kv_load(const float* p) { return *p; }
 MR_FN float kv_load(const f16_t* p) { return f16_to_f32(*p); }
@@ -13,23 +16,24 @@ MR_FN void kv_put(f16_t* p, float v) { *p = f32_to_f16(v); }
 // Row t of `qkv` (rows `qkv_stride` apart): keys at column k_col, values at v_col (v_col < 0: no
 // values) into position pos0 + t. Grid (kv_dim / blockDim.x, n_tok).
 template <typename T>
-MR_FN void kv_store(const float* qkv, long qkv_stride, int k_col, int v_col, T* kc, T* vc, int kv_dim, int pos0) {
+MR_FN void kv_store(const float* qkv, long qkv_stride, int k_col, int v_col, T* kc, T* vc, int kv_dim, int pos0,
+                    int ring) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= kv_dim) return;
     const float* row = qkv + (long)blockIdx.y * qkv_stride;
-    const long at = (long)(pos0 + (int)blockIdx.y) * kv_dim + i;
+    const long at = (long)((pos0 + (int)blockIdx.y) % ring) * kv_dim + i;
     kv_put(kc + at, row[k_col + i]);
     if (v_col >= 0) kv_put(vc + at, row[v_col + i]);
 }
 
 extern "C" __global__ void kv_store_f16(const float* qkv, long qkv_stride, int k_col, int v_col, f16_t* kc,
-                                        f16_t* vc, int kv_dim, int pos0) {
-    kv_store(qkv, qkv_stride, k_col, v_col, kc, vc, kv_dim, pos0);
+                                        f16_t* vc, int kv_dim, int pos0, int ring) {
+    kv_store(qkv, qkv_stride, k_col, v_col, kc, vc, kv_dim, pos0, ring);
 }
 
 extern "C" __global__ void kv_store_f32(const float* qkv, long qkv_stride, int k_col, int v_col, float* kc,
-                                        float* vc, int kv_dim, int pos0) {
-    kv_store(qkv, qkv_stride, k_col, v_col, kc, vc, kv_dim, pos0);
+                                        float* vc, int kv_dim, int pos0, int ring) {
+    kv_store(qkv, qkv_stride, k_col, v_col, kc, vc, kv_dim, pos0, ring);
 }
 
 // One block of AT_WARPS warps per (query head, token): warp w takes positions start + w,
@@ -42,7 +46,7 @@ extern "C" __global__ void kv_store_f32(const float* qkv, long qkv_stride, int k
 #define AT_WARPS 4
 
 template <typename T, int D>
-MR_FN void attend(const float* qkv, long qkv_stride, const T* kc, const T* vc, int kv_dim, float* out,
+MR_FN void attend(const float* qkv, long qkv_stride, const T* kc, const T* vc, int kv_dim, int ring, float* out,
                   long out_stride, int n_head, int n_head_kv, int head_dim, int v_dim, float scale, int pos0,
                   int window, const float* sinks, int round_q) {
     __shared__ float sm_m[AT_WARPS], sm_l[AT_WARPS];
@@ -62,7 +66,8 @@ MR_FN void attend(const float* qkv, long qkv_stride, const T* kc, const T* vc, i
     const int start = window > 0 && n_pos > window ? n_pos - window : 0;
     float m = MR_NEG_INF, l = 0.0f;
     for (int p = start + warp; p < n_pos; p += AT_WARPS) {
-        const T* k = kc + (long)p * kv_dim + kh;
+        const long row = (long)(p % ring) * kv_dim;
+        const T* k = kc + row + kh;
         float s = 0.0f;
         for (int i = 0; i < D; ++i) {
             const int d = lane + 32 * i;
@@ -72,7 +77,7 @@ MR_FN void attend(const float* qkv, long qkv_stride, const T* kc, const T* vc, i
         const float m_new = fmaxf(m, s);
         const float c = expf(m - m_new), e = expf(s - m_new);
         l = l * c + e;
-        const T* v = vc + (long)p * kv_dim + kh;
+        const T* v = vc + row + kh;
         for (int i = 0; i < D; ++i) {
             const int d = lane + 32 * i;
             acc[i] = acc[i] * c + (d < v_dim ? e * kv_load(v + d) : 0.0f);
@@ -107,11 +112,12 @@ MR_FN void attend(const float* qkv, long qkv_stride, const T* kc, const T* vc, i
 // attn_<kv type>_<values per lane>: heads of up to 32 * D values (64, 128, 256, 640).
 #define MR_ATTN(ty, T, D)                                                                             \
     extern "C" __global__ void attn_##ty##_##D(const float* qkv, long qkv_stride, const T* kc, const T* vc, \
-                                               int kv_dim, float* out, long out_stride, int n_head,     \
-                                               int n_head_kv, int head_dim, int v_dim, float scale,     \
-                                               int pos0, int window, const float* sinks, int round_q) { \
-        attend<T, D>(qkv, qkv_stride, kc, vc, kv_dim, out, out_stride, n_head, n_head_kv, head_dim,   \
-                     v_dim, scale, pos0, window, sinks, round_q);                                     \
+                                               int kv_dim, int ring, float* out, long out_stride,       \
+                                               int n_head, int n_head_kv, int head_dim, int v_dim,      \
+                                               float scale, int pos0, int window, const float* sinks,   \
+                                               int round_q) {                                           \
+        attend<T, D>(qkv, qkv_stride, kc, vc, kv_dim, ring, out, out_stride, n_head, n_head_kv,       \
+                     head_dim, v_dim, scale, pos0, window, sinks, round_q);                           \
     }
 
 MR_ATTN(f16, f16_t, 2)

@@ -198,6 +198,32 @@ fn without_a_driver_the_default_is_the_cpu_and_cuda_asked_for_fails() {
     assert!(err.contains("running on the CPU"), "{err}");
 }
 
+/// gpt-oss's sliding-window layers keep a ring of window + batch positions in GPU memory, as on
+/// the CPU: with 4-token batches the ring (16 + 4) wraps twice over 52 positions, and every logit
+/// equals the full-length cache's bit for bit (`--swa-full`), the tokens the CPU's.
+#[test]
+fn sliding_window_layers_keep_a_ring_on_the_gpu() {
+    let Some(fixtures) = common::fixtures() else { return };
+    let Some(d) = driver() else { return };
+    let model = fixtures.join("../fixtures-next/gptoss-tiny/gptoss-tiny-Q8_0.gguf");
+    let model = model.display().to_string();
+    let prompt = "The quick brown fox jumps over the lazy dog and then";
+    let base = ["generate", "-m", &model, "-p", prompt, "-n", "40", "--temp", "0", "--ignore-eos", "-c", "128"];
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--json", "-b", "4"]);
+        args.extend_from_slice(extra);
+        json_of(&moerun(&d.path, &args, &[]), &extra.join(" "))
+    };
+    let ring = run(&["--device", "cuda"]);
+    let full = run(&["--device", "cuda", "--swa-full"]);
+    let cpu = run(&["--device", "cpu"]);
+    assert_eq!(ring["ids"].as_array().map(Vec::len), Some(40), "{ring}");
+    assert_eq!(ring["ids"], full["ids"], "ring vs full length: tokens");
+    assert_eq!(ring["top_logits"], full["top_logits"], "ring vs full length: logits, bit for bit");
+    assert_eq!(ring["ids"], cpu["ids"], "cuda vs cpu: tokens");
+}
+
 /// llama.cpp's reference cases on the (emulated) GPU: every random-weight fixture, each family
 /// being added included (`moerun device --oracle`, as a lent GPU runs it). The trained model's
 /// greedy continuations are checked above against the CPU (its eight long references take the

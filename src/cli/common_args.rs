@@ -50,6 +50,10 @@ pub struct EngineArgs {
     /// KV cache type.
     #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub kv_type: KvType,
+    /// Prompt tokens per forward pass (llama.cpp's `-b`); a sliding-window layer's KV ring holds
+    /// its window plus this many positions.
+    #[arg(short = 'b', long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
     /// Keep sliding-window layers' KV cache full length (default: a ring of window + batch
     /// positions, as llama.cpp's SWA cache).
     #[arg(long)]
@@ -65,8 +69,13 @@ impl EngineArgs {
     }
 
     pub fn config(&self) -> EngineConfig {
-        let mut cfg =
-            EngineConfig { n_ctx: self.ctx_size, kv_type: self.kv_type, swa_full: self.swa_full, ..Default::default() };
+        let mut cfg = EngineConfig {
+            n_ctx: self.ctx_size,
+            n_batch: self.batch_size as usize,
+            kv_type: self.kv_type,
+            swa_full: self.swa_full,
+            ..Default::default()
+        };
         if let Some(t) = self.threads {
             cfg.threads = t.max(1);
         }

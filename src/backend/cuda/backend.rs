@@ -220,13 +220,15 @@ impl CudaAct {
     }
 }
 
-/// One session's keys and values in device memory, per layer `[n_ctx][kv_dim]`.
+/// One session's keys and values in device memory, per layer `[len][kv_dim]`, position p in row
+/// p % len: `len` is `n_ctx`, or a sliding-window layer's ring (`KvConfig::layer_len`).
 pub struct CudaKv {
     k: Vec<DeviceBuf>,
     v: Vec<DeviceBuf>,
     ty: KvType,
     kv_dim: usize,
     n_ctx: usize,
+    len: Vec<usize>,
 }
 
 /// Who holds an expert's bytes: where a cached copy is looked up.
@@ -1765,17 +1767,18 @@ impl Backend for CudaBackend {
 
     fn new_kv(&self, cfg: &KvConfig) -> Result<CudaKv, BackendError> {
         let kv_dim = cfg.n_head_kv * cfg.head_dim;
-        let per = cfg.n_ctx * kv_dim * cfg.ty.bytes();
         let alloc = |_| BackendError::Alloc { backend: "cuda", what: "the KV cache", bytes: cfg.bytes() };
+        let len: Vec<usize> = (0..cfg.n_layer).map(|l| cfg.layer_len(l).max(1)).collect();
         let mut k = Vec::with_capacity(cfg.n_layer);
         let mut v = Vec::new();
-        for _ in 0..cfg.n_layer {
+        for &n in &len {
+            let per = n * kv_dim * cfg.ty.bytes();
             k.push(DeviceBuf::new(&self.ctx, per).map_err(alloc)?);
             if cfg.values == Values::Separate {
                 v.push(DeviceBuf::new(&self.ctx, per).map_err(alloc)?);
             }
         }
-        Ok(CudaKv { k, v, ty: cfg.ty, kv_dim, n_ctx: cfg.n_ctx })
+        Ok(CudaKv { k, v, ty: cfg.ty, kv_dim, n_ctx: cfg.n_ctx, len })
     }
 
     fn copy_rows(&mut self, x: &CudaAct, rows: std::ops::Range<usize>, out: &mut CudaAct) {
@@ -1918,6 +1921,16 @@ impl Backend for CudaBackend {
             self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: msg });
             return;
         }
+        let ring = kv.len[layer];
+        if ring < kv.n_ctx && (shape.window == 0 || n + shape.window > ring + 1) {
+            // A row of this batch would overwrite a position an earlier row of it still needs.
+            let msg = format!(
+                "a batch of {n} rows does not fit layer {layer}'s sliding-window cache of {ring} positions (window {})",
+                shape.window
+            );
+            self.fail(CudaError::Driver { ordinal: self.info.ordinal, message: msg });
+            return;
+        }
         let (ty, kc) = (kv.ty, kv.k[layer].ptr);
         let separate = shape.values == Values::Separate;
         let vc = if separate { kv.v[layer].ptr } else { kc };
@@ -1939,6 +1952,7 @@ impl Backend for CudaBackend {
                 Arg::P(vc),
                 int(kv.kv_dim),
                 int(pos0),
+                int(ring),
             ],
         );
         let widest = shape.head_dim.max(shape.v_dim());
@@ -1959,6 +1973,7 @@ impl Backend for CudaBackend {
                 Arg::P(kc),
                 Arg::P(vc),
                 int(kv.kv_dim),
+                int(ring),
                 Arg::P(out.ptr()),
                 long(out.cols),
                 int(shape.n_head),
