@@ -13,16 +13,19 @@
 #   1. the device and every kernel compiled by NVRTC (then again from the on-disk cache);
 #   2. `moerun device --self-test`: every kernel against the host, then whole synthetic models of
 #      every family through the CUDA backend against the CPU and plain backends, all resident and
-#      with --gpu-budget 50%, --unified and --cpu-moe;
+#      with --gpu-budget 50%, --unified, --cpu-moe, --n-cpu-moe 1 and --cpu-misses always;
 #   3. `moerun device --oracle`: llama.cpp's reference cases on the GPU, for every fixture carried;
 #   4. the bundled model's greedy answer on the CPU and on the GPU under every memory setting
-#      (tokens must match the CPU's; logits bit for bit across GPU settings);
+#      (logits bit for bit across GPU settings; tokens against the CPU's, from which a near-tie
+#      may part them: this model amplifies rounding, and step 3 holds the GPU to llama.cpp's own
+#      greedy continuations);
 #   5. speed: Qwen3-30B-A3B- and Mixtral-8x7B-shaped synthetic models written there (`moerun
 #      synth`), decode and prefill all resident, with --gpu-budget 25% fed from RAM (the file
 #      mapping through the staging ring, with and without the predictor's copies ahead of need;
 #      and an expert cache holding every expert in page-locked RAM) and from disk (an expert
-#      cache of 10% in RAM, misses read with io_uring and O_DIRECT), --unified, experts
-#      on the CPU (--cpu-moe), and the CPU alone; one table with each figure's fraction of its
+#      cache of 10% in RAM, misses read with io_uring and O_DIRECT), the misses split between
+#      the link and the CPU (--cpu-misses auto), --unified, experts on the CPU (--cpu-moe, and
+#      --n-cpu-moe for three quarters of the layers), and the CPU alone; one table with each figure's fraction of its
 #      physical bound (bytes per token over 4.3 TB/s HBM all resident, over 55 GB/s PCIe for the
 #      bytes copied per token).
 set -euo pipefail

@@ -65,15 +65,24 @@ def main(out):
     gens = {os.path.basename(p)[4:-5]: load(p) for p in glob.glob(os.path.join(out, "gen-*.json"))}
     cpu, cuda = gens.get("cpu"), gens.get("cuda")
     print()
+    def first_diff(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+    def tokens(a, b):
+        d = first_diff(a["ids"], b["ids"])
+        return "identical" if d is None else f"differ from step {d}"
+
     if cpu and cuda:
-        print(f"greedy tokens, cuda vs cpu: {'identical' if cpu['ids'] == cuda['ids'] else 'DIFFERENT'}")
+        # rustdoc-moe amplifies rounding (the plain backend's exact sums move its logits by up to
+        # 0.2, src/oracle.rs): at a near-tie the GPU's f32 attention accumulators may pick the
+        # other token than llama.cpp's f16 ones. The oracle step holds the GPU to llama.cpp's own
+        # greedy continuations.
+        print(f"greedy tokens, cuda vs cpu: {tokens(cuda, cpu)}")
         for name, g in sorted(gens.items()):
             if name in ("cpu", "cuda") or not g:
                 continue
-            # Experts computed on the CPU sum in the CPU's order: their tokens are the CPU's.
-            same_ids = g["ids"] == (cpu if name in ("cpumoe", "cpumiss") else cuda)["ids"]
             same_logits = g["top_logits"] == cuda["top_logits"]
-            print(f"  {name}: tokens {'identical' if same_ids else 'DIFFERENT'}; logits vs all-resident cuda "
+            print(f"  {name}: tokens vs cuda {tokens(g, cuda)}, vs cpu {tokens(g, cpu)}; logits vs all-resident cuda "
                   f"{'bit for bit' if same_logits else 'differ'}")
     for name in ("selftest", "oracle"):
         try:
