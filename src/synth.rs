@@ -327,6 +327,8 @@ impl SynthConfig {
                 push(TensorKind::AttnVBias, l, GgmlType::F32, &[kv], Fill::Random(std));
             }
             match spec.qk_norm {
+                // GLM-4.5-Air's files have none (GLM-4.5's have per-head ones, as Qwen3's).
+                QkNorm::PerHeadIfPresent | QkNorm::None => {}
                 QkNorm::PerHead => {
                     push(TensorKind::AttnQNorm, l, GgmlType::F32, &[hd], Fill::Norm);
                     push(TensorKind::AttnKNorm, l, GgmlType::F32, &[hd], Fill::Norm);
@@ -335,10 +337,9 @@ impl SynthConfig {
                     push(TensorKind::AttnQNorm, l, GgmlType::F32, &[q], Fill::Norm);
                     push(TensorKind::AttnKNorm, l, GgmlType::F32, &[kv], Fill::Norm);
                 }
-                QkNorm::None => {}
             }
             push(spec.ffn_norm, l, GgmlType::F32, &[d], Fill::Norm);
-            if e == 0 {
+            if e == 0 || (deepseek_ffn(spec) && l == Some(0) && self.n_layer > 1) {
                 push(TensorKind::FfnGate, l, w, &[d, f], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnUp, l, w, &[d, f], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnDown, l, w, &[f, d], Fill::Banked(std * 2.0));
@@ -347,6 +348,9 @@ impl SynthConfig {
             push(TensorKind::FfnGateInp, l, GgmlType::F32, &[d, e], Fill::Random(0.1));
             if spec.router_bias {
                 push(TensorKind::FfnGateInpBias, l, GgmlType::F32, &[e], Fill::Random(0.1));
+            }
+            if spec.selection_bias {
+                push(TensorKind::ExpProbsB, l, GgmlType::F32, &[e], Fill::Random(0.1));
             }
             push(TensorKind::FfnGateExps, l, we, &[d, f, e], Fill::Banked(std * 2.0));
             push(TensorKind::FfnUpExps, l, we, &[d, f, e], Fill::Banked(std * 2.0));
@@ -357,8 +361,11 @@ impl SynthConfig {
                 push(TensorKind::FfnDownExpsBias, l, GgmlType::F32, &[d, e], Fill::Random(std));
             }
             if spec.shared_expert {
-                let fs = self.n_ff_shexp as u64;
-                push(TensorKind::FfnGateInpShexp, l, GgmlType::F32, &[d], Fill::Random(0.1));
+                // An ungated (DeepSeek-style) shared expert is one of the routed width.
+                let fs = if spec.shared_gate { self.n_ff_shexp as u64 } else { f };
+                if spec.shared_gate {
+                    push(TensorKind::FfnGateInpShexp, l, GgmlType::F32, &[d], Fill::Random(0.1));
+                }
                 push(TensorKind::FfnGateShexp, l, w, &[d, fs], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnUpShexp, l, w, &[d, fs], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnDownShexp, l, w, &[fs, d], Fill::Banked(std * 2.0));
@@ -394,7 +401,11 @@ impl SynthConfig {
             (format!("{a}.attention.head_count_kv"), u(self.n_head_kv)),
             (format!("{a}.attention.key_length"), u(self.head_dim)),
             (format!("{a}.attention.value_length"), u(self.head_dim)),
-            (format!("{a}.rope.dimension_count"), u(self.head_dim)),
+            // GLM-4.5 rotates half of each head.
+            (
+                format!("{a}.rope.dimension_count"),
+                u(if spec.name == "glm4moe" { self.head_dim / 2 } else { self.head_dim }),
+            ),
             (format!("{a}.rope.freq_base"), Value::F32(self.rope_freq_base)),
             (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(self.rms_eps)),
             (format!("{a}.vocab_size"), u(self.n_vocab)),
@@ -414,12 +425,28 @@ impl SynthConfig {
             if spec.expert_width == ExpertWidth::ExpertKey {
                 m.push((format!("{a}.expert_feed_forward_length"), u(self.n_ff_exp)));
             }
-            if spec.shared_expert {
+            if spec.shared_expert && spec.shared_gate {
                 m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
+            }
+            if deepseek_ffn(spec) {
+                let shared = self.mla.map_or(1, |m| m.n_shared);
+                m.extend([
+                    (format!("{a}.leading_dense_block_count"), u((self.n_layer > 1) as usize)),
+                    (format!("{a}.expert_shared_count"), u(shared)),
+                    (format!("{a}.expert_weights_norm"), Value::Bool(true)),
+                    (format!("{a}.expert_weights_scale"), Value::F32(2.5)),
+                ]);
             }
         }
         if spec.attention == Attention::Mla {
             self.mla_metadata(&mut m);
+        }
+        if spec.name == "glm4moe" {
+            // GLM-4.5's files end with a multi-token-prediction block that plain decoding skips;
+            // this one is counted but left out (llama.cpp loads such a trunk-only file too).
+            m.retain(|(k, _)| *k != format!("{a}.block_count"));
+            m.push((format!("{a}.block_count"), u(self.n_layer + 1)));
+            m.push((format!("{a}.nextn_predict_layers"), u(1)));
         }
         m.extend(byte_level_vocab(self.n_vocab));
         m
@@ -481,6 +508,12 @@ impl SynthConfig {
         w.finish()?;
         Ok(())
     }
+}
+
+/// DeepSeek-V3's FFN (deepseek2, glm4moe): a leading dense layer, the selection bias, one ungated
+/// shared expert of the routed width, renormalized weights scaled by 2.5.
+fn deepseek_ffn(spec: &ArchSpec) -> bool {
+    spec.shared_expert && !spec.shared_gate
 }
 
 // ---- deepseek2 (MLA) -------------------------------------------------------------------------
@@ -585,14 +618,7 @@ impl SynthConfig {
             (format!("{a}.rope.scaling.yarn_log_multiplier"), Value::F32(0.1)),
         ]);
         if self.n_expert > 0 {
-            m.retain(|(k, _)| *k != format!("{a}.expert_shared_feed_forward_length"));
-            m.extend([
-                (format!("{a}.leading_dense_block_count"), u((self.n_layer > 1) as u64)),
-                (format!("{a}.expert_shared_count"), u(self.mla.map_or(1, |m| m.n_shared) as u64)),
-                (format!("{a}.expert_gating_func"), u(2)),
-                (format!("{a}.expert_weights_norm"), Value::Bool(true)),
-                (format!("{a}.expert_weights_scale"), Value::F32(2.5)),
-            ]);
+            m.push((format!("{a}.expert_gating_func"), u(2)));
             let groups = match self.mla {
                 Some(m) => m.groups,
                 None if self.n_expert.is_multiple_of(2) && self.n_expert >= 4 => (2, 1),

@@ -69,7 +69,19 @@ impl HParams {
         let optf = |k: &str| -> Result<Option<f32>, ArchError> { Ok(file.get_f32(&key(k))?) };
         let bad = |k: &str, reason: String| ArchError::BadValue { path: path.clone(), key: key(k), reason };
 
-        let n_layer = req("block_count")?;
+        // A trailing multi-token-prediction block (GLM-4.5's `nextn`) is counted in
+        // `block_count` but is not part of the model's forward pass.
+        let n_blocks = req("block_count")?;
+        let nextn = opt("nextn_predict_layers")?.unwrap_or(0);
+        if nextn >= n_blocks && n_blocks > 0 {
+            return Err(bad("nextn_predict_layers", format!("{nextn} of {n_blocks} blocks")));
+        }
+        let n_layer = n_blocks - nextn;
+        // Multimodal RoPE (a vision model's sections) is not ordinary RoPE.
+        let sections = file.get(&key("rope.dimension_sections")).and_then(|v| v.as_array());
+        if sections.is_some_and(|s| s.iter().any(|v| v.as_i64().is_some_and(|n| n != 0))) {
+            return Err(bad("rope.dimension_sections", "multimodal RoPE sections are not supported".into()));
+        }
         let n_embd = req("embedding_length")?;
         let n_head = req("attention.head_count")?;
         let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
@@ -168,15 +180,21 @@ impl HParams {
             let attn_factor_org = rope_attn_factor * 0.1f32.mul_add(inv_fs, 1.0);
             let mscale = attn_factor_org * (0.1f32 * yarn_log_mul).mul_add(inv_fs, 1.0);
             attn_scale = mscale * mscale / (k_mla as f32).sqrt();
+        }
+        // DeepSeek-style shared experts (no gate): `expert_shared_count` of the routed width.
+        if spec.shared_expert && !spec.shared_gate {
             n_ff_shexp = n_ff_exp * req("expert_shared_count")?;
         }
         let mut router = spec.router;
-        if spec.attention == Attention::Mla {
+        if spec.selection_bias {
             router.gating = match opt("expert_gating_func")?.unwrap_or(0) {
-                0 | 1 => Gating::Softmax,
+                0 => spec.router.gating,
+                1 => Gating::Softmax,
                 2 => Gating::Sigmoid,
                 g => return Err(bad("expert_gating_func", format!("{g} (moerun knows 1 softmax, 2 sigmoid)"))),
             };
+        }
+        if spec.attention == Attention::Mla {
             let n_group = opt("expert_group_count")?.unwrap_or(0);
             let n_used = opt("expert_group_used_count")?.unwrap_or(0);
             if n_group > 1 {

@@ -63,6 +63,8 @@ pub enum QkNorm {
     None,
     /// One weight of `head_dim`, applied to every head (Qwen3).
     PerHead,
+    /// `PerHead` where the file has the weights (GLM-4.5 has them, GLM-4.5-Air does not).
+    PerHeadIfPresent,
     /// One weight over the whole projection (OLMoE).
     Full,
 }
@@ -136,7 +138,8 @@ pub struct ArchSpec {
     /// The shared expert's output is scaled by `sigmoid(ffn_gate_inp_shexp · x)` (Qwen2-MoE);
     /// without, it is added as it is (DeepSeek).
     pub shared_gate: bool,
-    /// Routers may carry a selection-only bias `exp_probs_b.bias` (DeepSeek-V3).
+    /// Routers may carry a selection-only bias `exp_probs_b.bias` (DeepSeek-V3); the file's
+    /// `expert_gating_func` then picks the gating (absent: the spec's).
     pub selection_bias: bool,
 }
 
@@ -230,6 +233,26 @@ pub static SPECS: &[ArchSpec] = &[
         tied_output_allowed: true,
         expert_width: ExpertWidth::ExpertKey,
         attention: Attention::Mla,
+        selection_bias: true,
+        ..BASE
+    },
+    // GLM-4.5, GLM-4.5-Air, GLM-4.6: DeepSeek-V3's FFN (leading dense layers, sigmoid routing
+    // with the selection bias, an ungated shared expert; weight norm and scale from the file)
+    // behind grouped-query attention with q/k/v biases, NEOX RoPE over part of each head
+    // (`rope.dimension_count`) and per-head q/k norms where the file has them. The FFN norm is
+    // `post_attention_norm`. The file's trailing multi-token-prediction block
+    // (`nextn_predict_layers`) is not run, as llama.cpp does not run it for plain decoding.
+    ArchSpec {
+        name: "glm4moe",
+        rope: RopeStyle::Neox,
+        qk_norm: QkNorm::PerHeadIfPresent,
+        attn_bias: true,
+        router: RouterConfig { gating: Gating::Sigmoid, renormalize: false, scale: 1.0, groups: None },
+        shared_expert: true,
+        shared_gate: false,
+        tied_output_allowed: true,
+        expert_width: ExpertWidth::ExpertKey,
+        ffn_norm: TensorKind::AttnPostNorm,
         selection_bias: true,
         ..BASE
     },

@@ -302,7 +302,7 @@ impl<B: Backend> Forward<'_, B> {
             }
         }
         match (m.spec.qk_norm, layer.q_norm, layer.k_norm) {
-            (QkNorm::PerHead, Some(qn), Some(kn)) => {
+            (QkNorm::PerHead | QkNorm::PerHeadIfPresent, Some(qn), Some(kn)) => {
                 b.rms_norm_heads(&mut s.qkv, 0, hp.n_head, hd, B::vector(w, qn), hp.rms_eps);
                 b.rms_norm_heads(&mut s.qkv, qd, hp.n_head_kv, hd, B::vector(w, kn), hp.rms_eps);
             }

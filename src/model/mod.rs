@@ -352,6 +352,14 @@ impl Model {
                 QkNorm::Full => {
                     (Some(ld.vec(&t(TensorKind::AttnQNorm), q)?), Some(ld.vec(&t(TensorKind::AttnKNorm), kv)?))
                 }
+                QkNorm::PerHeadIfPresent => match ld.opt_vec(&t(TensorKind::AttnQNorm), hp.head_dim)? {
+                    // One without the other is a broken file: name the missing one.
+                    Some(qn) => (Some(qn), Some(ld.vec(&t(TensorKind::AttnKNorm), hp.head_dim)?)),
+                    None if file.tensor(&t(TensorKind::AttnKNorm)).is_some() => {
+                        return Err(ArchError::MissingTensor { path, tensor: t(TensorKind::AttnQNorm) })
+                    }
+                    None => (None, None),
+                },
             };
             let (bq, bk, bv) = if spec.attn_bias {
                 (
