@@ -43,19 +43,19 @@ pub struct SynthConfig {
     pub n_swa: usize,
     /// YaRN scaling `(factor, original context)`, as gpt-oss files carry it.
     pub yarn: Option<(f32, usize)>,
-    /// deepseek2: MLA ranks and FFN widths of a real model instead of the ones derived from the
-    /// head size (see `mla_dims`).
-    pub mla: Option<SynthMla>,
+    /// deepseek2 and glm4moe: a real model's dense and shared FFN widths (and deepseek2's MLA
+    /// ranks) instead of the ones derived from the routed width and the head size (`mla_dims`).
+    pub deepseek: Option<SynthDeepseek>,
     /// No `output.weight`: the output projection is the token embedding (tied), for families
     /// whose loaders allow it.
     pub tied_output: bool,
     pub seed: u64,
 }
 
-/// A real DeepSeek model's MLA ranks and FFN widths (deepseek2 only).
+/// A real model's DeepSeek-style FFN widths, and for deepseek2 its MLA ranks.
 #[derive(Debug, Clone, Copy)]
-pub struct SynthMla {
-    /// 0: no q LoRA (a plain `attn_q`, as DeepSeek-V2-Lite).
+pub struct SynthDeepseek {
+    /// 0: no q LoRA (a plain `attn_q`, as DeepSeek-V2-Lite). MLA only, as `kv_lora`.
     pub q_lora: usize,
     pub kv_lora: usize,
     /// Width of the leading dense layer's FFN.
@@ -85,6 +85,9 @@ pub enum Preset {
     /// rope 64, v 128), 64 experts of FFN 1408 top-6 plus 2 shared, layer 0 dense (FFN 10944),
     /// vocab 102400.
     Deepseek2,
+    /// GLM-4.5-Air layers: hidden 4096, 96/8 heads of 128 (64 rotated), 128 experts of FFN 1408
+    /// top-8 plus 1 shared, layer 0 dense (FFN 10944), vocab 151552.
+    Glm4moe,
 }
 
 impl Preset {
@@ -108,7 +111,7 @@ impl Preset {
             expert_type: None,
             n_swa: 0,
             yarn: None,
-            mla: None,
+            deepseek: None,
             tied_output: false,
             seed,
         };
@@ -187,8 +190,27 @@ impl Preset {
                 n_expert_used: 6,
                 n_vocab: 102400,
                 rope_freq_base: 10000.0,
-                mla: Some(SynthMla { q_lora: 0, kv_lora: 512, n_ff_dense: 10944, n_shared: 2, groups: (1, 1) }),
+                deepseek: Some(SynthDeepseek {
+                    q_lora: 0,
+                    kv_lora: 512,
+                    n_ff_dense: 10944,
+                    n_shared: 2,
+                    groups: (1, 1),
+                }),
                 ..base("deepseek2")
+            },
+            Preset::Glm4moe => SynthConfig {
+                n_embd: 4096,
+                n_head: 96,
+                n_head_kv: 8,
+                head_dim: 128,
+                n_ff_exp: 1408,
+                n_expert: 128,
+                n_expert_used: 8,
+                n_vocab: 151552,
+                rope_freq_base: 1_000_000.0,
+                deepseek: Some(SynthDeepseek { q_lora: 0, kv_lora: 0, n_ff_dense: 10944, n_shared: 1, groups: (1, 1) }),
+                ..base("glm4moe")
             },
         }
     }
@@ -248,7 +270,7 @@ impl SynthConfig {
             expert_type: None,
             n_swa: 16,
             yarn: None,
-            mla: None,
+            deepseek: None,
             tied_output: false,
             seed: 7,
         }
@@ -270,6 +292,14 @@ impl SynthConfig {
             n_vocab: 64,
             n_ctx: 32,
             ..SynthConfig::small(arch, weight_type)
+        }
+    }
+
+    /// The width of dense FFN layers: a DeepSeek-style model's leading ones, else the routed width.
+    fn dense_width(&self, spec: &ArchSpec) -> usize {
+        match deepseek_ffn(spec) {
+            true => self.deepseek.map_or(self.n_ff_exp, |m| m.n_ff_dense),
+            false => self.n_ff_exp,
         }
     }
 
@@ -340,6 +370,7 @@ impl SynthConfig {
             }
             push(spec.ffn_norm, l, GgmlType::F32, &[d], Fill::Norm);
             if e == 0 || (deepseek_ffn(spec) && l == Some(0) && self.n_layer > 1) {
+                let f = self.dense_width(spec) as u64;
                 push(TensorKind::FfnGate, l, w, &[d, f], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnUp, l, w, &[d, f], Fill::Banked(std * 2.0));
                 push(TensorKind::FfnDown, l, w, &[f, d], Fill::Banked(std * 2.0));
@@ -361,8 +392,11 @@ impl SynthConfig {
                 push(TensorKind::FfnDownExpsBias, l, GgmlType::F32, &[d, e], Fill::Random(std));
             }
             if spec.shared_expert {
-                // An ungated (DeepSeek-style) shared expert is one of the routed width.
-                let fs = if spec.shared_gate { self.n_ff_shexp as u64 } else { f };
+                // Ungated (DeepSeek-style) shared experts are written as one of their summed width.
+                let fs = match spec.shared_gate {
+                    true => self.n_ff_shexp as u64,
+                    false => f * self.deepseek.map_or(1, |m| m.n_shared as u64),
+                };
                 if spec.shared_gate {
                     push(TensorKind::FfnGateInpShexp, l, GgmlType::F32, &[d], Fill::Random(0.1));
                 }
@@ -396,7 +430,7 @@ impl SynthConfig {
             (format!("{a}.block_count"), u(self.n_layer)),
             (format!("{a}.context_length"), u(self.n_ctx)),
             (format!("{a}.embedding_length"), u(self.n_embd)),
-            (format!("{a}.feed_forward_length"), u(self.n_ff_exp)),
+            (format!("{a}.feed_forward_length"), u(self.dense_width(spec))),
             (format!("{a}.attention.head_count"), u(self.n_head)),
             (format!("{a}.attention.head_count_kv"), u(self.n_head_kv)),
             (format!("{a}.attention.key_length"), u(self.head_dim)),
@@ -429,7 +463,7 @@ impl SynthConfig {
                 m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
             }
             if deepseek_ffn(spec) {
-                let shared = self.mla.map_or(1, |m| m.n_shared);
+                let shared = self.deepseek.map_or(1, |m| m.n_shared);
                 m.extend([
                     (format!("{a}.leading_dense_block_count"), u((self.n_layer > 1) as usize)),
                     (format!("{a}.expert_shared_count"), u(shared)),
@@ -547,7 +581,7 @@ type Push<'p> = dyn FnMut(TensorKind, Option<usize>, GgmlType, &[u64], Fill) + '
 impl SynthConfig {
     fn mla_dims(&self) -> MlaDims {
         let hd = self.head_dim as u64;
-        let (q_lora, kv_lora) = match self.mla {
+        let (q_lora, kv_lora) = match self.deepseek {
             Some(m) => (m.q_lora as u64, m.kv_lora as u64),
             None => (self.n_embd as u64 / 2, 2 * hd),
         };
@@ -575,7 +609,7 @@ impl SynthConfig {
         push(TensorKind::AttnOut, lyr, fit(w, h * v_head), &[h * v_head, d], Fill::Banked(std));
         push(TensorKind::FfnNorm, lyr, GgmlType::F32, &[d], Fill::Norm);
         if e == 0 || (l == 0 && self.n_layer > 1) {
-            let f = self.mla.map_or(f, |m| m.n_ff_dense as u64);
+            let f = self.deepseek.map_or(f, |m| m.n_ff_dense as u64);
             push(TensorKind::FfnGate, lyr, w, &[d, f], Fill::Banked(std * 2.0));
             push(TensorKind::FfnUp, lyr, w, &[d, f], Fill::Banked(std * 2.0));
             push(TensorKind::FfnDown, lyr, w, &[f, d], Fill::Banked(std * 2.0));
@@ -586,7 +620,7 @@ impl SynthConfig {
         push(TensorKind::FfnGateExps, lyr, w, &[d, f, e], Fill::Banked(std * 2.0));
         push(TensorKind::FfnUpExps, lyr, w, &[d, f, e], Fill::Banked(std * 2.0));
         push(TensorKind::FfnDownExps, lyr, w, &[f, d, e], Fill::Banked(std * 2.0));
-        let fs = f * self.mla.map_or(1, |m| m.n_shared as u64);
+        let fs = f * self.deepseek.map_or(1, |m| m.n_shared as u64);
         push(TensorKind::FfnGateShexp, lyr, w, &[d, fs], Fill::Banked(std * 2.0));
         push(TensorKind::FfnUpShexp, lyr, w, &[d, fs], Fill::Banked(std * 2.0));
         push(TensorKind::FfnDownShexp, lyr, w, &[fs, d], Fill::Banked(std * 2.0));
@@ -609,7 +643,7 @@ impl SynthConfig {
             (format!("{a}.attention.key_length_mla"), u(nope + rope)),
             (format!("{a}.attention.value_length_mla"), u(v_head)),
             (format!("{a}.attention.q_lora_rank"), u(q_lora)),
-            (format!("{a}.feed_forward_length"), u(self.mla.map_or(self.n_ff_exp, |m| m.n_ff_dense) as u64)),
+            (format!("{a}.feed_forward_length"), u(self.deepseek.map_or(self.n_ff_exp, |m| m.n_ff_dense) as u64)),
             (format!("{a}.attention.kv_lora_rank"), u(kv_lora)),
             (format!("{a}.rope.dimension_count"), u(rope)),
             (format!("{a}.rope.scaling.type"), Value::String("yarn".into())),
@@ -619,7 +653,7 @@ impl SynthConfig {
         ]);
         if self.n_expert > 0 {
             m.push((format!("{a}.expert_gating_func"), u(2)));
-            let groups = match self.mla {
+            let groups = match self.deepseek {
                 Some(m) => m.groups,
                 None if self.n_expert.is_multiple_of(2) && self.n_expert >= 4 => (2, 1),
                 None => (1, 1),
