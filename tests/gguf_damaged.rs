@@ -334,3 +334,29 @@ fn no_truncation_or_byte_patch_panics() {
     }
     assert!(refused > base.len(), "only {refused} of {} variants refused", variants.len());
 }
+
+/// GLM-4.5's block count includes its multi-token-prediction block: the synthetic file (one
+/// such block counted, none written) loads its 2 layers; a count that leaves no layer, and a
+/// vision model's multimodal RoPE sections, are refused naming the file and the key.
+#[test]
+fn glm4moe_block_count_less_nextn_and_refused_metadata_name_the_key() {
+    use moerun::model::Model;
+    use moerun::synth::SynthConfig;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("glm.gguf");
+    let cfg = SynthConfig { n_layer: 2, ..SynthConfig::small("glm4moe", GgmlType::Q8_0) };
+    cfg.write(&path, &mut |_, _| {}).expect("synth");
+    let m = Model::load(&path).expect("glm4moe loads");
+    assert_eq!((m.hp.n_layer, m.layers.len()), (2, 2));
+    assert_eq!(m.hp.n_rot, m.hp.head_dim / 2, "half of each head rotated");
+    assert!(m.experts(0).is_none() && m.experts(1).is_some(), "layer 0 dense, layer 1 MoE");
+    let cases = [
+        ("glm4moe.nextn_predict_layers", Value::U32(3), "nextn_predict_layers"),
+        ("glm4moe.rope.dimension_sections", Value::Array(vec![Value::I32(8), Value::I32(8)]), "dimension_sections"),
+    ];
+    for (key, value, named) in cases {
+        let bad = common::with_metadata(&path, &dir.path().join("bad.gguf"), key, value);
+        let err = Model::load(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("bad.gguf") && err.contains(named), "{key}: {err}");
+    }
+}
