@@ -544,8 +544,9 @@ impl SynthConfig {
     }
 }
 
-/// DeepSeek-V3's FFN (deepseek2, glm4moe): a leading dense layer, the selection bias, one ungated
-/// shared expert of the routed width, renormalized weights scaled by 2.5.
+/// DeepSeek's FFN (deepseek, deepseek2, glm4moe): a leading dense layer, ungated shared experts,
+/// weights renormalized (where the family reads the key) and scaled by 2.5; the selection bias
+/// where the family has one.
 fn deepseek_ffn(spec: &ArchSpec) -> bool {
     spec.shared_expert && !spec.shared_gate
 }

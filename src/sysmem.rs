@@ -194,7 +194,8 @@ mod tests {
         // Touch every page, so it is resident.
         big.iter_mut().step_by(4096).for_each(|b| *b = 1);
         std::hint::black_box(&big);
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Long enough for two samples even while the other tests keep both cores busy.
+        std::thread::sleep(std::time::Duration::from_millis(200));
         let peak = s.finish();
         assert!(peak.samples >= 2 && peak.rss >= 64 << 20 && peak.anon >= 64 << 20, "{peak:?}");
         assert!(peak_rss().is_some_and(|h| h >= peak.rss), "VmHWM is at least any sample");

@@ -207,7 +207,7 @@ impl HParams {
                 router.groups = Some(GroupLimit { n_group, n_used });
             }
         }
-        if let Some(norm) = file.get_bool(&key("expert_weights_norm"))? {
+        if let Some(norm) = file.get_bool(&key("expert_weights_norm"))?.filter(|_| spec.weights_norm_key) {
             router.renormalize = norm;
         }
         if let Some(s) = optf("expert_weights_scale")? {

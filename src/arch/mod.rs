@@ -141,6 +141,9 @@ pub struct ArchSpec {
     /// Routers may carry a selection-only bias `exp_probs_b.bias` (DeepSeek-V3); the file's
     /// `expert_gating_func` then picks the gating (absent: the spec's).
     pub selection_bias: bool,
+    /// `{arch}.expert_weights_norm` decides the renormalization (llama.cpp ignores it for the
+    /// first DeepSeek-MoE: never renormalized there).
+    pub weights_norm_key: bool,
 }
 
 /// What most families share; a spec spells out only where it differs.
@@ -163,6 +166,7 @@ const BASE: ArchSpec = ArchSpec {
     attention: Attention::Mha,
     shared_gate: true,
     selection_bias: false,
+    weights_norm_key: true,
 };
 
 const SOFTMAX_RENORM: RouterConfig =
@@ -234,6 +238,18 @@ pub static SPECS: &[ArchSpec] = &[
         expert_width: ExpertWidth::ExpertKey,
         attention: Attention::Mla,
         selection_bias: true,
+        ..BASE
+    },
+    // DeepSeek-MoE 16B (the first DeepSeek MoE): llama attention, a leading dense layer, softmax
+    // routing never renormalized (whatever the file says, as llama.cpp), the weights scaled by
+    // `expert_weights_scale` where the file has it, and ungated shared experts.
+    ArchSpec {
+        name: "deepseek",
+        router: SOFTMAX_PLAIN,
+        shared_expert: true,
+        shared_gate: false,
+        expert_width: ExpertWidth::ExpertKey,
+        weights_norm_key: false,
         ..BASE
     },
     // GLM-4.5, GLM-4.5-Air, GLM-4.6: DeepSeek-V3's FFN (leading dense layers, sigmoid routing
