@@ -393,7 +393,7 @@ impl SynthConfig {
             }
             if spec.shared_expert {
                 // Ungated (DeepSeek-style) shared experts are written as one of their summed width.
-                let fs = match spec.shared_gate {
+                let fs = match spec.shared_gate || spec.shared_width_key {
                     true => self.n_ff_shexp as u64,
                     false => f * self.deepseek.map_or(1, |m| m.n_shared as u64),
                 };
@@ -459,17 +459,22 @@ impl SynthConfig {
             if spec.expert_width == ExpertWidth::ExpertKey {
                 m.push((format!("{a}.expert_feed_forward_length"), u(self.n_ff_exp)));
             }
-            if spec.shared_expert && spec.shared_gate {
+            if spec.shared_expert && (spec.shared_gate || spec.shared_width_key) {
                 m.push((format!("{a}.expert_shared_feed_forward_length"), u(self.n_ff_shexp)));
             }
             if deepseek_ffn(spec) {
-                let shared = self.deepseek.map_or(1, |m| m.n_shared);
+                // Written for every such family; ERNIE's and DeepSeek-MoE's loaders ignore some.
                 m.extend([
                     (format!("{a}.leading_dense_block_count"), u((self.n_layer > 1) as usize)),
-                    (format!("{a}.expert_shared_count"), u(shared)),
                     (format!("{a}.expert_weights_norm"), Value::Bool(true)),
                     (format!("{a}.expert_weights_scale"), Value::F32(2.5)),
                 ]);
+                if !spec.shared_width_key {
+                    m.push((format!("{a}.expert_shared_count"), u(self.deepseek.map_or(1, |m| m.n_shared))));
+                }
+            }
+            if spec.name == "ernie4_5-moe" {
+                m.push((format!("{a}.interleave_moe_layer_step"), u(1)));
             }
         }
         if spec.attention == Attention::Mla {
@@ -544,9 +549,9 @@ impl SynthConfig {
     }
 }
 
-/// DeepSeek's FFN (deepseek, deepseek2, glm4moe): a leading dense layer, ungated shared experts,
-/// weights renormalized (where the family reads the key) and scaled by 2.5; the selection bias
-/// where the family has one.
+/// DeepSeek's FFN (deepseek, deepseek2, glm4moe, ernie4_5-moe): a leading dense layer, ungated
+/// shared experts, weights renormalized and scaled by 2.5 (where the family reads those keys);
+/// the selection bias where the family has one.
 fn deepseek_ffn(spec: &ArchSpec) -> bool {
     spec.shared_expert && !spec.shared_gate
 }

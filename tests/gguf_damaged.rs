@@ -350,6 +350,19 @@ fn glm4moe_block_count_less_nextn_and_refused_metadata_name_the_key() {
     assert_eq!((m.hp.n_layer, m.layers.len()), (2, 2));
     assert_eq!(m.hp.n_rot, m.hp.head_dim / 2, "half of each head rotated");
     assert!(m.experts(0).is_none() && m.experts(1).is_some(), "layer 0 dense, layer 1 MoE");
+    // The DeepSeek-style FFN of glm4moe, deepseek and ernie4_5-moe as the synthesizer writes it
+    // (what tests/reference_models.rs holds to llama.cpp): a shared expert and, where the family
+    // has one, the selection bias, on the MoE layer.
+    for (arch, bias) in [("glm4moe", true), ("deepseek", false), ("ernie4_5-moe", true)] {
+        let p = dir.path().join(format!("{arch}.gguf"));
+        SynthConfig { n_layer: 2, ..SynthConfig::small(arch, GgmlType::Q8_0) }
+            .write(&p, &mut |_, _| {})
+            .expect("synth");
+        let m = Model::load(&p).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let moe = matches!(&m.layers[1].ffn, moerun::model::Ffn::Moe { shared: Some(_), selection_bias, .. }
+            if selection_bias.is_some() == bias);
+        assert!(m.experts(0).is_none() && moe, "{arch}");
+    }
     let cases = [
         ("glm4moe.nextn_predict_layers", Value::U32(3), "nextn_predict_layers"),
         ("glm4moe.rope.dimension_sections", Value::Array(vec![Value::I32(8), Value::I32(8)]), "dimension_sections"),

@@ -1,7 +1,7 @@
 //! Models written by our synthesizer, run by moerun and by the linked libllama (same ggml build)
 //! in the same test: last-position logits after the prompt and after each of a few greedy steps
 //! within a per-type tolerance, and greedy tokens identical. This is how families without a
-//! fixture (qwen2moe, olmoe, deepseek, glm4moe) and types without one are held to llama.cpp.
+//! fixture (qwen2moe, olmoe, deepseek, glm4moe, ernie4_5-moe) and types without one are held to llama.cpp.
 //!
 //! What is covered, and why this much: 8 layers, hidden 256 (the K-quant block, so every type
 //! fits), 8 heads of 32, vocabulary 512; MoE layers of 8 experts of width 256, top-2 (qwen2moe
@@ -45,7 +45,7 @@ const N_CTX: usize = 256;
 /// Families whose llama.cpp loader accepts a model without `output.weight`. Our `ArchSpec` also
 /// allows it for qwen2moe, whose llama.cpp loader requires the tensor (checked below, so this
 /// list cannot go stale silently).
-const LLAMA_CPP_TIED_OUTPUT: [&str; 5] = ["llama", "qwen3moe", "deepseek", "deepseek2", "glm4moe"];
+const LLAMA_CPP_TIED_OUTPUT: [&str; 6] = ["llama", "qwen3moe", "deepseek", "deepseek2", "glm4moe", "ernie4_5-moe"];
 
 /// Tied variants both loaders accept but this test leaves out: no DeepSeek checkpoint ties its
 /// output, and a synthetic tied deepseek2 (its embedding drawn at the output's small scale)

@@ -181,9 +181,13 @@ impl HParams {
             let mscale = attn_factor_org * (0.1f32 * yarn_log_mul).mul_add(inv_fs, 1.0);
             attn_scale = mscale * mscale / (k_mla as f32).sqrt();
         }
-        // DeepSeek-style shared experts (no gate): `expert_shared_count` of the routed width.
+        // Ungated shared experts: DeepSeek's `expert_shared_count` of the routed width, or
+        // ERNIE's own width (none without the key).
         if spec.shared_expert && !spec.shared_gate {
-            n_ff_shexp = n_ff_exp * req("expert_shared_count")?;
+            n_ff_shexp = match spec.shared_width_key {
+                true => opt("expert_shared_feed_forward_length")?.unwrap_or(0),
+                false => n_ff_exp * req("expert_shared_count")?,
+            };
         }
         let mut router = spec.router;
         if spec.selection_bias {
@@ -210,7 +214,7 @@ impl HParams {
         if let Some(norm) = file.get_bool(&key("expert_weights_norm"))?.filter(|_| spec.weights_norm_key) {
             router.renormalize = norm;
         }
-        if let Some(s) = optf("expert_weights_scale")? {
+        if let Some(s) = optf("expert_weights_scale")?.filter(|_| spec.weights_scale_key) {
             if s != 0.0 {
                 router.scale = s;
             }

@@ -142,8 +142,13 @@ pub struct ArchSpec {
     /// `expert_gating_func` then picks the gating (absent: the spec's).
     pub selection_bias: bool,
     /// `{arch}.expert_weights_norm` decides the renormalization (llama.cpp ignores it for the
-    /// first DeepSeek-MoE: never renormalized there).
+    /// first DeepSeek-MoE, never renormalized, and for ERNIE 4.5, always).
     pub weights_norm_key: bool,
+    /// `{arch}.expert_weights_scale` scales the weights (llama.cpp does not read it for ERNIE).
+    pub weights_scale_key: bool,
+    /// An ungated shared expert's width is `expert_shared_feed_forward_length` (none without
+    /// it: ERNIE 4.5), not `expert_shared_count` experts of the routed width (DeepSeek).
+    pub shared_width_key: bool,
 }
 
 /// What most families share; a spec spells out only where it differs.
@@ -167,6 +172,8 @@ const BASE: ArchSpec = ArchSpec {
     shared_gate: true,
     selection_bias: false,
     weights_norm_key: true,
+    weights_scale_key: true,
+    shared_width_key: false,
 };
 
 const SOFTMAX_RENORM: RouterConfig =
@@ -250,6 +257,23 @@ pub static SPECS: &[ArchSpec] = &[
         shared_gate: false,
         expert_width: ExpertWidth::ExpertKey,
         weights_norm_key: false,
+        ..BASE
+    },
+    // ERNIE 4.5 MoE (21B-A3B, 300B-A47B): llama attention (q/k/v biases where the file has them;
+    // its `attn_output.bias` is not applied, as in llama.cpp), leading dense layers, softmax
+    // routing with the selection bias, always renormalized and never scaled, and an ungated shared
+    // expert of `expert_shared_feed_forward_length` where the file has one.
+    ArchSpec {
+        name: "ernie4_5-moe",
+        attn_bias: true,
+        router: SOFTMAX_RENORM,
+        shared_expert: true,
+        shared_gate: false,
+        shared_width_key: true,
+        expert_width: ExpertWidth::ExpertKey,
+        selection_bias: true,
+        weights_norm_key: false,
+        weights_scale_key: false,
         ..BASE
     },
     // GLM-4.5, GLM-4.5-Air, GLM-4.6: DeepSeek-V3's FFN (leading dense layers, sigmoid routing
