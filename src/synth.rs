@@ -49,6 +49,8 @@ pub struct SynthConfig {
     /// No `output.weight`: the output projection is the token embedding (tied), for families
     /// whose loaders allow it.
     pub tied_output: bool,
+    /// Write q/k/v biases even where the family's files have none (any MHA file may).
+    pub qkv_bias: bool,
     pub seed: u64,
 }
 
@@ -113,6 +115,7 @@ impl Preset {
             yarn: None,
             deepseek: None,
             tied_output: false,
+            qkv_bias: false,
             seed,
         };
         match self {
@@ -272,6 +275,7 @@ impl SynthConfig {
             yarn: None,
             deepseek: None,
             tied_output: false,
+            qkv_bias: false,
             seed: 7,
         }
     }
@@ -351,7 +355,7 @@ impl SynthConfig {
             if spec.sinks {
                 push(TensorKind::AttnSinks, l, GgmlType::F32, &[self.n_head as u64], Fill::Random(1.0));
             }
-            if spec.attn_bias {
+            if spec.attn_bias || self.qkv_bias {
                 push(TensorKind::AttnQBias, l, GgmlType::F32, &[q], Fill::Random(std));
                 push(TensorKind::AttnKBias, l, GgmlType::F32, &[kv], Fill::Random(std));
                 push(TensorKind::AttnVBias, l, GgmlType::F32, &[kv], Fill::Random(std));

@@ -12,7 +12,9 @@
 //! - every family in `SPECS` × every type in `TYPES` (all ggml CPU types we can synthesize and
 //!   multiply: F32, F16, BF16, the legacy quants, the K-quants, IQ4_NL, IQ4_XS, MXFP4), untied;
 //! - tied output for every family where both loaders allow it ([`LLAMA_CPP_TIED_OUTPUT`]);
-//! - `llama` with dense FFN layers (no experts), untied and tied.
+//! - `llama` with dense FFN layers (no experts), untied and tied;
+//! - `llama` (Mixtral-style) with q/k/v biases its family's files do not carry, which llama.cpp
+//!   applies wherever a file has them.
 //!
 //! Same kernels on both sides: libllama repacks weights into interleaved layouts with their own
 //! GEMM/GEMV kernels (in this build Q4_0, Q2_K, Q4_K, IQ4_NL and MXFP4 round differently from
@@ -140,13 +142,16 @@ struct Case {
     ffn: Ffn,
     output: Output,
     ty: GgmlType,
+    /// q/k/v biases written whatever the family's files carry.
+    qkv_bias: bool,
 }
 
 impl Case {
     fn label(&self) -> String {
         let ffn = if self.ffn == Ffn::Dense { "-dense" } else { "" };
         let tied = if self.output == Output::Tied { "-tied" } else { "" };
-        format!("{}{ffn}{tied}", self.spec.name)
+        let bias = if self.qkv_bias { "-qkv-bias" } else { "" };
+        format!("{}{ffn}{tied}{bias}", self.spec.name)
     }
 
     fn config(&self) -> SynthConfig {
@@ -162,6 +167,7 @@ impl Case {
             n_expert_used: if dense { 0 } else { 2 },
             rms_eps: 1e-6,
             tied_output: self.output == Output::Tied,
+            qkv_bias: self.qkv_bias,
             seed: 11,
             ..SynthConfig::small(self.spec.name, self.ty)
         }
@@ -186,7 +192,16 @@ fn cases() -> Vec<Case> {
             variants.push((Ffn::Dense, Output::Tied));
         }
         for (ffn, output) in variants {
-            out.extend(TYPES.iter().map(|&ty| Case { spec, ffn, output, ty }));
+            out.extend(TYPES.iter().map(|&ty| Case { spec, ffn, output, ty, qkv_bias: false }));
+        }
+        if spec.name == "llama" {
+            out.extend(TYPES.iter().map(|&ty| Case {
+                spec,
+                ffn: Ffn::Moe,
+                output: Output::Untied,
+                ty,
+                qkv_bias: true,
+            }));
         }
     }
     out
@@ -288,7 +303,7 @@ fn every_family_type_and_prompt_length_matches_linked_llama_cpp() {
 fn llama_cpp_refuses_tied_output_where_the_list_says() {
     let dir = tempfile::tempdir().expect("tempdir");
     for spec in SPECS.iter().filter(|s| !LLAMA_CPP_TIED_OUTPUT.contains(&s.name)) {
-        let case = Case { spec, ffn: Ffn::Moe, output: Output::Tied, ty: GgmlType::Q8_0 };
+        let case = Case { spec, ffn: Ffn::Moe, output: Output::Tied, ty: GgmlType::Q8_0, qkv_bias: false };
         let path = dir.path().join(format!("{}.gguf", case.label()));
         case.config().write(&path, &mut |_, _| {}).expect("synth");
         let cfg = ReferenceConfig { n_ctx: N_CTX as u32, threads: 1, repack: false };

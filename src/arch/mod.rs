@@ -113,7 +113,8 @@ pub struct ArchSpec {
     pub name: &'static str,
     pub rope: RopeStyle,
     pub qk_norm: QkNorm,
-    /// q/k/v projections carry biases (Qwen2).
+    /// The family's files carry q/k/v biases (Qwen2, gpt-oss, GLM-4.5): what `synth` writes. The
+    /// loader takes them from any MHA file that has them, as llama.cpp does.
     pub attn_bias: bool,
     /// Default router config; `{arch}.expert_weights_norm` / `_scale` override it.
     pub router: RouterConfig,

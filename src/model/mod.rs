@@ -361,7 +361,8 @@ impl Model {
                     None => (None, None),
                 },
             };
-            let (bq, bk, bv) = if spec.attn_bias {
+            // Any MHA family's file may carry q/k/v biases; llama.cpp applies them wherever present.
+            let (bq, bk, bv) = if spec.attention == Attention::Mha {
                 (
                     ld.opt_vec(&t(TensorKind::AttnQBias), q)?,
                     ld.opt_vec(&t(TensorKind::AttnKBias), kv)?,
