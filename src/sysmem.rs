@@ -198,7 +198,9 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(200));
         let peak = s.finish();
         assert!(peak.samples >= 2 && peak.rss >= 64 << 20 && peak.anon >= 64 << 20, "{peak:?}");
-        assert!(peak_rss().is_some_and(|h| h >= peak.rss), "VmHWM is at least any sample");
+        // Not `>= peak.rss`: the kernel reads its RSS counters approximately (per-CPU caches), so
+        // with other tests allocating in this process a sample can run a little past VmHWM.
+        assert!(peak_rss().is_some_and(|h| h >= 64 << 20), "VmHWM covers the 64 MiB touched");
         drop(big);
         assert_eq!(kb_field("VmHWM:\t  2048 kB\n", "VmHWM"), Some(2 << 20));
     }
