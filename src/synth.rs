@@ -43,8 +43,9 @@ pub struct SynthConfig {
     pub n_swa: usize,
     /// YaRN scaling `(factor, original context)`, as gpt-oss files carry it.
     pub yarn: Option<(f32, usize)>,
-    /// deepseek2 and glm4moe: a real model's dense and shared FFN widths (and deepseek2's MLA
-    /// ranks) instead of the ones derived from the routed width and the head size (`mla_dims`).
+    /// DeepSeek-style families (deepseek, deepseek2, glm4moe): a real model's dense FFN width and
+    /// shared-expert count (and deepseek2's MLA ranks) instead of the routed width, one shared
+    /// expert and the ranks derived from the head size (`mla_dims`).
     pub deepseek: Option<SynthDeepseek>,
     /// No `output.weight`: the output projection is the token embedding (tied), for families
     /// whose loaders allow it.

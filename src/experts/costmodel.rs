@@ -174,7 +174,8 @@ pub fn split_misses(misses: &[Miss], rates: &MissRates) -> Vec<bool> {
         let Some(i) = best else { break };
         let m = &misses[i];
         let Some(b) = m.host_bytes else { break };
-        let fixed = if cpu == 0.0 { rates.host_fixed_s } else { 0.0 };
+        // The first miss the host takes pays its fixed cost (input back, outputs up).
+        let fixed = if on_host.contains(&true) { 0.0 } else { rates.host_fixed_s };
         let (link2, cpu2) = (link - copy(m), cpu + fixed + host(m, b));
         if link2.max(cpu2) >= link.max(cpu) {
             break;

@@ -1306,7 +1306,6 @@ impl CudaBackend {
         );
     }
 
-    /// Expert jobs on the CPU (`--cpu-moe`): their inputs read back, their outputs uploaded.
     /// `--cpu-misses`: which of `jobs` (bound for the device) the CPU computes instead. A job is
     /// a miss when a matrix of it is neither on the device nor in the arena; `Auto` splits the
     /// misses by the measured rates (priors until there are some), `Always` takes every miss the
